@@ -1,0 +1,36 @@
+# The README's commands call these targets. `make setup` is idempotent and is a prerequisite of the rest.
+PY ?= .venv/bin/python
+VENV_STAMP := .venv/.installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup test test-fast lint demo bench bench-gpu clean
+
+$(VENV_STAMP): pyproject.toml setup.py
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	# torch first, pinned, so that the local CPU wheel is used instead of a multi-GB CUDA build
+	.venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q -e '.[dev]'
+	touch $(VENV_STAMP)
+
+setup: $(VENV_STAMP)
+
+test: setup
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15
+
+lint: setup
+	.venv/bin/ruff check lctk kernels evals tests
+
+demo: setup
+	$(PY) -m lctk.cli train recipes/quickstart.yaml
+
+bench: setup
+	$(PY) -m lctk.bench
+
+# For a GPU machine that has torch and triton: installs lctk without dependencies, then runs the kernel benchmark.
+bench-gpu:
+	python3 -m pip install -q --no-deps --no-build-isolation -e . || python3 -m pip install -q --no-deps -e .
+	python3 -m lctk.kernels.ssd.bench
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache
