@@ -1,0 +1,13 @@
+"""The hybrid model: HybridConfig, HybridModel, HybridForCausalLM, HybridCache; registered with the Auto classes."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from lctk.models.cache import HybridCache
+from lctk.models.config import HybridConfig
+from lctk.models.modeling import HybridForCausalLM, HybridModel
+
+AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
+AutoModel.register(HybridConfig, HybridModel, exist_ok=True)
+AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
+
+__all__ = ["HybridCache", "HybridConfig", "HybridForCausalLM", "HybridModel"]

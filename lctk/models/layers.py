@@ -1,0 +1,120 @@
+"""Building blocks shared by the mixers: norms, the SwiGLU MLP, rotary embeddings and a boundary-aware causal
+depthwise convolution (used by Mamba-2, BaseConv, Titans)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(x * silu(z)) per group of channels (Mamba-2's norm before out_proj, norm_before_gate=False)."""
+
+    def __init__(self, dim: int, n_groups: int = 1, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.n_groups = n_groups
+        self.eps = eps
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = (x.float() * F.silu(z.float())).unflatten(-1, (self.n_groups, -1))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.flatten(-2).to(dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables from `config.rope_parameters`, through transformers' own RoPE initialisers so that every
+    scaling method transformers knows (linear, dynamic, yarn, llama3, ...) works the way transformers reads it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        init_fn = ROPE_INIT_FUNCTIONS.get(self.rope_type, self.compute_default_rope_parameters)
+        inv_freq, self.attention_scaling = init_fn(config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, **_) -> tuple[Tensor, float]:
+        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+        return 1.0 / (base ** (torch.arange(0, dim, 2, device=device).float() / dim)), 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, T, H, D]; cos/sin [B, T, D] (rotate-half convention, as Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
+
+
+def causal_depthwise_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, past: Tensor | None, seq_idx: Tensor | None
+) -> Tensor:
+    """Depthwise causal convolution that does not look across document boundaries.
+
+    x [B, T, D]; weight [D, K] (weight[:, -1] multiplies the current token); past [B, K-1, D] (the inputs before x,
+    zeros at the start of a sequence) or None; seq_idx [B, T] document index of each token or None.
+    Written as K shifted multiply-adds: K is 3-4, and the shifts let a boundary mask each tap exactly.
+    """
+    kernel = weight.shape[1]
+    if past is None:
+        past = x.new_zeros(x.shape[0], kernel - 1, x.shape[2])
+    padded = torch.cat([past.to(x.dtype), x], dim=1)
+    length = x.shape[1]
+    out = x * weight[:, -1]
+    for shift in range(1, kernel):
+        tap = padded[:, kernel - 1 - shift : kernel - 1 - shift + length] * weight[:, -1 - shift]
+        if seq_idx is not None:
+            # a tap reaching before the token's document start reads zeros; the past belongs to document 0
+            earlier = F.pad(seq_idx, (shift, 0), value=0)[:, :length]
+            tap = tap * (earlier == seq_idx).unsqueeze(-1).to(tap.dtype)
+        out = out + tap
+    return out if bias is None else out + bias
+
+
+def conv_tail(x: Tensor, past: Tensor | None, kernel: int, seq_idx: Tensor | None = None) -> Tensor:
+    """The last K-1 inputs, the conv state for the next call: [B, K-1, D]. Inputs of a document other than the
+    row's last one are zeroed, since the next call continues that last document."""
+    if past is None:
+        past = x.new_zeros(x.shape[0], kernel - 1, x.shape[2])
+    tail = torch.cat([past.to(x.dtype), x], dim=1)[:, -(kernel - 1) :]
+    if seq_idx is not None:
+        tail_seq = F.pad(seq_idx, (kernel - 1, 0), value=0)[:, -(kernel - 1) :]
+        tail = tail * (tail_seq == seq_idx[:, -1:]).unsqueeze(-1).to(tail.dtype)
+    return tail

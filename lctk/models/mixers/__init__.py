@@ -1,0 +1,19 @@
+"""Registry: layer letter -> mixer class. Adding a mixer touches its file, one line here, its config section
+(a field of HybridConfig named after `Mixer.section`) and its tests."""
+
+from lctk.models.mixers.attention import Attention
+from lctk.models.mixers.base import Mixer, MixerState
+from lctk.models.mixers.mamba2 import Mamba2
+
+MIXERS: dict[str, type[Mixer]] = {
+    "A": Attention,
+    "S": Attention,
+    "M": Mamba2,
+}
+
+
+def section_of(letter: str) -> str:
+    return MIXERS[letter].section
+
+
+__all__ = ["MIXERS", "Mixer", "MixerState", "section_of"]

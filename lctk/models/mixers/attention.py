@@ -1,0 +1,128 @@
+"""Causal multi-head attention with RoPE and grouped-query heads: `A` global, `S` sliding window.
+
+    o_t = softmax(q_t K_{<=t}^T / sqrt(d)) V_{<=t}, keys restricted to t - window < s <= t for `S`
+
+Backends: torch SDPA (default), flash-attn when installed and the tensors are on CUDA (otherwise SDPA is used),
+and eager (plain softmax, for tests). Keys never cross document boundaries or padding. The sliding-window cache
+keeps only the last window - 1 keys, so `S` has a bounded state like the recurrent mixers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lctk.models.layers import apply_rotary
+from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
+from lctk.models.sequence import SequenceInfo
+
+BACKENDS = ("sdpa", "flash", "eager")
+
+
+@dataclass
+class AttentionState(MixerState):
+    keys: Tensor  # [B, S_kept, H_kv, D] after RoPE
+    values: Tensor
+    seen: int = 0  # tokens seen so far; the kept keys are the last S_kept of them
+
+
+class Attention(Mixer):
+    section = "attention"
+
+    def __init__(self, config, letter: str):
+        super().__init__(config, letter)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = self.settings["window"] if letter == "S" else None
+        self.backend = self.settings["backend"]
+        bias = self.settings["qkv_bias"]
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=self.settings["o_bias"])
+
+    @classmethod
+    def default_settings(cls, config) -> dict[str, Any]:
+        return {"window": 512, "backend": "sdpa", "qkv_bias": False, "o_bias": False}
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any], config) -> None:
+        require_positive_int("attention", settings, "window")
+        if settings["backend"] not in BACKENDS:
+            raise ValueError(f"attention.backend: {settings['backend']!r} is not one of {', '.join(BACKENDS)}")
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
+        empty = torch.zeros(batch_size, 0, self.num_kv_heads, self.head_dim, device=device, dtype=dtype)
+        return AttentionState(keys=empty, values=empty.clone())
+
+    def state_size(self, seq_len: int) -> int:
+        kept = seq_len if self.window is None else min(seq_len, self.window - 1)
+        return 2 * self.num_kv_heads * self.head_dim * kept
+
+    def forward(self, hidden_states: Tensor, seq: SequenceInfo, state: AttentionState | None = None) -> Tensor:
+        batch, length, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
+        cos, sin = seq.rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        seen, kept = 0, 0
+        if state is not None:
+            seen, kept = state.seen, state.keys.shape[1]
+            k = torch.cat([state.keys, k.to(state.keys.dtype)], dim=1)
+            v = torch.cat([state.values, v.to(state.values.dtype)], dim=1)
+            keep = k.shape[1] if self.window is None else self.window - 1
+            state.keys, state.values = k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :]
+            state.seen = seen + length
+
+        mask = self._mask(seq, seen, kept, length, k.device)
+        out = self._attend(q, k.to(q.dtype), v.to(q.dtype), mask, causal=kept == 0 and length > 1, seq=seq)
+        return self.o_proj(out.reshape(batch, length, -1))
+
+    def _mask(self, seq: SequenceInfo, seen: int, kept: int, length: int, device: torch.device) -> Tensor | None:
+        """Boolean [B or 1, 1, T, S] (True = attend), or None when plain causal attention is exact."""
+        windowed = self.window is not None and seen + length > self.window
+        if seq.key_mask is None and not seq.has_documents and not windowed and (kept == 0 or length == 1):
+            return None
+        query_at = torch.arange(seen, seen + length, device=device)
+        key_at = torch.arange(seen - kept, seen + length, device=device)
+        distance = query_at[:, None] - key_at[None, :]
+        allowed = distance >= 0
+        if self.window is not None:
+            allowed = allowed & (distance < self.window)
+        allowed = allowed.unsqueeze(0)
+        if seq.key_mask is not None:
+            allowed = allowed & seq.key_mask[:, -(kept + length) :].unsqueeze(1)
+        if seq.has_documents:
+            key_doc = F.pad(seq.seq_idx, (kept, 0), value=0)  # cached keys belong to the first document
+            allowed = allowed & (seq.seq_idx.unsqueeze(2) == key_doc.unsqueeze(1))
+        # a padded query sees itself, so that no softmax row is empty (its output is never used)
+        allowed = allowed | (distance == 0).unsqueeze(0)
+        return allowed.unsqueeze(1)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, seq: SequenceInfo) -> Tensor:
+        """q [B, T, H, D], k/v [B, S, H_kv, D] -> [B, T, H, D]."""
+        if self.backend == "flash" and q.is_cuda and mask is None and self.window is None:
+            from flash_attn import flash_attn_func
+
+            return flash_attn_func(q, k, v, causal=causal)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.backend == "eager":
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
+            if causal:
+                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = scores.softmax(-1).to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=True)
+        return out.transpose(1, 2)

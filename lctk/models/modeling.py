@@ -1,0 +1,181 @@
+"""HybridModel / HybridForCausalLM: embeddings, a stack of blocks following `config.pattern`, final norm, LM head.
+
+Each block: h = h + mixer(RMSNorm(h)); h = h + SwiGLU(RMSNorm(h)). The forward pass takes, besides the usual HF
+arguments, document boundaries of packed rows (position_ids restarting at 0, or `cu_seqlens` for a batch of one
+row); see `lctk.models.sequence`. Generation keeps one state per layer in a `HybridCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from lctk.models.cache import HybridCache
+from lctk.models.config import HybridConfig
+from lctk.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from lctk.models.mixers import MIXERS, Mixer, MixerState
+from lctk.models.sequence import SequenceInfo, build_sequence_info
+
+
+class HybridBlock(GradientCheckpointingLayer):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        letter = config.pattern[layer_idx]
+        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = MIXERS[letter](config, letter)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden_states: Tensor, seq: SequenceInfo, state: MixerState | None = None) -> Tensor:
+        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), seq, state)
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class HybridPreTrainedModel(PreTrainedModel):
+    config: HybridConfig
+    config_class = HybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridBlock"]
+    _supports_sdpa = True
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Mixer) and hasattr(module, "init_special_parameters"):
+            module.init_special_parameters()
+
+    def state_size(self, seq_len: int) -> list[int]:
+        """Per-layer inference state in elements per sequence after seq_len tokens: attention grows with seq_len,
+        recurrent mixers do not."""
+        base = getattr(self, "model", self)
+        return [layer.mixer.state_size(seq_len) for layer in base.layers]
+
+
+class HybridModel(HybridPreTrainedModel):
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: HybridCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: HybridCache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = hidden_states.shape[:2]
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = HybridCache.for_model(self, batch, hidden_states.device, hidden_states.dtype)
+        past_length = cache.seen_tokens if cache is not None else 0
+
+        seq = build_sequence_info(
+            batch, length, past_length, hidden_states.device, position_ids, attention_mask, cu_seqlens
+        )
+        seq.rotary = self.rotary_emb(hidden_states, seq.position_ids)
+
+        all_hidden = [hidden_states] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states, seq, cache[i] if cache is not None else None)
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        if cache is not None:
+            cache.seen_tokens += length
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.model = HybridModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward() creates its own HybridCache
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: HybridCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        past_key_values: HybridCache | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cu_seqlens=cu_seqlens,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
