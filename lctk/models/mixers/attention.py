@@ -28,6 +28,7 @@ BACKENDS = ("sdpa", "flash", "eager")
 class AttentionState(MixerState):
     keys: Tensor  # [B, S_kept, H_kv, D] after RoPE
     values: Tensor
+    visible: Tensor  # [B, S_kept] bool: False for padding and for keys of documents that have ended
     seen: int = 0  # tokens seen so far; the kept keys are the last S_kept of them
 
 
@@ -59,7 +60,8 @@ class Attention(Mixer):
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
         empty = torch.zeros(batch_size, 0, self.num_kv_heads, self.head_dim, device=device, dtype=dtype)
-        return AttentionState(keys=empty, values=empty.clone())
+        visible = torch.ones(batch_size, 0, dtype=torch.bool, device=device)
+        return AttentionState(keys=empty, values=empty.clone(), visible=visible)
 
     def state_size(self, seq_len: int) -> int:
         kept = seq_len if self.window is None else min(seq_len, self.window - 1)
@@ -73,23 +75,39 @@ class Attention(Mixer):
         cos, sin = seq.rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        seen, kept = 0, 0
+        seen, kept, past_visible = 0, 0, None
         if state is not None:
-            seen, kept = state.seen, state.keys.shape[1]
+            seen, kept, past_visible = state.seen, state.keys.shape[1], state.visible
             k = torch.cat([state.keys, k.to(state.keys.dtype)], dim=1)
             v = torch.cat([state.values, v.to(state.values.dtype)], dim=1)
-            keep = k.shape[1] if self.window is None else self.window - 1
-            state.keys, state.values = k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :]
+            visible = torch.cat([past_visible, self._visible_after(seq, batch, length, k.device)], dim=1)
+            drop = 0 if self.window is None else max(0, k.shape[1] - (self.window - 1))
+            state.keys, state.values, state.visible = k[:, drop:], v[:, drop:], visible[:, drop:]
             state.seen = seen + length
 
-        mask = self._mask(seq, seen, kept, length, k.device)
+        mask = self._mask(seq, seen, past_visible, length, k.device)
         out = self._attend(q, k.to(q.dtype), v.to(q.dtype), mask, causal=kept == 0 and length > 1, seq=seq)
         return self.o_proj(out.reshape(batch, length, -1))
 
-    def _mask(self, seq: SequenceInfo, seen: int, kept: int, length: int, device: torch.device) -> Tensor | None:
+    @staticmethod
+    def _visible_after(seq: SequenceInfo, batch: int, length: int, device: torch.device) -> Tensor:
+        """Which of this call's keys later calls may see: not padding, and in the row's last document."""
+        visible = torch.ones(batch, length, dtype=torch.bool, device=device)
+        if seq.token_mask is not None:
+            visible = visible & seq.token_mask
+        if seq.has_documents:
+            visible = visible & (seq.seq_idx == seq.seq_idx[:, -1:])
+        return visible
+
+    def _mask(
+        self, seq: SequenceInfo, seen: int, past_visible: Tensor | None, length: int, device: torch.device
+    ) -> Tensor | None:
         """Boolean [B or 1, 1, T, S] (True = attend), or None when plain causal attention is exact."""
+        kept = 0 if past_visible is None else past_visible.shape[1]
         windowed = self.window is not None and seen + length > self.window
-        if seq.key_mask is None and not seq.has_documents and not windowed and (kept == 0 or length == 1):
+        hidden_past = past_visible is not None and not bool(past_visible.all())
+        plain = seq.key_mask is None and not seq.has_documents and not windowed and not hidden_past
+        if plain and (kept == 0 or length == 1):
             return None
         query_at = torch.arange(seen, seen + length, device=device)
         key_at = torch.arange(seen - kept, seen + length, device=device)
@@ -100,6 +118,8 @@ class Attention(Mixer):
         allowed = allowed.unsqueeze(0)
         if seq.key_mask is not None:
             allowed = allowed & seq.key_mask[:, -(kept + length) :].unsqueeze(1)
+        if hidden_past:
+            allowed = allowed & F.pad(past_visible, (0, length), value=True).unsqueeze(1)
         if seq.has_documents:
             key_doc = F.pad(seq.seq_idx, (kept, 0), value=0)  # cached keys belong to the first document
             allowed = allowed & (seq.seq_idx.unsqueeze(2) == key_doc.unsqueeze(1))
@@ -118,7 +138,7 @@ class Attention(Mixer):
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
-            if causal:
+            if mask is None and causal:
                 mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
