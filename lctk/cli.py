@@ -39,23 +39,12 @@ def info() -> None:
 
 
 def main() -> None:
+    """Entry point. Usage errors are typer's (one line, exit 2); UserError from a command likewise."""
     try:
-        app(standalone_mode=False)
+        app()
     except UserError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except Exception as error:  # click usage errors carry their own exit code and message
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
 
 
 if __name__ == "__main__":

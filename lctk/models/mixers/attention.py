@@ -9,6 +9,7 @@ keeps only the last window - 1 keys, so `S` has a bounded state like the recurre
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
 from lctk.models.sequence import SequenceInfo
 
 BACKENDS = ("sdpa", "flash", "eager")
+FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
 
 @dataclass
@@ -129,7 +131,7 @@ class Attention(Mixer):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, seq: SequenceInfo) -> Tensor:
         """q [B, T, H, D], k/v [B, S, H_kv, D] -> [B, T, H, D]."""
-        if self.backend == "flash" and q.is_cuda and mask is None and self.window is None:
+        if self.backend == "flash" and FLASH_ATTN_INSTALLED and q.is_cuda and mask is None and self.window is None:
             from flash_attn import flash_attn_func
 
             return flash_attn_func(q, k, v, causal=causal)
