@@ -198,6 +198,31 @@ def test_mamba2_mixer_matches_transformers_mamba2():
     assert_close(actual, expected, tol=1e-5)
 
 
+def test_shared_xb_heads_equal_repeated_projections():
+    """xb_heads = 2 of 8 heads behaves as the full-size mixer whose x/B projection rows are repeated."""
+    torch.manual_seed(0)
+    shared = Mamba2(tiny_config("M", mamba2={"state_size": 16, "head_dim": 16, "n_groups": 4, "xb_heads": 2}), "M")
+    full = Mamba2(tiny_config("M", mamba2={"state_size": 16, "head_dim": 16, "n_groups": 4}), "M")
+    d_inner, n = 128, 16
+    z, x, b, c, dt = shared.in_proj.weight.split([d_inner, 2 * 16, 2 * n, 4 * n, 8])
+    conv_x, conv_b, conv_c = shared.conv_weight.split([2 * 16, 2 * n, 4 * n])
+    bias_x, bias_b, bias_c = shared.conv_bias.split([2 * 16, 2 * n, 4 * n])
+
+    def repeat(t, size, times):
+        return t.unflatten(0, (-1, size)).repeat_interleave(times, dim=0).flatten(0, 1)
+
+    with torch.no_grad():
+        full.in_proj.weight.copy_(torch.cat([z, repeat(x, 16, 4), repeat(b, n, 2), c, dt]))
+        full.conv_weight.copy_(torch.cat([repeat(conv_x, 16, 4), repeat(conv_b, n, 2), conv_c]))
+        full.conv_bias.copy_(torch.cat([repeat(bias_x, 16, 4), repeat(bias_b, n, 2), bias_c]))
+        for name in ("dt_bias", "A_log", "D"):
+            getattr(full, name).copy_(getattr(shared, name))
+        full.out_proj.weight.copy_(shared.out_proj.weight)
+        x_in = torch.randn(2, 30, 64)
+        seq = build_sequence_info(2, 30, 0, x_in.device)
+        assert_close(shared(x_in, seq), full(x_in, seq), tol=1e-5)
+
+
 def test_gradients_flow_to_every_parameter():
     model = tiny_model("MSAM").train()
     ids = torch.randint(0, VOCAB, (2, 20))
@@ -215,6 +240,7 @@ def test_gradients_flow_to_every_parameter():
         ({"hidden_size": 66, "head_dim": None}, "hidden_size"),
         ({"mamba2": {"head_dim": 24}}, "mamba2.head_dim"),
         ({"mamba2": {"n_groups": 3}}, "mamba2.n_groups"),
+        ({"mamba2": {"n_groups": 2, "xb_heads": 4}}, "mamba2.xb_heads"),
         ({"mamba2": {"chunk_size": 0}}, "mamba2.chunk_size"),
         ({"mamba2": {"stat_size": 8}}, "mamba2.stat_size"),
         ({"attention": {"backend": "magic"}}, "attention.backend"),

@@ -10,6 +10,11 @@
 The recurrence is `lctk.kernels.ssd.ssd` with q = C, k = B, v = x * dt, g = A * dt. Initialisation as the paper's
 reference code: dt_bias = softplus^-1(dt0) with dt0 log-uniform in [dt_min, dt_max] (floored at dt_init_floor),
 A_log = log(U[1, 16]), D = 1. Padding tokens get dt = 0 and zero conv input, so they leave the state untouched.
+
+`xb_heads` (default: off) shares x and B across heads the way grouped-query attention shares V and K: in_proj makes
+xb_heads heads of x and xb_heads groups of B, repeated up to H heads and G groups after the convolution. This is the
+shape an attention layer maps onto (Mamba-in-Llama / Apriel-H1 initialisation: V -> x, K -> B, Q -> C, O -> out_proj
+with n_groups = query heads, xb_heads = kv heads, state_size = head_dim = attention head_dim).
 """
 
 from __future__ import annotations
@@ -44,8 +49,11 @@ class Mamba2(Mixer):
         self.d_inner = s["expand"] * config.hidden_size
         self.head_dim, self.d_state, self.n_groups = s["head_dim"], s["state_size"], s["n_groups"]
         self.num_heads = self.d_inner // self.head_dim
+        self.xb_heads = s["xb_heads"] or self.num_heads
+        self.b_groups = s["xb_heads"] or self.n_groups
         self.conv_kernel, self.chunk_size = s["conv_kernel"], s["chunk_size"]
-        self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
+        self.conv_split = [self.xb_heads * self.head_dim, self.b_groups * self.d_state, self.n_groups * self.d_state]
+        self.conv_dim = sum(self.conv_split)
         self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, self.conv_kernel))
         self.conv_bias = nn.Parameter(torch.empty(self.conv_dim))
@@ -68,6 +76,7 @@ class Mamba2(Mixer):
             "dt_min": 0.001,
             "dt_max": 0.1,
             "dt_init_floor": 1e-4,
+            "xb_heads": None,
         }
 
     @classmethod
@@ -79,6 +88,13 @@ class Mamba2(Mixer):
         heads = d_inner // settings["head_dim"]
         if heads % settings["n_groups"]:
             raise ValueError(f"mamba2.n_groups: {settings['n_groups']} does not divide the number of heads {heads}")
+        shared = settings["xb_heads"]
+        if shared is not None:
+            require_positive_int("mamba2", settings, "xb_heads")
+            if heads % shared or settings["n_groups"] % shared:
+                raise ValueError(
+                    f"mamba2.xb_heads: {shared} must divide the number of heads {heads} and n_groups {settings['n_groups']}"
+                )
         if not 0 < settings["dt_min"] <= settings["dt_max"]:
             raise ValueError("mamba2.dt_min: needs 0 < dt_min <= dt_max")
 
@@ -113,14 +129,14 @@ class Mamba2(Mixer):
         if state is not None:
             state.conv = conv_tail(xbc, past_conv, self.conv_kernel, seq.seq_idx)
         xbc = F.silu(causal_depthwise_conv(xbc, self.conv_weight, self.conv_bias, past_conv, seq.seq_idx))
-        x, b, c = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        x, b, c = xbc.split(self.conv_split, dim=-1)
 
         dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H]
         if seq.token_mask is not None:
             dt = dt * seq.token_mask.unsqueeze(-1)
         g = -torch.exp(self.A_log.float()) * dt
-        x = x.unflatten(-1, (self.num_heads, self.head_dim))
-        b = b.unflatten(-1, (self.n_groups, self.d_state))
+        x = x.unflatten(-1, (self.xb_heads, self.head_dim)).repeat_interleave(self.num_heads // self.xb_heads, dim=2)
+        b = b.unflatten(-1, (self.b_groups, self.d_state)).repeat_interleave(self.n_groups // self.b_groups, dim=2)
         c = c.unflatten(-1, (self.n_groups, self.d_state))
         v = x * dt.unsqueeze(-1).to(x.dtype)
 
