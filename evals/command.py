@@ -1,8 +1,94 @@
+"""`lctk eval`: run evaluation suites on one or more Hugging Face causal LMs and write results, plots and a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
 import typer
 
 from lctk.errors import UserError
 
 
-def eval_command(model: str = typer.Option(..., "--model", help="model path(s), comma separated")) -> None:
-    """Run evaluation suites on any Hugging Face causal LM (not built yet)."""
-    raise UserError("`lctk eval` is not built yet")
+def eval_command(
+    model: str = typer.Option(..., "--model", help="model folder(s) or .gguf file(s), comma separated"),
+    suite: str = typer.Option(
+        "passkey", "--suite", help="passkey, niah, state-collapse, recall-throughput, perplexity (comma separated); "
+        "a niah task name (niah_single_1 ... niah_multiquery, niah_grid) runs that task only"
+    ),
+    lengths: str = typer.Option("1k,2k,4k", "--lengths", help="context lengths in tokens, e.g. 1k,4k,16k (k = 1024)"),
+    limit: int = typer.Option(10, "--limit", help="samples per length (per length and depth for grids)"),
+    batch_size: int = typer.Option(1, "--batch-size", help="prompts generated together (left-padded)"),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", help="tokens generated per answer and kept free in the budget (passkey 16, niah 64)"
+    ),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", help="needle depths for the grids, 0 = start"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"),
+    output: Path = typer.Option(Path("runs/eval"), "--output", help="output folder; rerunning into it resumes"),
+    seed: int = typer.Option(0, "--seed", help="seed of every sample"),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help="tokenizer folder (default: the model's)"),
+    allow_longer: bool = typer.Option(False, "--allow-longer", help="allow lengths above the model's position limit"),
+    exact: bool = typer.Option(False, "--exact", help="check every prompt against a whole-text tokenisation"),
+    lm_eval: str | None = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks (needs the lm-eval extra)"),
+) -> None:
+    """Run evaluation suites on any Hugging Face causal LM and write results.json, samples.jsonl, plots, report.md."""
+    from lctk.evals.lm_eval_bridge import require_lm_eval
+    from lctk.evals.models import load_model
+    from lctk.evals.runner import compare, parse_lengths, parse_suites, run_suites
+
+    paths = [p.strip() for p in model.split(",") if p.strip()]
+    if not paths:
+        raise UserError("--model: give at least one model path")
+    parse_suites(suite)  # bad flags fail before any model is loaded
+    parse_lengths(lengths)
+    try:
+        depth_list = [float(d) for d in depths.split(",") if d.strip()]
+    except ValueError as error:
+        raise UserError(f"--depths: cannot read {depths!r} (use e.g. 0,0.5,1)") from error
+    if lm_eval:
+        require_lm_eval()
+    names = _unique_names(paths)
+    everything = {}
+    for path, name in zip(paths, names, strict=True):
+        out = output if len(paths) == 1 else output / name
+        loaded_model, loaded_tokenizer = load_model(path, device=device, dtype=dtype, tokenizer_path=tokenizer)
+        results = run_suites(
+            loaded_model,
+            loaded_tokenizer,
+            suites=suite,
+            lengths=lengths,
+            output_dir=out,
+            limit=limit,
+            seed=seed,
+            depths=depth_list,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            allow_longer=allow_longer,
+            exact=exact,
+            model_name=name,
+            lm_eval=lm_eval,
+            config={"model_path": path, "dtype_flag": dtype, "device_flag": device},
+        )
+        everything[name] = results
+        scores = " | ".join(f"{s} {_short(e.get('score'))}" for s, e in results["results"].items())
+        typer.echo(f"{name}: {scores} ({results['timings']['total_s']:.1f} s) -> {out / 'report.md'}")
+        del loaded_model
+    if len(paths) > 1:
+        compare(everything, output)
+        typer.echo(f"comparison of {len(paths)} models -> {output / 'report.md'}")
+
+
+def _unique_names(paths: list[str]) -> list[str]:
+    from lctk.evals.models import model_name
+
+    names: list[str] = []
+    for path in paths:
+        name = model_name(path)
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
+
+
+def _short(value) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,297 @@
+"""The model side of the evals, for any Hugging Face causal LM: loading, the length limit, state size, greedy
+generation, chunked streaming with a cache, and peak memory.
+
+Length limit: the first positive integer among the config's max_position_embeddings / n_positions /
+max_sequence_length / seq_length / n_ctx; else the tokenizer's model_max_length when it is a real number (< 1e9);
+else none (recurrent models). An eval length above it is refused unless `allow_longer` (for RoPE models one
+deliberately runs past it to measure extrapolation).
+
+State size (elements per sequence after L tokens): `model.state_size(L)` where the model has one (lctk models; a
+per-layer list is summed); otherwise measured: the elements of every tensor in the cache after prefilling 8 and 16
+tokens, extended linearly to L. That gives 2 x layers x kv_heads x head_dim x L for attention and a constant for
+Mamba-2 (a sliding-window cache would be over-counted past its window).
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated over the call (bytes above what was allocated before). On
+CPU, the growth of the process's resident set size: on Linux its high-water mark (VmHWM, reset through
+/proc/self/clear_refs) minus the RSS before the call; elsewhere RSS sampled every 10 ms by a thread (psutil). RSS
+includes allocator caching and freed-but-kept pages, so CPU figures are approximate upper bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lctk.errors import UserError
+
+LIMIT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise UserError(f"--device: unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device: {device} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def load_model(path: str, device: str = "auto", dtype: str = "auto", tokenizer_path: str | None = None):
+    """(model, tokenizer) from a local folder, a .gguf file, or (online) a hub name. Errors are one-line UserErrors."""
+    import transformers
+
+    import lctk  # noqa: F401  (registers lctk's model classes with the Auto classes)
+
+    resolved_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, resolved_device)
+    source, extra = _source(path)
+    tokenizer_source, tokenizer_extra = _source(tokenizer_path) if tokenizer_path else (source, extra)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_extra)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"no usable tokenizer in {tokenizer_path or path}: {_first_line(error)} (pass --tokenizer)") from error
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # the eval's own progress is shown; keep stderr to errors
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"cannot load a causal LM from {path}: {_first_line(error)}") from error
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    return model.to(resolved_device).eval(), tokenizer
+
+
+def _source(path: str) -> tuple[str, dict]:
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise UserError(f"model file not found: {path}")
+        try:
+            import gguf  # noqa: F401
+        except ImportError as error:
+            raise UserError("loading a .gguf file needs the gguf package: pip install 'lctk[smollm2]'") from error
+        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UserError(f"model path is not a folder or a .gguf file: {path}")
+        return path, {}
+    if HUB_NAME.match(path) and not path.startswith((".", "/")):
+        return path, {}  # a hub name: works online, fails offline with the loader's message
+    raise UserError(f"model path not found: {path}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def model_name(path: str) -> str:
+    """A short, file-system-safe name for a model path (its last two path parts)."""
+    parts = [p for p in os.path.normpath(path).split(os.sep) if p not in ("", ".")]
+    return re.sub(r"[^\w.-]+", "_", "-".join(parts[-2:]) or "model")
+
+
+def length_limit(model, tokenizer) -> int | None:
+    for name in LIMIT_ATTRIBUTES:
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**9:
+        return value
+    return None
+
+
+def training_length(model) -> int | None:
+    """The length the model was trained at, when its config records it (for marking plots)."""
+    config = model.config
+    for name in ("train_length", "training_length", "original_max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    value = rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
+    return value if isinstance(value, int) else None
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def cache_of(outputs):
+    """The cache a forward returned (transformers 5 names it `cache`, older code `past_key_values`)."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else getattr(outputs, "past_key_values", None)
+
+
+def iter_tensors(obj, path: str = "", seen: set[int] | None = None, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor reachable from a cache object through attributes, dicts, lists and tuples, with its path
+    (e.g. `layers.0.recurrent_states.0`, `states.3.ssm`). Modules, classes and functions are not entered."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+        return
+    if id(obj) in seen or depth > 8 or isinstance(obj, torch.nn.Module | type | str | bytes | int | float | bool):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        items = sorted(obj.items(), key=lambda kv: str(kv[0]))
+    elif isinstance(obj, list | tuple):
+        items = list(enumerate(obj))
+    elif hasattr(obj, "__dict__") and not callable(obj):
+        items = sorted(vars(obj).items())
+    else:
+        return
+    for key, value in items:
+        if isinstance(key, str) and key.startswith("__"):
+            continue
+        yield from iter_tensors(value, f"{path}.{key}" if path else str(key), seen, depth + 1)
+
+
+def state_size(model, seq_len: int) -> int:
+    """Inference state in elements per sequence after seq_len tokens (see module doc)."""
+    own = getattr(model, "state_size", None)
+    if callable(own):
+        size = own(seq_len)
+        return int(sum(size)) if isinstance(size, list | tuple) else int(size)
+    small, large = (_measured_state(model, n) for n in (8, 16))
+    return int(round(small + (large - small) / 8 * (seq_len - 8)))
+
+
+@torch.no_grad()
+def _measured_state(model, n_tokens: int) -> int:
+    ids = torch.full((1, n_tokens), 1, dtype=torch.long, device=model_device(model))
+    cache = cache_of(model(input_ids=ids, use_cache=True))
+    return sum(t.numel() for _, t in iter_tensors(cache))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of a batch of prompts (left-padded when their lengths differ), decoded without specials."""
+    from transformers import GenerationConfig
+
+    device = model_device(model)
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = 0 if pad is None else pad
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
+    )
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
+
+
+@dataclass
+class Step:
+    end: int  # tokens fed so far
+    nll: torch.Tensor  # (tokens predicted in this chunk,)
+    hits: torch.Tensor  # bool, same shape
+
+
+@torch.no_grad()
+def stream(model, ids: np.ndarray, chunk: int) -> Iterator[tuple[Step, object]]:
+    """Feed ids chunk by chunk through the model's cache; yields (the chunk's per-token results, the cache).
+
+    Token t (t >= 1) gets nll = -log p(ids[t] | ids[:t]) and hit = (argmax prediction == ids[t]); token 0 has none,
+    so over the whole stream the results cover ids[1:] in order."""
+    device = model_device(model)
+    tokens = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=device).unsqueeze(0)
+    cache, carried = None, None  # carried: the last logit of the previous chunk (it predicts this chunk's first token)
+    for start in range(0, tokens.shape[1], chunk):
+        piece = tokens[:, start : start + chunk]
+        outputs = model(input_ids=piece, use_cache=True, **({"cache": cache} if cache is not None else {}))
+        cache = cache_of(outputs)
+        logits = outputs.logits[0].float()
+        if carried is not None:
+            logits, targets = torch.cat([carried, logits[:-1]]), piece[0]
+        else:
+            logits, targets = logits[:-1], piece[0, 1:]
+        carried = outputs.logits[0, -1:].float()
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        yield Step(start + piece.shape[1], nll.cpu(), (logits.argmax(-1) == targets).cpu()), cache
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict]:
+    """Measures the peak extra memory (bytes) of the block into result["bytes"] (see module doc)."""
+    result: dict = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["bytes"] = int(torch.cuda.max_memory_allocated(device) - base)
+        return
+    if _reset_peak_rss():  # Linux keeps the resident-set high-water mark itself: exact, no sampling
+        base = _proc_status_kb("VmRSS")
+        yield result
+        result["bytes"] = 1024 * max(_proc_status_kb("VmHWM") - base, 0)
+        return
+    import psutil
+
+    process = psutil.Process()
+    base = peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+        result["bytes"] = int(max(peak, process.memory_info().rss) - base)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return _proc_status_kb("VmHWM") > 0
+    except OSError:
+        return False
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0

@@ -1,0 +1,62 @@
+"""report.md: the scores, per-length tables and the plots of one model's run (and a comparison across models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lctk.evals.plots import format_length
+
+MEANING = {
+    "passkey": "accuracy (%)",
+    "niah": "string_match_all (%), mean over RULER tasks",
+    "state-collapse": "late / early loss ratio (about 1.0: no collapse)",
+    "recall-throughput": "text key-value recall (%)",
+    "perplexity": "perplexity (all tokens)",
+    "lm-eval": "mean of the tasks' first metric",
+}
+
+
+def model_report(results: dict, path: Path) -> None:
+    lines = [f"# lctk eval: {results['model']}", ""]
+    config = results["config"]
+    lines += [
+        f"- model: `{config['model_path']}`",
+        f"- lengths: {', '.join(format_length(n) for n in config['lengths'])}; limit {config['limit']}; "
+        f"seed {results['seed']}; device {config['device']}, {config['dtype']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+        f"- time: {results['timings']['total_s']:.1f} s",
+        "",
+        "| suite | score | what the score is |",
+        "| --- | --- | --- |",
+    ]
+    for suite, entry in results["results"].items():
+        lines.append(f"| {suite} | {_number(entry.get('score'))} | {MEANING.get(suite, '')} |")
+    for suite, entry in results["results"].items():
+        lines += ["", f"## {suite}", ""]
+        by_length = entry.get("by_length") or {}
+        if by_length:
+            lines += ["| length | " + " | ".join(format_length(int(k)) for k in by_length) + " |",
+                      "| --- |" + " --- |" * len(by_length),
+                      "| score | " + " | ".join(_number(v) for v in by_length.values()) + " |"]
+        for task, task_entry in (entry.get("by_task") or {}).items():
+            lines.append(f"- {task}: {_number(task_entry['score'])}  "
+                         + ", ".join(f"{format_length(int(k))}: {_number(v)}" for k, v in task_entry["by_length"].items()))
+        for name in results.get("files", {}).get(suite, []):
+            lines += ["", f"![{name}]({name})"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def comparison_report(results_by_model: dict[str, dict], plots: list[str], path: Path) -> None:
+    suites = sorted({suite for results in results_by_model.values() for suite in results["results"]})
+    lines = ["# lctk eval: comparison", "", "| model | " + " | ".join(suites) + " |", "| --- |" + " --- |" * len(suites)]
+    for model, results in results_by_model.items():
+        scores = [_number(results["results"].get(suite, {}).get("score")) for suite in suites]
+        lines.append(f"| [{model}]({model}/report.md) | " + " | ".join(scores) + " |")
+    lines += [f"\n![{name}]({name})" for name in plots]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _number(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

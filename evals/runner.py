@@ -1,0 +1,256 @@
+"""run_suites: run eval suites on one model and write results.json, samples.jsonl, plots and report.md."""
+
+from __future__ import annotations
+
+import platform
+import re
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from lctk.evals.lm_eval_bridge import require_lm_eval, run_lm_eval
+from lctk.evals.models import length_limit, model_device, training_length
+from lctk.evals.plots import format_length
+from lctk.evals.report import comparison_report, model_report
+from lctk.evals.store import SampleStore, write_json
+from lctk.evals.suites import SUITES, EvalContext
+from lctk.evals.tasks import niah
+from lctk.evals.tokens import fingerprint
+
+from lctk.errors import UserError
+
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_LIMIT = 10
+LENGTH = re.compile(r"^(\d+(?:\.\d+)?)([kKmM]?)$")
+
+
+def parse_lengths(spec: str | Iterable[int | str]) -> list[int]:
+    """'1k,4k,16k' -> [1024, 4096, 16384] (k = 1024, m = 1024^2; plain integers are tokens)."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    lengths = []
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            value = item
+        else:
+            match = LENGTH.match(str(item).strip())
+            if not match:
+                raise UserError(f"--lengths: cannot read {str(item).strip()!r} (use e.g. 1k,4k,16k; k = 1024 tokens)")
+            value = float(match[1]) * {"": 1, "k": 1024, "m": 1024**2}[match[2].lower()]
+            if value != int(value):
+                raise UserError(f"--lengths: {str(item).strip()!r} is not a whole number of tokens")
+            value = int(value)
+        if value <= 0:
+            raise UserError(f"--lengths: {item!r} must be positive")
+        lengths.append(value)
+    if not lengths:
+        raise UserError("--lengths: give at least one length, e.g. 1k,4k")
+    return sorted(set(lengths))
+
+
+def parse_suites(spec: str | Iterable[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Suite names (and niah task names, which select tasks of niah) -> (suites in order, sub-tasks per suite)."""
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    suites, tasks = [], {}
+    for name in names:
+        suite = "niah" if name in niah.TASKS else name
+        if suite not in SUITES:
+            known = ", ".join(list(SUITES) + ["niah_<task>"])
+            raise UserError(f"--suite: unknown suite {name!r}; known: {known}")
+        if suite not in suites:
+            suites.append(suite)
+        if name != suite:
+            tasks.setdefault(suite, []).append(name)
+    if not suites:
+        raise UserError("--suite: give at least one suite, e.g. passkey,niah")
+    return suites, tasks
+
+
+def check_lengths(model, tokenizer, lengths: list[int], allow_longer: bool) -> int | None:
+    limit = length_limit(model, tokenizer)
+    too_long = [n for n in lengths if limit is not None and n > limit]
+    if too_long and not allow_longer:
+        raise UserError(
+            f"--lengths: {format_length(max(too_long))} ({max(too_long)} tokens) is above the model's limit of {limit} "
+            "tokens (max_position_embeddings or the tokenizer's model_max_length); pass --allow-longer to go past it"
+        )
+    return limit
+
+
+def run_suites(
+    model,
+    tokenizer,
+    suites: str | Iterable[str] = ("passkey",),
+    lengths: str | Iterable[int | str] = (1024,),
+    output_dir: str | Path | None = None,
+    limit: int = DEFAULT_LIMIT,
+    seed: int = 0,
+    depths: Iterable[float] = DEFAULT_DEPTHS,
+    batch_size: int = 1,
+    max_new_tokens: int | None = None,
+    allow_longer: bool = False,
+    exact: bool = False,
+    model_name: str = "model",
+    progress: bool = True,
+    lm_eval: str | None = None,
+    config: dict | None = None,
+) -> dict:
+    """Run the suites on a loaded model; returns the results dict (the content of results.json).
+
+    With output_dir, also writes results.json, samples.jsonl, the plots and report.md there, and skips the jobs
+    already in its samples.jsonl (resume). lm_eval: lm-evaluation-harness task names (needs the lm-eval extra)."""
+    started = time.perf_counter()
+    if lm_eval:
+        require_lm_eval()
+    suite_names, tasks = parse_suites(suites)
+    lengths = parse_lengths(lengths)
+    depths = [float(d) for d in depths]
+    if any(not 0.0 <= d <= 1.0 for d in depths) or not depths:
+        raise UserError(f"--depths: every depth must be within 0..1, got {depths}")
+    if limit < 1 or batch_size < 1:
+        raise UserError("--limit and --batch-size must be at least 1")
+    limit_tokens = check_lengths(model, tokenizer, lengths, allow_longer)
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    ctx = EvalContext(
+        model=model,
+        tokenizer=tokenizer,
+        model_name=model_name,
+        tokenizer_id=fingerprint(tokenizer),
+        lengths=lengths,
+        limit=limit,
+        seed=seed,
+        depths=depths,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        exact=exact,
+        train_length=training_length(model),
+        device=model_device(model),
+        tasks=tasks,
+    )
+    store = SampleStore(out)
+    results: dict = {
+        "model": model_name,
+        "results": {},
+        "config": {
+            **(config or {}),
+            "suites": suite_names,
+            "tasks": tasks,
+            "lengths": lengths,
+            "depths": depths,
+            "limit": limit,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "length_limit": limit_tokens,
+            "train_length": ctx.train_length,
+            "device": str(ctx.device),
+            "dtype": str(_dtype(model)).replace("torch.", ""),
+            "tokenizer": ctx.tokenizer_id,
+        },
+        "versions": versions(),
+        "seed": seed,
+        "timings": {},
+        "files": {},
+    }
+    results["config"].setdefault("model_path", model_name)
+    try:
+        with _progress(progress) as bar:
+            for name in suite_names:
+                suite = SUITES[name]()
+                suite_started = time.perf_counter()
+                jobs = suite.jobs(ctx)
+                keys = [suite.key(ctx, job) for job in jobs]
+                todo = [(job, key) for job, key in zip(jobs, keys, strict=True) if key not in store]
+                task = bar.add_task(f"{name} ({len(jobs) - len(todo)} done before)", total=len(jobs),
+                                    completed=len(jobs) - len(todo)) if bar else None
+                step = ctx.batch_size if suite.batched else 1
+                for at in range(0, len(todo), step):
+                    batch = todo[at : at + step]
+                    for (_, key), record in zip(batch, suite.run(ctx, [job for job, _ in batch]), strict=True):
+                        store.add({"key": key, "model": model_name, **record})
+                    if bar:
+                        bar.advance(task, len(batch))
+                records = [store.records[key] for key in keys]
+                results["results"][name] = suite.summarize(ctx, records)
+                if out is not None:
+                    results["files"][name] = suite.plot(ctx, results["results"][name], records, out)
+                results["timings"][name + "_s"] = round(time.perf_counter() - suite_started, 3)
+        if lm_eval:
+            lm_started = time.perf_counter()
+            results["results"]["lm-eval"] = run_lm_eval(model, tokenizer, lm_eval, limit, batch_size)
+            results["timings"]["lm-eval_s"] = round(time.perf_counter() - lm_started, 3)
+    finally:
+        if was_training:
+            model.train()
+    results["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+    if out is not None:
+        write_json(out / "results.json", results)
+        model_report(results, out / "report.md")
+    return results
+
+
+def compare(results_by_model: dict[str, dict], output_dir: Path) -> dict:
+    """Across models: scores per suite (comparison.json), recall vs state size, and report.md linking each model."""
+    from lctk.evals.suites.recall_throughput import recall_vs_state
+
+    plots = []
+    recall = {m: r["results"]["recall-throughput"] for m, r in results_by_model.items() if "recall-throughput" in r["results"]}
+    if recall:
+        recall_vs_state(recall, output_dir / "recall_vs_state.png")
+        plots.append("recall_vs_state.png")
+    comparison = {
+        "models": list(results_by_model),
+        "scores": {m: {s: e.get("score") for s, e in r["results"].items()} for m, r in results_by_model.items()},
+        "recall_vs_state": {
+            m: {"state_size": e["state_size"], "recall": e["by_length"], "prefill_tokens_per_s": e["prefill_tokens_per_s"]}
+            for m, e in recall.items()
+        },
+    }
+    write_json(output_dir / "comparison.json", comparison)
+    comparison_report(results_by_model, plots, output_dir / "report.md")
+    return comparison
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import lctk
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
+    return {
+        "lctk": lctk.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "device": device,
+    }
+
+
+def _dtype(model) -> torch.dtype | None:
+    try:
+        return next(model.parameters()).dtype
+    except (StopIteration, AttributeError):
+        return None
+
+
+class _NoProgress:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True))

@@ -1,0 +1,81 @@
+"""What every suite shares: the run context, the unit of work (a Job, keyed for resume) and the Suite interface.
+
+A suite lists its jobs, runs a batch of them into records (one JSON line each in samples.jsonl), and summarises all
+records (new and resumed) into its results entry: {"score": main figure, "by_length": {"<length>": figure}, ...}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class EvalContext:
+    model: object
+    tokenizer: object
+    model_name: str
+    tokenizer_id: str
+    lengths: list[int]
+    limit: int
+    seed: int
+    depths: list[float]
+    batch_size: int = 1
+    max_new_tokens: int | None = None  # None: each suite's default
+    exact: bool = False  # check every prompt against a whole-text tokenisation
+    train_length: int | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tasks: dict[str, list[str]] = field(default_factory=dict)  # suite -> sub-tasks asked for (empty: all)
+
+
+@dataclass(frozen=True)
+class Job:
+    suite: str
+    task: str
+    length: int
+    index: int
+    depth: float | None = None
+
+    def key(self, ctx: EvalContext, **extra: object) -> str:
+        """What decides a record: the job, seed, tokenizer and model (and suite options); resume skips equal keys."""
+        parts = [self.suite, self.task, self.length, self.index, self.depth, ctx.seed, ctx.tokenizer_id, ctx.model_name]
+        parts.append(sorted(extra.items()))
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+class Suite:
+    name: str = ""
+    batched: bool = False  # whether run() takes up to ctx.batch_size jobs at once
+
+    def jobs(self, ctx: EvalContext) -> list[Job]:
+        raise NotImplementedError
+
+    def key(self, ctx: EvalContext, job: Job) -> str:
+        return job.key(ctx)
+
+    def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
+        raise NotImplementedError
+
+    def summarize(self, ctx: EvalContext, records: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def plot(self, ctx: EvalContext, summary: dict, records: list[dict], out_dir: Path) -> list[str]:
+        """Write PNGs into out_dir; return their file names."""
+        return []
+
+
+def mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def by(records: list[dict], field_name: str, value: str = "score") -> dict[str, float]:
+    """Mean of records[value] grouped by records[field_name], keys as strings in ascending numeric order."""
+    groups: dict = {}
+    for record in records:
+        groups.setdefault(record[field_name], []).append(record[value])
+    return {str(k): mean(v) for k, v in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))}

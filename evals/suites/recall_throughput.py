@@ -1,0 +1,144 @@
+"""recall-throughput: how much a model recalls against what its state and speed cost.
+
+Per length L:
+  * text recall (`limit` samples, any LM): a key-value listing filling L tokens, then 8 queried keys with their values,
+    teacher-forced; a query counts when every token of its value is the argmax prediction (tasks.recall);
+  * MQAR (`limit` samples): Zoology's token-id format with min(L // 8, V/2 - 1) pairs over the first min(V, 8192) ids,
+    meaningful for models trained on that format (others score near 0);
+  * state size in elements (models.state_size), prefill tokens/s (one forward over L tokens after a warm-up),
+    decode tokens/s (DECODE_TOKENS single-token steps through the cache after that prefill), and peak memory over
+    prefill + decode (models.peak_memory: CUDA allocator peak, or RSS growth on CPU).
+score and by_length: text recall accuracy (%). With several models, the runner also plots recall against state size
+across them (recall_vs_state.png).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from lctk.evals import plots
+from lctk.evals.models import cache_of, model_device, peak_memory, state_size, stream
+from lctk.evals.suites.base import EvalContext, Job, Suite, mean
+from lctk.evals.tasks.recall import make_mqar_sample, make_text_recall_sample, value_token_positions
+from lctk.evals.tasks.sample import sample_rng
+
+CHUNK = 2048
+DECODE_TOKENS = 16
+MQAR_VOCAB = 8192
+
+
+class RecallThroughputSuite(Suite):
+    name = "recall-throughput"
+
+    def jobs(self, ctx: EvalContext) -> list[Job]:
+        jobs = []
+        for length in ctx.lengths:
+            jobs += [Job(self.name, kind, length, i) for kind in ("text_recall", "mqar") for i in range(ctx.limit)]
+            jobs.append(Job(self.name, "throughput", length, 0))
+        return jobs
+
+    def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
+        (job,) = jobs
+        record = {"suite": self.name, "task": job.task, "length": job.length, "index": job.index, "seed": ctx.seed}
+        rng = sample_rng(job.task, job.length, job.index, ctx.seed)
+        if job.task == "text_recall":
+            sample = make_text_recall_sample(ctx.tokenizer, job.length, rng, exact=ctx.exact)
+            hits = _hits(ctx, sample.input_ids)
+            found = [bool(hits[positions - 1].all()) for positions in value_token_positions(sample)]
+            record.update(score=100.0 * sum(found) / len(found), queries=len(found), pairs=sample.meta["pairs"])
+        elif job.task == "mqar":
+            vocab = min(MQAR_VOCAB, int(ctx.model.config.vocab_size))
+            pairs = min(job.length // 8, vocab // 2 - 1)
+            sample = make_mqar_sample(job.length, rng, vocab_size=vocab, num_kv_pairs=pairs)
+            hits = _hits(ctx, sample.input_ids)
+            positions = np.flatnonzero(sample.labels != -100)
+            record.update(score=100.0 * float(hits[positions - 1].mean()), pairs=pairs, vocab=vocab)
+        else:
+            record.update(_throughput(ctx, job.length))
+        return [record]
+
+    def summarize(self, ctx: EvalContext, records: list[dict]) -> dict:
+        text = _per_length(records, "text_recall", "score")
+        speed = [r for r in records if r["task"] == "throughput"]
+        return {
+            "score": mean(text.values()),
+            "by_length": {str(k): v for k, v in text.items()},
+            "mqar_by_length": {str(k): v for k, v in _per_length(records, "mqar", "score").items()},
+            **{
+                field: {str(r["length"]): r[field] for r in sorted(speed, key=lambda r: r["length"])}
+                for field in ("state_size", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_mb")
+            },
+        }
+
+    def plot(self, ctx: EvalContext, summary: dict, records: list[dict], out_dir: Path) -> list[str]:
+        speed = {
+            "prefill": {int(k): v for k, v in summary["prefill_tokens_per_s"].items()},
+            "decode": {int(k): v for k, v in summary["decode_tokens_per_s"].items()},
+        }
+        plots.lines(speed, out_dir / "throughput.png", f"throughput ({ctx.model_name})", "context length (tokens)",
+                    "tokens / s", logx=True, logy=True)
+        recall = {
+            "text recall": {int(k): v for k, v in summary["by_length"].items()},
+            "MQAR": {int(k): v for k, v in summary["mqar_by_length"].items()},
+        }
+        plots.lines(recall, out_dir / "recall_by_length.png", f"recall ({ctx.model_name})",
+                    "context length (tokens)", "accuracy (%)", logx=True, percent=True)
+        return ["throughput.png", "recall_by_length.png"]
+
+
+def recall_vs_state(summaries: dict[str, dict], path: Path) -> None:
+    """Across models: text recall (%) against state size (elements), one line per model, one point per length."""
+    series = {}
+    for model, summary in summaries.items():
+        sizes, recall = summary["state_size"], summary["by_length"]
+        series[model] = {sizes[k]: recall[k] for k in recall if k in sizes and recall[k] is not None}
+    plots.lines(series, path, "recall vs state size", "state size (elements per sequence)", "text recall (%)",
+                logx=True, percent=True)
+
+
+def _hits(ctx: EvalContext, ids: np.ndarray) -> np.ndarray:
+    """hits[t - 1]: whether token t was the argmax prediction."""
+    return np.concatenate([step.hits.numpy() for step, _ in stream(ctx.model, ids, CHUNK)])
+
+
+@torch.no_grad()
+def _throughput(ctx: EvalContext, length: int) -> dict:
+    model, device = ctx.model, model_device(ctx.model)
+    vocab = int(model.config.vocab_size)
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(ctx.seed)).to(device)
+    model(input_ids=ids[:, :16], use_cache=True)  # warm-up (kernels, allocator)
+    with peak_memory(device) as memory:
+        _sync(device)
+        started = time.perf_counter()
+        outputs = model(input_ids=ids, use_cache=True)
+        _sync(device)
+        prefill = time.perf_counter() - started
+        cache, token = cache_of(outputs), outputs.logits[:, -1:].argmax(-1)
+        started = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            outputs = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = cache_of(outputs), outputs.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode = time.perf_counter() - started
+    return {
+        "state_size": state_size(model, length),
+        "prefill_tokens_per_s": round(length / prefill, 2),
+        "decode_tokens_per_s": round(DECODE_TOKENS / decode, 2),
+        "peak_memory_mb": round(memory["bytes"] / 2**20, 2),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _per_length(records: list[dict], task: str, field: str) -> dict[int, float]:
+    groups: dict[int, list[float]] = {}
+    for record in records:
+        if record["task"] == task:
+            groups.setdefault(record["length"], []).append(record[field])
+    return {length: mean(values) for length, values in sorted(groups.items())}

@@ -1,0 +1,142 @@
+"""Needle in a haystack: the RULER family (Hsieh et al., 2024) and the classic depth x length grid.
+
+Prompt (RULER's template, plural form):
+
+    Some special magic {type} are hidden within the following text. Make sure to memorize it. I will quiz you about
+    the {type} afterwards.\\n{context}\\nWhat are all the special magic {type} for {query} mentioned in the provided
+    text? The special magic {type} for {query} mentioned in the provided text are
+
+and, when one value is asked for (queries x values == 1), the singular form: "A special magic {t} is hidden ...
+about the {t} afterwards. ... What is the special magic {t} for {query} ... text is" with {t} the singular type.
+Needles: "One of the special magic {type} for {key} is: {value}." (plural type, as in RULER). The context is a
+haystack with the needles inserted at unit boundaries, at depths drawn without replacement from 40 evenly spaced
+depths in [0, 1]; units and needles are joined by a space (essay) or a newline (noise, distractors). Several queried
+keys read "a, b, and c". Score: string_match_all, the share of expected values found in the output, x 100.
+
+Tasks (haystack, key type, value type, keys, values per key, queried keys):
+  niah_single_1   noise        words  numbers  1 1 1
+  niah_single_2   essay        words  numbers  1 1 1
+  niah_single_3   essay        words  uuids    1 1 1
+  niah_multikey_1 essay        words  numbers  4 1 1
+  niah_multikey_2 distractors  words  numbers  1 1 1
+  niah_multikey_3 distractors  uuids  uuids    1 1 1
+  niah_multivalue essay        words  numbers  1 4 1
+  niah_multiquery essay        words  numbers  4 1 4
+  niah_grid       essay        words  numbers  1 1 1  (needle at a given depth: the classic grid)
+Differences from RULER: the essay is the builtin corpus (lctk.data.corpus), word keys come from its vocabulary, and
+essay / distractor windows start at a random sentence or line in the first 64K characters rather than at the start.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from lctk.evals.context import fit_prompt, needle_layout
+from lctk.evals.tasks.sample import Sample
+from lctk.evals.tasks.text import (
+    NEEDLE,
+    distractor_haystack,
+    draw_unique,
+    essay_haystack,
+    noise_haystack,
+    window_start,
+)
+
+DEPTHS = tuple(round(k / 39, 4) for k in range(40))
+DEFAULT_RESERVE = 64
+SINGULAR = {"numbers": "number", "words": "word", "uuids": "uuid"}
+
+
+@dataclass(frozen=True)
+class NiahTask:
+    haystack: str  # "noise" | "essay" | "distractors"
+    key_type: str
+    value_type: str
+    keys: int = 1
+    values: int = 1
+    queries: int = 1
+
+
+TASKS: dict[str, NiahTask] = {
+    "niah_single_1": NiahTask("noise", "words", "numbers"),
+    "niah_single_2": NiahTask("essay", "words", "numbers"),
+    "niah_single_3": NiahTask("essay", "words", "uuids"),
+    "niah_multikey_1": NiahTask("essay", "words", "numbers", keys=4),
+    "niah_multikey_2": NiahTask("distractors", "words", "numbers"),
+    "niah_multikey_3": NiahTask("distractors", "uuids", "uuids"),
+    "niah_multivalue": NiahTask("essay", "words", "numbers", values=4),
+    "niah_multiquery": NiahTask("essay", "words", "numbers", keys=4, queries=4),
+    "niah_grid": NiahTask("essay", "words", "numbers"),
+}
+RULER_TASKS = tuple(name for name in TASKS if name != "niah_grid")
+
+
+def template(value_type: str, query: str, singular: bool) -> tuple[str, str]:
+    """(text before the context, text after it) of RULER's prompt, answer prefix included."""
+    if singular:
+        kind = SINGULAR[value_type]
+        return (
+            f"A special magic {kind} is hidden within the following text. Make sure to memorize it. "
+            f"I will quiz you about the {kind} afterwards.\n",
+            f"\nWhat is the special magic {kind} for {query} mentioned in the provided text? "
+            f"The special magic {kind} for {query} mentioned in the provided text is",
+        )
+    return (
+        f"Some special magic {value_type} are hidden within the following text. Make sure to memorize it. "
+        f"I will quiz you about the {value_type} afterwards.\n",
+        f"\nWhat are all the special magic {value_type} for {query} mentioned in the provided text? "
+        f"The special magic {value_type} for {query} mentioned in the provided text are",
+    )
+
+
+def make_sample(
+    tokenizer,
+    task: str,
+    length: int,
+    rng: random.Random,
+    depth: float | None = None,
+    reserve: int = DEFAULT_RESERVE,
+    exact: bool = False,
+) -> Sample:
+    """A prompt of task `task` with at most `length - reserve` tokens. `depth` in [0, 1] pins a single needle (the
+    grid); otherwise needle depths are drawn from DEPTHS."""
+    spec = TASKS[task]
+    if depth is not None and spec.keys * spec.values != 1:
+        raise ValueError(f"{task} has several needles; a fixed depth is only for single-needle tasks")
+    haystack, joiner = _haystack(tokenizer, spec)
+    start = 0 if spec.haystack == "noise" else window_start(haystack, rng)
+    keys = draw_unique(spec.key_type, max(spec.keys, spec.queries), rng)
+    values = {key: draw_unique(spec.value_type, spec.values, rng) for key in keys}
+    needles = [NEEDLE.format(type=spec.value_type, key=key, value=value) for key in keys for value in values[key]]
+    rng.shuffle(needles)
+    depths = [depth] if depth is not None else rng.sample(DEPTHS, len(needles))
+    queried = rng.sample(keys, spec.queries)
+    answers = tuple(value for key in queried for value in values[key])
+    query = queried[0] if len(queried) == 1 else ", ".join(queried[:-1]) + ", and " + queried[-1]
+    head, tail = template(spec.value_type, query, singular=len(answers) == 1)
+    layout = needle_layout(haystack, head, list(zip(depths, needles, strict=True)), tail, joiner)
+    prompt = fit_prompt(haystack, layout, length - reserve, start=start, exact=exact, task=task)
+    if any(prompt.text.count(key) != 2 * (key in queried) + spec.values for key in keys):
+        # a distractor happens to carry one of the keys: draw again (rare; keeps the answer unambiguous)
+        return make_sample(tokenizer, task, length, rng, depth, reserve, exact)
+    return Sample(
+        task=task,
+        length=length,
+        reserve=reserve,
+        prompt=prompt.text,
+        input_ids=prompt.input_ids,
+        answers=answers,
+        target=" " + (answers[0] if len(answers) == 1 else ", ".join(answers[:-1]) + ", and " + answers[-1]) + ".",
+        depth=depth if depth is not None else (depths[0] if len(depths) == 1 else None),
+        offsets=prompt.offsets,
+        meta={"keys": queried, "depths": depths, "method": prompt.method},
+    )
+
+
+def _haystack(tokenizer, spec: NiahTask):
+    if spec.haystack == "noise":
+        return noise_haystack(tokenizer), "\n"
+    if spec.haystack == "distractors":
+        return distractor_haystack(tokenizer, spec.key_type, spec.value_type), "\n"
+    return essay_haystack(tokenizer), " "

@@ -1,0 +1,102 @@
+"""State statistics from any cache (transformers' Mamba-2 and Llama caches, lctk's HybridCache), chunked streaming
+against a full forward pass, state sizes, and the state-collapse / perplexity suites on a real tiny model."""
+
+import numpy as np
+import pytest
+import torch
+from lctk.evals import run_suites, state_size
+from lctk.evals.models import stream
+from lctk.evals.suites.state_collapse import trace_states
+from lctk.evals.tasks.text import corpus_tokens
+from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM
+
+VOCAB = 4097  # the test BPE tokenizer's vocabulary
+
+
+@pytest.fixture(scope="module")
+def mamba2():
+    torch.manual_seed(0)
+    config = Mamba2Config(num_heads=4, head_dim=8, vocab_size=VOCAB, hidden_size=16, state_size=8,
+                          num_hidden_layers=2, n_groups=1, expand=2, chunk_size=32)
+    return Mamba2ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return LlamaForCausalLM(config).eval()
+
+
+def text_ids(tokenizer, n):
+    return corpus_tokens(tokenizer, 0, n)
+
+
+def test_mamba2_state_statistics_move_as_the_input_grows(mamba2, bpe_tokenizer):
+    nll, ends, states = trace_states(mamba2, text_ids(bpe_tokenizer, 256), chunk=64)
+    assert ends == [64, 128, 192, 256] and len(nll) == 255
+    assert sorted(states) == ["layers.0.conv_states.0", "layers.0.recurrent_states.0",
+                              "layers.1.conv_states.0", "layers.1.recurrent_states.0"]
+    ssm = states["layers.1.recurrent_states.0"]
+    assert ssm["shape"] == [1, 4, 8, 8] and len(ssm["rms"]) == 4 and len(ssm["head_rms"]) == 4
+    assert len(set(ssm["rms"])) == 4, "the SSM state must change from chunk to chunk"
+    assert all(mx >= rms > 0 for mx, rms in zip(ssm["max"], ssm["rms"], strict=True))
+    final = mamba2(input_ids=torch.as_tensor(text_ids(bpe_tokenizer, 256))[None], use_cache=True).cache
+    reference = final.layers[1].recurrent_states[0][0].float()
+    assert ssm["rms"][-1] == pytest.approx(reference.pow(2).mean().sqrt().item(), rel=1e-4)
+    assert ssm["head_max"] == pytest.approx(reference.abs().amax(dim=(1, 2)).tolist(), rel=1e-4)
+
+
+def test_attention_kv_is_not_a_recurrent_state(llama, bpe_tokenizer):
+    _, _, states = trace_states(llama, text_ids(bpe_tokenizer, 200), chunk=50)
+    assert states == {}
+
+
+def test_lctk_hybrid_cache_is_walked_too(bpe_tokenizer):
+    from lctk.models import HybridConfig, HybridForCausalLM
+
+    torch.manual_seed(0)
+    model = HybridForCausalLM(HybridConfig(pattern="MA", vocab_size=VOCAB, hidden_size=32, num_attention_heads=2)).eval()
+    _, _, states = trace_states(model, text_ids(bpe_tokenizer, 192), chunk=64)
+    assert states and all(path.startswith("states.0.") for path in states)  # the Mamba-2 layer; not the KV of layer 1
+    assert any(len(set(trace["rms"])) > 1 for trace in states.values())
+
+
+@pytest.mark.parametrize("name", ["mamba2", "llama"])
+def test_streaming_in_chunks_matches_one_forward(request, name, bpe_tokenizer):
+    model = request.getfixturevalue(name)
+    ids = text_ids(bpe_tokenizer, 150)
+    streamed = torch.cat([step.nll for step, _ in stream(model, ids, chunk=40)])
+    logits = model(input_ids=torch.as_tensor(ids)[None]).logits[0, :-1]
+    reference = torch.nn.functional.cross_entropy(logits, torch.as_tensor(ids[1:]), reduction="none")
+    assert torch.allclose(streamed, reference, atol=1e-4)
+
+
+def test_state_sizes(llama, mamba2):
+    assert state_size(llama, 1000) == 2 * 2 * 2 * 8 * 1000  # 2 x layers x kv_heads x head_dim x L
+    conv = (2 * 16 + 2 * 8) * 4  # (intermediate + 2 x groups x state) x kernel
+    assert state_size(mamba2, 1000) == state_size(mamba2, 10) == 2 * (conv + 4 * 8 * 8)
+
+
+def test_state_collapse_and_perplexity_suites(mamba2, bpe_tokenizer, tmp_path):
+    results = run_suites(mamba2, bpe_tokenizer, suites="state-collapse,perplexity", lengths=[128, 256],
+                         output_dir=tmp_path, limit=2, progress=False, model_name="mamba2")
+    collapse, ppl = results["results"]["state-collapse"], results["results"]["perplexity"]
+    assert set(collapse["by_length"]) == {"128", "256"} and collapse["score"] == collapse["by_length"]["256"]
+    assert 0.5 < collapse["score"] < 2.0 and collapse["state_tensors"] == 4
+    assert collapse["newlines_state_growth"]["256"] > 0
+    assert ppl["tokens"] == 2 * 127 + 2 * 255
+    assert ppl["score"] == pytest.approx(VOCAB, rel=0.5)  # an untrained model is close to uniform
+    assert list(ppl["by_position"]) == ["2", "4", "8", "16", "32", "64", "128", "256"]
+    per_window = [np.exp(r["nll_sum"] / r["tokens"]) for r in _records(tmp_path, "perplexity")]
+    assert ppl["by_length"]["128"] == pytest.approx(np.exp(np.mean(np.log(per_window[:2]))), rel=1e-6)
+    for name in ("state_collapse_loss.png", "state_collapse_states.png", "perplexity_by_position.png"):
+        assert (tmp_path / name).exists()
+
+
+def _records(folder, suite):
+    import json
+
+    lines = (folder / "samples.jsonl").read_text().splitlines()
+    return sorted((r for r in map(json.loads, lines) if r["suite"] == suite), key=lambda r: (r["length"], r["index"]))

@@ -1,0 +1,110 @@
+"""Suites end to end on scripted models: a perfect retriever scores 100, a silent model 0; an induction-head model
+recalls key-value pairs; results.json follows the schema; a rerun into the same folder redoes nothing."""
+
+import json
+
+import pytest
+from lctk.evals import parse_lengths, parse_suites, run_suites
+from scripted_models import InductionLM, ScriptedLM, expected_answer
+
+from lctk.errors import UserError
+
+LENGTHS = [320, 512]
+
+
+def test_perfect_retriever_scores_100(bpe_tokenizer, tmp_path):
+    model = ScriptedLM(bpe_tokenizer, expected_answer)
+    results = run_suites(model, bpe_tokenizer, suites="passkey,niah", lengths=LENGTHS, output_dir=tmp_path, limit=2,
+                         depths=[0.0, 0.5, 1.0], batch_size=3, progress=False)  # batches of left-padded prompts
+    passkey, niah = results["results"]["passkey"], results["results"]["niah"]
+    assert passkey["score"] == 100.0 and passkey["by_length"] == {"320": 100.0, "512": 100.0}
+    assert set(passkey["by_depth"]) == {"0.0", "0.5", "1.0"} and passkey["grid"]["512"]["0.5"] == 100.0
+    assert niah["score"] == 100.0 and niah["by_length"] == {"320": 100.0, "512": 100.0}
+    assert set(niah["by_task"]) == {"niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
+                                    "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery",
+                                    "niah_grid"}
+    assert niah["grid"]["320"]["1.0"] == 100.0
+    # samples.jsonl: one record per sample, with what the issue asks for
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == passkey["samples"] + niah["samples"] == 2 * 3 * 2 + (8 * 2 * 2 + 3 * 2 * 2)
+    for field in ("prompt_hash", "length", "depth", "answer", "prediction", "correct"):
+        assert all(field in r for r in records)
+    assert all(r["prompt_tokens"] <= r["length"] - r["reserve"] for r in records)
+
+
+def test_silent_model_scores_0_and_the_output_folder_has_everything(bpe_tokenizer, tmp_path):
+    model = ScriptedLM(bpe_tokenizer, lambda prompt: "")
+    results = run_suites(model, bpe_tokenizer, suites=["passkey", "niah_single_2", "niah_grid"], lengths=[300],
+                         output_dir=tmp_path, limit=1, depths=[0.5], progress=False, model_name="silent")
+    assert results["results"]["passkey"]["score"] == 0.0
+    assert results["results"]["niah"]["score"] == 0.0 and set(results["results"]["niah"]["by_task"]) == {
+        "niah_single_2", "niah_grid"}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(results["results"]))
+    for key in ("config", "versions", "seed", "timings"):
+        assert key in saved
+    assert saved["config"]["lengths"] == [300] and saved["seed"] == 0 and saved["timings"]["total_s"] > 0
+    for name in ("passkey_heatmap.png", "niah_by_length.png", "niah_grid_heatmap.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+        assert f"]({name})" in (tmp_path / "report.md").read_text()
+
+
+def test_rerun_skips_finished_samples(bpe_tokenizer, tmp_path):
+    model = ScriptedLM(bpe_tokenizer, expected_answer)
+    first = run_suites(model, bpe_tokenizer, suites="passkey", lengths=[256], output_dir=tmp_path, limit=3,
+                       depths=[0.0, 1.0], progress=False)
+    assert len(model.prompts) == 6
+    again = run_suites(model, bpe_tokenizer, suites="passkey", lengths=[256], output_dir=tmp_path, limit=3,
+                       depths=[0.0, 1.0], progress=False)
+    assert len(model.prompts) == 6, "a finished sample must not be generated again"
+    assert again["results"] == first["results"]
+
+    # a run killed mid-write: the torn last line is dropped and only that sample is redone
+    path = tmp_path / "samples.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    more = run_suites(model, bpe_tokenizer, suites="passkey", lengths=[256, 300], output_dir=tmp_path, limit=3,
+                      depths=[0.0, 1.0], progress=False)
+    assert len(model.prompts) == 6 + 1 + 6  # the torn sample, then the new length
+    assert more["results"]["passkey"]["samples"] == 12
+    complete = [line for line in path.read_text().splitlines() if line.endswith("}")]
+    assert len(complete) == 12 and all(json.loads(line)["key"] for line in complete)
+
+    # another seed is another set of samples
+    run_suites(model, bpe_tokenizer, suites="passkey", lengths=[256], output_dir=tmp_path, limit=3,
+               depths=[0.0, 1.0], seed=1, progress=False)
+    assert len(model.prompts) == 13 + 6
+
+
+def test_induction_model_recalls_text_and_mqar(bpe_tokenizer, tmp_path):
+    model = InductionLM(len(bpe_tokenizer))
+    model.state_size = lambda length: length  # its cache is the whole history
+    results = run_suites(model, bpe_tokenizer, suites="recall-throughput", lengths=[400], output_dir=tmp_path,
+                         limit=2, progress=False)
+    entry = results["results"]["recall-throughput"]
+    assert entry["score"] == 100.0 and entry["by_length"] == {"400": 100.0}
+    assert entry["mqar_by_length"]["400"] >= 90.0  # a random filler token can repeat a key
+    assert entry["state_size"] == {"400": 400}
+    assert entry["prefill_tokens_per_s"]["400"] > 0 and entry["decode_tokens_per_s"]["400"] > 0
+    assert entry["peak_memory_mb"]["400"] >= 0
+    assert (tmp_path / "throughput.png").exists() and (tmp_path / "recall_by_length.png").exists()
+
+
+def test_parsers_read_lengths_and_suites():
+    assert parse_lengths("1k,4k, 512,1.5k,1m") == [512, 1024, 1536, 4096, 1024**2]
+    assert parse_suites("passkey,niah_single_1,niah_grid,perplexity") == (
+        ["passkey", "niah", "perplexity"], {"niah": ["niah_single_1", "niah_grid"]})
+    for bad in ("1q", "", "k", "0", "1.3"):
+        with pytest.raises(UserError, match="--lengths"):
+            parse_lengths(bad)
+    with pytest.raises(UserError, match="unknown suite 'nope'"):
+        parse_suites("passkey,nope")
+
+
+def test_lengths_above_the_model_limit_are_refused(bpe_tokenizer):
+    model = ScriptedLM(bpe_tokenizer, expected_answer, max_position_embeddings=300)
+    with pytest.raises(UserError, match="above the model's limit of 300"):
+        run_suites(model, bpe_tokenizer, suites="passkey", lengths=[256, 512], progress=False)
+    results = run_suites(model, bpe_tokenizer, suites="passkey", lengths=[512], limit=1, depths=[0.5],
+                         allow_longer=True, progress=False)
+    assert results["results"]["passkey"]["score"] == 100.0
