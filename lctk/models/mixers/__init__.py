@@ -3,12 +3,20 @@
 
 from lctk.models.mixers.attention import Attention
 from lctk.models.mixers.base import Mixer, MixerState
+from lctk.models.mixers.baseconv import BaseConv
+from lctk.models.mixers.based import Based
+from lctk.models.mixers.lact import LaCT
 from lctk.models.mixers.mamba2 import Mamba2
+from lctk.models.mixers.titans import Titans
 
 MIXERS: dict[str, type[Mixer]] = {
     "A": Attention,
     "S": Attention,
     "M": Mamba2,
+    "B": Based,
+    "C": BaseConv,
+    "T": Titans,
+    "L": LaCT,
 }
 
 

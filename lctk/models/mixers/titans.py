@@ -1,0 +1,759 @@
+"""Titans neural long-term memory (`T`), from Behrouz, Zhong & Mirrokni, "Titans: Learning to Memorize at
+Test Time" (2024).
+
+The memory is a per-head MLP M (depth >= 1, M(x) = W_L silu(... silu(W_1 x))) that is trained while it reads,
+by gradient descent with momentum and forgetting on the associative loss l(M; k, v) = 1/2 ||M(k) - v||^2:
+
+    q, k, v = silu(conv(W_q x)), silu(conv(W_k x)), silu(conv(W_v x))      depthwise causal conv, kernel 4
+    q, k = q / ||q||, k / ||k||                                            per head
+    theta_t = max_inner_lr sigmoid(w_theta x_t),  eta_t = sigmoid(w_eta x_t),  alpha_t = sigmoid(w_alpha x_t)
+    S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)                 momentum, the "surprise"
+    M_t = (1 - alpha_t) M_{t-1} + S_t                                      forgetting
+    y_t = M_t(q_t)                                                         read after token t's write
+
+t' is the start of t's chunk (chunk_size tokens counted from the document start): inside a chunk every
+gradient is taken at the chunk-start weights, the paper's parallel (mini-batch) training. An MLP's per-token
+gradient is rank one per layer, grad_t W_l = delta_tl a_tl^T, so the weights after token t of a chunk are
+
+    W_t = A_t W + E_t S - sum_{i <= t} C_ti theta_i delta_i a_i^T          A_t = prod_{j <= t} (1 - alpha_j)
+    C = D_alpha D_eta,   D_x[t, s] = prod_{s < j <= t} x_j for s <= t, else 0
+    E_t = sum_s D_alpha[t, s] prod_{j <= s} eta_j
+
+and reading through W_t never builds W_t: W_t u = A_t W u + E_t S u - sum_i C_ti theta_i (a_i . u) delta_i, an
+attention-like product inside the chunk, layer after layer (the "dual form" of test-time training). Momentum
+and decay thus run as a scan inside each chunk, chunks one after another (`memory_chunk`). Decoding runs the
+recurrence token by token with explicit weights (`memory_step`); the two agree to rounding.
+
+Variants (`titans.variant`); each has `persistent_tokens` learned key/value pairs every query attends to:
+  MAG  memory as a gate: o = RMSNorm(SWA(x)) * sigmoid(RMSNorm(y)), memory and sliding-window attention side
+       by side.
+  MAL  memory as a layer: o = SWA(W_m y), the attention reads the memory's output.
+  MAC  memory as context: segments of chunk_size tokens; a segment reads the memory as it was at the segment
+       start, h_i = M_{t'}(W_h x_i); each token attends causally over [persistent | h | segment] (h gets
+       keys and values through its own projection); the attention output u is what the memory writes (k, v
+       and the read query q from u), and the layer returns RMSNorm(u) * sigmoid(RMSNorm(M_t(q_t))), the
+       paper's o = y (x) M*_t(y).
+
+Choices where the paper leaves room: the MAC segment is the memory chunk (one state, no extra bookkeeping);
+memory heads and widths are the attention's (num_attention_heads x head_dim); hidden width 2x for depth >= 2;
+the initial memory weights are learned (std 1/sqrt(fan_in), no weight decay); gate biases start at theta =
+0.1, eta = 0.5, alpha = 0.007; the gate normalises both branches per head with learned weights before the
+sigmoid; MAC's short convolution is on the segment's read query only (the write's k, v, q come from the
+attention output, which exists only inside the segment loop); persistent tokens are key/value pairs without
+RoPE.
+
+Shared with LaCT: `ChunkGrid` lays the real tokens of a call out in whole chunks per document (chunks count
+from the document start, continue a cached partial chunk, skip padding); `window_attention` is sliding-window
+attention over a kept-key cache with optional persistent key/value pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import initialization as init
+
+from lctk.models.layers import RMSNorm, apply_rotary, causal_depthwise_conv, conv_tail
+from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
+from lctk.models.sequence import SequenceInfo
+
+VARIANTS = ("MAC", "MAG", "MAL")
+
+
+# --------------------------------------------------------------------------------------------- chunk layout
+
+
+@dataclass
+class ChunkGrid:
+    """The real tokens of a [B, T] call laid out as a grid [N, C, W] (N sequences, C chunks, W slots).
+
+    A sequence is one document of a row; the first document of row b continues the row's cached state, where
+    `phase` slots of its current chunk are already used. Aligned grids put a token at slot
+    (phase + rank) % chunk (Titans: order inside a chunk matters); compact grids start each sequence's first
+    chunk at slot 0 (LaCT: only chunk membership matters), which keeps short calls narrow. Empty slots hold
+    zeros and are not `live`.
+    """
+
+    token_index: Tensor  # [M] flat B*T index of every real token
+    grid_index: Tensor  # [M] flat N*C*W index of the same tokens
+    shape: tuple[int, int, int]  # N, C, W
+    chunk_size: int
+    first_seq: Tensor  # [B] the sequence each row starts with (it continues the row's state)
+    last_seq: Tensor  # [B] the sequence each row ends with (its state is the row's next state)
+    phase: Tensor  # [N] slots of the first chunk filled by earlier calls
+    counts: Tensor  # [N] real tokens of each sequence in this call
+
+    @classmethod
+    def build(
+        cls,
+        seq: SequenceInfo,
+        batch: int,
+        length: int,
+        chunk_size: int,
+        absorbed: Tensor | None,
+        aligned: bool,
+    ):
+        """absorbed: [B] tokens of each row's current document seen by earlier calls, or None (fresh rows)."""
+        device = seq.position_ids.device
+        valid = (
+            seq.token_mask
+            if seq.token_mask is not None
+            else torch.ones(batch, length, dtype=torch.bool, device=device)
+        )
+        if seq.has_documents:
+            doc = (seq.seq_idx + seq.first_doc[:, None]).flatten()
+            first, last = seq.first_doc, seq.last_doc
+            n_seqs = int(last[-1]) + 1
+        else:
+            doc = torch.arange(batch, device=device).repeat_interleave(length)
+            first = last = torch.arange(batch, device=device)
+            n_seqs = batch
+        flat_valid = valid.flatten()
+        counts = torch.zeros(n_seqs, dtype=torch.long, device=device).index_add_(0, doc, flat_valid.long())
+        # rank of each token among its document's real tokens (documents are contiguous in B*T order)
+        rank = flat_valid.long().cumsum(0) - 1 - (counts.cumsum(0) - counts)[doc]
+        phase = torch.zeros(n_seqs, dtype=torch.long, device=device)
+        if absorbed is not None:
+            phase[first] = absorbed % chunk_size
+        token_index = torch.nonzero(flat_valid).flatten()
+        doc, rank = doc[token_index], rank[token_index]
+        offset = phase[doc] + rank
+        chunk = offset // chunk_size
+        slot = (
+            offset % chunk_size
+            if aligned
+            else offset - chunk * chunk_size - torch.where(chunk == 0, phase[doc], 0)
+        )
+        n_chunks = int(chunk.max()) + 1 if len(chunk) else 1
+        width = chunk_size if aligned else (int(slot.max()) + 1 if len(slot) else 1)
+        grid_index = (doc * n_chunks + chunk) * width + slot
+        return cls(token_index, grid_index, (n_seqs, n_chunks, width), chunk_size, first, last, phase, counts)
+
+    def to_grid(self, x: Tensor) -> Tensor:
+        """[B, T, ...] -> [N, C, W, ...], zeros in empty slots."""
+        out = x.new_zeros(math.prod(self.shape), *x.shape[2:])
+        out = out.index_copy(0, self.grid_index, x.flatten(0, 1)[self.token_index])
+        return out.view(*self.shape, *x.shape[2:])
+
+    def to_tokens(self, y: Tensor, batch: int, length: int) -> Tensor:
+        """[N, C, W, ...] -> [B, T, ...], zeros at padding."""
+        out = y.new_zeros(batch * length, *y.shape[3:])
+        out = out.index_copy(0, self.token_index, y.flatten(0, 2)[self.grid_index])
+        return out.view(batch, length, *y.shape[3:])
+
+    def live(self) -> Tensor:
+        """[N, C, W] bool: the slot holds a token of this call."""
+        flat = torch.zeros(math.prod(self.shape), dtype=torch.bool, device=self.phase.device)
+        flat[self.grid_index] = True
+        return flat.view(self.shape)
+
+    def completes(self) -> Tensor:
+        """[N, C] bool: the sequence fills chunk c to its end in this call (the next chunk starts afresh)."""
+        ends = (torch.arange(self.shape[1], device=self.phase.device) + 1) * self.chunk_size
+        return (self.phase + self.counts)[:, None] >= ends
+
+    def last_chunk(self) -> Tensor:
+        """[N] the chunk holding each sequence's last slot in use (0 for a sequence with no tokens)."""
+        return ((self.phase + self.counts - 1).clamp(min=0) // self.chunk_size).clamp(max=self.shape[1] - 1)
+
+    def initial(self, row_values: Tensor | None, fresh: Tensor) -> Tensor:
+        """Per-sequence starting values [N, ...]: a row's cached value for its first sequence, else fresh."""
+        out = fresh.expand(self.shape[0], *fresh.shape[1:]).clone()
+        if row_values is not None:
+            out[self.first_seq] = row_values.to(out.dtype)
+        return out
+
+    def final(self, seq_values: Tensor) -> Tensor:
+        """Per-sequence values [N, ...] -> the value each row ends with [B, ...]."""
+        return seq_values[self.last_seq]
+
+    def absorbed_after(self, absorbed: Tensor | None) -> Tensor:
+        """[B] tokens of each row's current document after this call."""
+        carried = torch.zeros_like(self.counts[self.last_seq])
+        if absorbed is not None:
+            carried = torch.where(self.first_seq == self.last_seq, absorbed, carried)
+        return carried + self.counts[self.last_seq]
+
+
+# ------------------------------------------------------------------------------- sliding-window attention
+
+
+def window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq: SequenceInfo,
+    window: int,
+    past: tuple[Tensor, Tensor, int] | None = None,
+    persistent: Tensor | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor, int]]:
+    """Causal attention where query t sees keys t - window < s <= t of its own document (and not padding).
+
+    q, k, v [B, T, H, D] after RoPE; past = (keys, values, seen): the kept keys/values [B, S, H, D] of the
+    `seen` earlier tokens (S <= window - 1); persistent [2, P, H, D] learned keys and values every query sees.
+    Returns (out [B, T, H, D], the past for the next call). Queries go in blocks of `window` so memory stays
+    O(T * window) rather than O(T^2).
+    """
+    batch, length = q.shape[:2]
+    past_keys, past_values, seen = past if past is not None else (k[:, :0], v[:, :0], 0)
+    kept = past_keys.shape[1]
+    keys = torch.cat([past_keys.to(k.dtype), k], dim=1)
+    values = torch.cat([past_values.to(v.dtype), v], dim=1)
+    key_ok = seq.key_mask[:, -(kept + length) :] if seq.key_mask is not None else None
+    # cached keys belong to the row's first document
+    key_doc = F.pad(seq.seq_idx, (kept, 0), value=0) if seq.has_documents else None
+    block = max(window, 64)
+    outs = []
+    for start in range(0, length, block):
+        stop = min(length, start + block)
+        lo, hi = max(0, kept + start - window + 1), kept + stop
+        distance = (torch.arange(start, stop, device=q.device) + kept)[:, None] - torch.arange(
+            lo, hi, device=q.device
+        )
+        allowed = ((distance >= 0) & (distance < window)).unsqueeze(0)
+        if key_ok is not None:
+            allowed = allowed & key_ok[:, None, lo:hi]
+        if key_doc is not None:
+            allowed = allowed & (seq.seq_idx[:, start:stop, None] == key_doc[:, None, lo:hi])
+        allowed = allowed | (distance == 0)  # a padding query sees itself: no empty softmax row
+        block_keys, block_values = keys[:, lo:hi], values[:, lo:hi]
+        if persistent is not None:
+            block_keys = torch.cat([persistent[0].to(k.dtype).expand(batch, -1, -1, -1), block_keys], dim=1)
+            block_values = torch.cat(
+                [persistent[1].to(v.dtype).expand(batch, -1, -1, -1), block_values], dim=1
+            )
+            allowed = F.pad(allowed, (persistent.shape[1], 0), value=True)
+        out = F.scaled_dot_product_attention(
+            q[:, start:stop].transpose(1, 2),
+            block_keys.transpose(1, 2),
+            block_values.transpose(1, 2),
+            attn_mask=allowed.unsqueeze(1),
+        )
+        outs.append(out.transpose(1, 2))
+    keep = keys.shape[1] - min(keys.shape[1], window - 1)
+    return torch.cat(outs, dim=1), (keys[:, keep:], values[:, keep:], seen + length)
+
+
+# ------------------------------------------------------------------------------------------ the memory MLP
+
+
+def unpack(flat: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """Flat weights [..., P] -> matrices [..., out, in] (states keep a head's weights in one tensor)."""
+    parts = flat.split([rows * cols for rows, cols in shapes], dim=-1)
+    return [part.unflatten(-1, shape) for part, shape in zip(parts, shapes)]
+
+
+def pack(mats: list[Tensor]) -> Tensor:
+    return torch.cat([m.flatten(-2) for m in mats], dim=-1)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def silu_grad(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def decay_matrix(cum: Tensor) -> Tensor:
+    """cum [..., L] cumulative log-factors -> [..., L, L] with exp(cum_t - cum_s) for s <= t, else 0."""
+    length = cum.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=cum.device).tril()
+    return torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")))
+
+
+class MemoryMLP:
+    """M(x) = W_L silu(... silu(W_1 x)) for weights [..., H, out, in] and inputs [..., H, L, in]."""
+
+    def __init__(self, dim: int, depth: int, expand: int):
+        widths = [dim] + [dim * expand] * (depth - 1) + [dim]
+        self.shapes = [(widths[i + 1], widths[i]) for i in range(depth)]
+        self.size = sum(rows * cols for rows, cols in self.shapes)
+
+    def __call__(self, mats: list[Tensor], x: Tensor) -> Tensor:
+        for layer, w in enumerate(mats):
+            x = x @ w.transpose(-1, -2)
+            if layer < len(mats) - 1:
+                x = F.silu(x)
+        return x
+
+    def gradients(self, mats: list[Tensor], k: Tensor, v: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-token gradients of 1/2 ||M(k) - v||^2 as rank-one factors, grad W_l = deltas[l]^T inputs[l]
+        summed over tokens. Returns (inputs [..., L, in_l], deltas [..., L, out_l]) per layer."""
+        inputs, pre = [], []
+        x = k
+        for layer, w in enumerate(mats):
+            inputs.append(x)
+            z = x @ w.transpose(-1, -2)
+            pre.append(z)
+            x = F.silu(z) if layer < len(mats) - 1 else z
+        delta = x - v
+        deltas = [delta]
+        for layer in range(len(mats) - 1, 0, -1):
+            delta = (delta @ mats[layer]) * silu_grad(pre[layer - 1])
+            deltas.insert(0, delta)
+        return inputs, deltas
+
+
+def memory_chunk(
+    mlp: MemoryMLP,
+    start: Tensor,
+    weights: Tensor,
+    surprise: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    log_momentum: Tensor,
+    log_keep: Tensor,
+    live: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One chunk of the memory in the dual form (module docstring). start, weights, surprise [N, H, P] (the
+    chunk-start weights where gradients are taken, the current weights, the momentum S); q, k, v [N, H, L, D];
+    lr, log_momentum, log_keep [N, H, L]; live [N, L] (dead slots change nothing).
+    Returns (retrieved [N, H, L, D], start, weights, surprise) after the chunk."""
+    dtype = start.dtype  # fp32 states whatever the model's dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    alive = live[:, None, :].to(dtype)
+    lr = lr.to(dtype) * alive
+    cum_keep = (log_keep.to(dtype) * alive).cumsum(-1)
+    cum_momentum = (log_momentum.to(dtype) * alive).cumsum(-1)
+    keep_from = decay_matrix(cum_keep) * alive[..., None, :]  # D_alpha[t, s], only live s add their S_s
+    coeff = keep_from @ decay_matrix(cum_momentum)  # C[t, i]
+    coeff = coeff * lr[..., None, :]  # ... times theta_i
+    surprise_weight = (keep_from @ cum_momentum.exp()[..., None]).squeeze(-1)  # E_t
+    keep_weight = cum_keep.exp()  # A_t
+
+    start_mats, mats, surprise_mats = (
+        unpack(start, mlp.shapes),
+        unpack(weights, mlp.shapes),
+        unpack(surprise, mlp.shapes),
+    )
+    inputs, deltas = mlp.gradients(start_mats, k, v)
+
+    x = q
+    for layer, (w, s, a, d) in enumerate(zip(mats, surprise_mats, inputs, deltas)):
+        z = (
+            keep_weight[..., None] * (x @ w.transpose(-1, -2))
+            + surprise_weight[..., None] * (x @ s.transpose(-1, -2))
+            - (coeff * (x @ a.transpose(-1, -2))) @ d
+        )
+        x = F.silu(z) if layer < len(mats) - 1 else z
+
+    # state after the last slot: t = L - 1
+    to_end = (cum_momentum[..., -1:] - cum_momentum).exp() * lr  # prod_{j>i} eta_j theta_i
+    new_mats = [
+        keep_weight[..., -1, None, None] * w
+        + surprise_weight[..., -1, None, None] * s
+        - d.transpose(-1, -2) @ (coeff[..., -1, :, None] * a)
+        for w, s, a, d in zip(mats, surprise_mats, inputs, deltas)
+    ]
+    new_surprise = [
+        cum_momentum[..., -1, None, None].exp() * s - d.transpose(-1, -2) @ (to_end[..., None] * a)
+        for s, a, d in zip(surprise_mats, inputs, deltas)
+    ]
+    new_weights = pack(new_mats)
+    new_start = torch.where(live[:, -1, None, None], new_weights, start)
+    return x, new_start, new_weights, pack(new_surprise)
+
+
+def memory_step(
+    mlp: MemoryMLP,
+    start: Tensor,
+    weights: Tensor,
+    surprise: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lr: Tensor,
+    log_momentum: Tensor,
+    log_keep: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One token with explicit weights: q, k, v [B, H, D]; lr, log_* [B, H].
+    Returns (retrieved, weights, surprise)."""
+    dtype = start.dtype
+    inputs, deltas = mlp.gradients(
+        unpack(start, mlp.shapes), k.to(dtype)[..., None, :], v.to(dtype)[..., None, :]
+    )
+    grads = pack([d.transpose(-1, -2) @ a for a, d in zip(inputs, deltas)])
+    surprise = log_momentum.to(dtype).exp()[..., None] * surprise - lr.to(dtype)[..., None] * grads
+    weights = log_keep.to(dtype).exp()[..., None] * weights + surprise
+    return mlp(unpack(weights, mlp.shapes), q.to(dtype)[..., None, :])[..., 0, :], weights, surprise
+
+
+# ------------------------------------------------------------------------------------------------ the mixer
+
+
+@dataclass
+class TitansState(MixerState):
+    start: Tensor  # [B, H, P] memory weights at the start of the current chunk (gradients are taken there)
+    weights: Tensor  # [B, H, P] current memory weights
+    surprise: Tensor  # [B, H, P] momentum S
+    absorbed: Tensor  # [B] tokens of the current document so far
+    conv: Tensor  # [B, K-1, conv_dim]
+    keys: Tensor  # MAG/MAL: [B, S, H, D] kept window keys; MAC: [B, 2, L, H, D] segment and retrieved keys
+    values: Tensor
+    seen: int = 0
+
+
+class Titans(Mixer):
+    section = "titans"
+
+    def __init__(self, config, letter: str):
+        super().__init__(config, letter)
+        s = self.settings
+        self.variant = s["variant"]
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.chunk_size, self.window, self.conv_kernel = s["chunk_size"], s["window"], s["conv_kernel"]
+        self.max_inner_lr = s["max_inner_lr"]
+        self.mlp = MemoryMLP(self.head_dim, s["memory_depth"], s["memory_expand"])
+        inner = self.num_heads * self.head_dim
+        hidden = config.hidden_size
+
+        self.attn_qkv = nn.Linear(hidden, 3 * inner, bias=False)
+        self.gates = nn.Linear(hidden, 3 * self.num_heads)  # theta, eta, alpha per head
+        self.memory_init = nn.Parameter(torch.empty(self.num_heads, self.mlp.size))
+        tokens = s["persistent_tokens"]
+        self.persistent = (
+            nn.Parameter(torch.empty(2, tokens, self.num_heads, self.head_dim)) if tokens else None
+        )
+        for param in (self.memory_init, self.persistent):
+            if param is not None:
+                param._no_weight_decay = True
+        if self.variant == "MAC":
+            self.conv_dim = inner
+            self.read_proj = nn.Linear(hidden, inner, bias=False)  # the segment's query into the memory
+            self.retrieved_kv = nn.Linear(inner, 2 * inner, bias=False)
+            self.memory_qkv = nn.Linear(inner, 3 * inner, bias=False)  # from the attention output
+        else:
+            self.conv_dim = 3 * inner
+            self.memory_qkv = nn.Linear(hidden, 3 * inner, bias=False)
+        if self.variant == "MAL":
+            self.memory_out = nn.Linear(inner, hidden, bias=False)
+        else:
+            self.attn_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.memory_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, self.conv_kernel))
+        self.conv_bias = nn.Parameter(torch.empty(self.conv_dim))
+        self.o_proj = nn.Linear(inner, hidden, bias=False)
+        self.init_special_parameters()
+
+    @classmethod
+    def default_settings(cls, config) -> dict[str, Any]:
+        return {
+            "variant": "MAG",
+            "memory_depth": 2,
+            "memory_expand": 2,
+            "chunk_size": 64,
+            "window": 512,
+            "persistent_tokens": 4,
+            "conv_kernel": 4,
+            "max_inner_lr": 1.0,
+        }
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any], config) -> None:
+        require_positive_int(
+            "titans", settings, "memory_depth", "memory_expand", "chunk_size", "window", "conv_kernel"
+        )
+        if settings["variant"] not in VARIANTS:
+            raise ValueError(f"titans.variant: {settings['variant']!r} is not one of {', '.join(VARIANTS)}")
+        tokens = settings["persistent_tokens"]
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise ValueError(f"titans.persistent_tokens: must be a non-negative integer, got {tokens!r}")
+        if not isinstance(settings["max_inner_lr"], (int, float)) or not settings["max_inner_lr"] > 0:
+            raise ValueError(f"titans.max_inner_lr: must be positive, got {settings['max_inner_lr']!r}")
+
+    @torch.no_grad()
+    def init_special_parameters(self) -> None:
+        memory = [torch.randn(self.num_heads, rows, cols) / math.sqrt(cols) for rows, cols in self.mlp.shapes]
+        init.copy_(self.memory_init, pack(memory))
+        if self.persistent is not None:
+            init.normal_(self.persistent, std=0.02)
+        lr = _logit(0.1 / self.max_inner_lr) if self.max_inner_lr > 0.1 else 0.0
+        bias = torch.tensor([lr, _logit(0.5), _logit(0.007)])
+        init.copy_(self.gates.bias, bias.repeat_interleave(self.num_heads))
+        bound = 1 / math.sqrt(self.conv_kernel)
+        init.uniform_(self.conv_weight, -bound, bound)
+        init.uniform_(self.conv_bias, -bound, bound)
+
+    # ---------------------------------------------------------------------------------------------- state
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> TitansState:
+        memory = self.memory_init.detach().to(device, self.state_dtype).expand(batch_size, -1, -1)
+        if self.variant == "MAC":
+            kv_shape = (batch_size, 2, self.chunk_size, self.num_heads, self.head_dim)
+        else:
+            kv_shape = (batch_size, 0, self.num_heads, self.head_dim)
+        return TitansState(
+            start=memory.clone(),
+            weights=memory.clone(),
+            surprise=torch.zeros_like(memory),
+            absorbed=torch.zeros(batch_size, dtype=torch.long, device=device),
+            conv=torch.zeros(batch_size, self.conv_kernel - 1, self.conv_dim, device=device, dtype=dtype),
+            keys=torch.zeros(kv_shape, device=device, dtype=dtype),
+            values=torch.zeros(kv_shape, device=device, dtype=dtype),
+        )
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """fp32 memory for bf16/fp16 models (fp64 ones stay fp64)."""
+        return torch.promote_types(self.memory_init.dtype, torch.float32)
+
+    def state_size(self, seq_len: int) -> int:
+        memory = 3 * self.num_heads * self.mlp.size + 1 + (self.conv_kernel - 1) * self.conv_dim
+        kept = 2 * self.chunk_size if self.variant == "MAC" else min(seq_len, self.window - 1)
+        return memory + 2 * kept * self.num_heads * self.head_dim
+
+    # ---------------------------------------------------------------------------------------------- forward
+
+    def forward(self, hidden_states: Tensor, seq: SequenceInfo, state: TitansState | None = None) -> Tensor:
+        lr, log_momentum, log_keep = self._gates(hidden_states)
+        if self.variant == "MAC":
+            return self._forward_mac(hidden_states, seq, state, lr, log_momentum, log_keep)
+        q, k, v = self._conv_heads(self.memory_qkv(hidden_states), seq, state).chunk(3, dim=2)
+        retrieved = self._memory(
+            F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, lr, log_momentum, log_keep, seq, state
+        )
+        retrieved = retrieved.to(hidden_states.dtype)
+        attn_input = self.memory_out(retrieved.flatten(-2)) if self.variant == "MAL" else hidden_states
+        attended = self._window(attn_input, seq, state)
+        if self.variant == "MAL":
+            return self.o_proj(attended.flatten(-2))
+        return self.o_proj(self._gate(attended, retrieved).flatten(-2))
+
+    def _gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """theta [B, T, H], log eta, log(1 - alpha), in the state dtype."""
+        lr, momentum, forget = self.gates(x).to(self.state_dtype).chunk(3, dim=-1)
+        return self.max_inner_lr * torch.sigmoid(lr), F.logsigmoid(momentum), F.logsigmoid(-forget)
+
+    def _conv_heads(self, x: Tensor, seq: SequenceInfo, state: TitansState | None) -> Tensor:
+        """silu(causal depthwise conv(x)) -> [B, T, channels / D, D]; padding enters as zeros."""
+        if seq.token_mask is not None:
+            x = x * seq.token_mask.unsqueeze(-1).to(x.dtype)
+        past = state.conv if state is not None else None
+        if state is not None:
+            state.conv = conv_tail(x, past, self.conv_kernel, seq.seq_idx)
+        x = F.silu(causal_depthwise_conv(x, self.conv_weight, self.conv_bias, past, seq.seq_idx))
+        return x.unflatten(-1, (-1, self.head_dim))
+
+    def _gate(self, attended: Tensor, retrieved: Tensor) -> Tensor:
+        return self.attn_norm(attended) * torch.sigmoid(self.memory_norm(retrieved.to(attended.dtype)))
+
+    def _window(self, x: Tensor, seq: SequenceInfo, state: TitansState | None) -> Tensor:
+        q, k, v = self.attn_qkv(x).unflatten(-1, (3 * self.num_heads, self.head_dim)).chunk(3, dim=2)
+        cos, sin = seq.rotary
+        past = (state.keys, state.values, state.seen) if state is not None else None
+        out, (keys, values, seen) = window_attention(
+            apply_rotary(q, cos, sin),
+            apply_rotary(k, cos, sin),
+            v,
+            seq,
+            self.window,
+            past,
+            self.persistent,
+        )
+        if state is not None:
+            state.keys, state.values, state.seen = keys, values, seen
+        return out
+
+    def _memory(
+        self, q, k, v, lr, log_momentum, log_keep, seq: SequenceInfo, state: TitansState | None
+    ) -> Tensor:
+        """Retrievals y_t = M_t(q_t) [B, T, H, D] in the state dtype; updates the state's memory."""
+        batch, length = q.shape[:2]
+        if state is not None and length == 1 and not seq.has_documents:
+            return self._memory_step(
+                q[:, 0], k[:, 0], v[:, 0], lr[:, 0], log_momentum[:, 0], log_keep[:, 0], seq, state
+            )[:, None]
+        grid = ChunkGrid.build(
+            seq, batch, length, self.chunk_size, state.absorbed if state is not None else None, aligned=True
+        )
+        start, weights, surprise = self._initial_memory(grid, state)
+        live = grid.live()
+        heads_first = lambda t: grid.to_grid(t).transpose(2, 3)  # noqa: E731  [N, C, H, L, ...]
+        q, k, v, lr, log_momentum, log_keep = map(heads_first, (q, k, v, lr, log_momentum, log_keep))
+        outs = []
+        for c in range(grid.shape[1]):
+            out, start, weights, surprise = memory_chunk(
+                self.mlp,
+                start,
+                weights,
+                surprise,
+                q[:, c],
+                k[:, c],
+                v[:, c],
+                lr[:, c],
+                log_momentum[:, c],
+                log_keep[:, c],
+                live[:, c],
+            )
+            outs.append(out.transpose(1, 2))
+        self._final_memory(grid, state, start, weights, surprise)
+        return grid.to_tokens(torch.stack(outs, dim=1), batch, length)
+
+    def _memory_step(
+        self, q, k, v, lr, log_momentum, log_keep, seq: SequenceInfo, state: TitansState
+    ) -> Tensor:
+        out, weights, surprise = memory_step(
+            self.mlp, state.start, state.weights, state.surprise, q, k, v, lr, log_momentum, log_keep
+        )
+        real = (
+            seq.token_mask[:, 0]
+            if seq.token_mask is not None
+            else torch.ones_like(state.absorbed, dtype=torch.bool)
+        )
+        absorbed = state.absorbed + real.long()
+        state.weights = torch.where(real[:, None, None], weights, state.weights)
+        state.surprise = torch.where(real[:, None, None], surprise, state.surprise)
+        state.start = torch.where(
+            (real & (absorbed % self.chunk_size == 0))[:, None, None], state.weights, state.start
+        )
+        state.absorbed = absorbed
+        return out
+
+    def _initial_memory(self, grid: ChunkGrid, state: TitansState | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(start, weights, surprise) per sequence: a row's cached memory, or the learned initial one."""
+        fresh = self.memory_init.to(self.state_dtype).unsqueeze(0)
+        cached = (state.start, state.weights, state.surprise) if state is not None else (None, None, None)
+        return tuple(
+            grid.initial(row, init) for row, init in zip(cached, (fresh, fresh, torch.zeros_like(fresh)))
+        )
+
+    def _final_memory(self, grid: ChunkGrid, state: TitansState | None, start, weights, surprise) -> None:
+        if state is not None:
+            state.start, state.weights, state.surprise = (
+                grid.final(start),
+                grid.final(weights),
+                grid.final(surprise),
+            )
+            state.absorbed = grid.absorbed_after(state.absorbed)
+
+    # ------------------------------------------------------------------------------------------------ MAC
+
+    def _forward_mac(
+        self, x: Tensor, seq: SequenceInfo, state: TitansState | None, lr, log_momentum, log_keep
+    ) -> Tensor:
+        batch, length, _ = x.shape
+        read = F.normalize(self._conv_heads(self.read_proj(x), seq, state), dim=-1)
+        q, k, v = self.attn_qkv(x).unflatten(-1, (3 * self.num_heads, self.head_dim)).chunk(3, dim=2)
+        cos, sin = seq.rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if state is not None and length == 1 and not seq.has_documents:
+            return self._mac_step(read, q, k, v, cos, sin, lr, log_momentum, log_keep, seq, state)
+
+        grid = ChunkGrid.build(
+            seq, batch, length, self.chunk_size, state.absorbed if state is not None else None, aligned=True
+        )
+        live = grid.live()
+        read, q, k, v, cos, sin = map(grid.to_grid, (read, q, k, v, cos, sin))
+        lr, log_momentum, log_keep = (grid.to_grid(t).transpose(2, 3) for t in (lr, log_momentum, log_keep))
+        # the cached part of each row's current segment fills the first slots of its first sequence's chunk 0
+        cached_keys = k.new_zeros(grid.shape[0], 2, grid.shape[2], self.num_heads, self.head_dim)
+        cached_values = torch.zeros_like(cached_keys)
+        cached = torch.zeros(grid.shape[0], grid.shape[2], dtype=torch.bool, device=x.device)
+        if state is not None:
+            in_use = torch.arange(self.chunk_size, device=x.device) < grid.phase[grid.first_seq, None]
+            cached[grid.first_seq] = in_use
+            cached_keys[grid.first_seq] = state.keys.to(k.dtype) * in_use[:, None, :, None, None]
+            cached_values[grid.first_seq] = state.values.to(v.dtype) * in_use[:, None, :, None, None]
+        causal = torch.ones(grid.shape[2], grid.shape[2], dtype=torch.bool, device=x.device).tril()
+
+        start, weights, surprise = self._initial_memory(grid, state)
+        outs, segment_keys, segment_values = [], [], []
+        for c in range(grid.shape[1]):
+            retrieved_k, retrieved_v = self._read_memory(start, read[:, c], cos[:, c], sin[:, c])
+            keys, values = (
+                torch.stack([k[:, c], retrieved_k], dim=1),
+                torch.stack([v[:, c], retrieved_v], dim=1),
+            )
+            visible = live[:, c]
+            if c == 0:
+                keys, values, visible = keys + cached_keys, values + cached_values, visible | cached
+            segment_keys.append(keys)
+            segment_values.append(values)
+            attended = self._segment_attention(q[:, c], keys, values, causal & visible[:, None, :])
+            mq, mk, mv = (t.transpose(1, 2) for t in self._write_inputs(attended))
+            out, start, weights, surprise = memory_chunk(
+                self.mlp,
+                start,
+                weights,
+                surprise,
+                mq,
+                mk,
+                mv,
+                lr[:, c],
+                log_momentum[:, c],
+                log_keep[:, c],
+                live[:, c],
+            )
+            outs.append(self._gate(attended, out.transpose(1, 2)))
+        if state is not None:
+            rows, last = grid.last_seq, grid.final(grid.last_chunk())
+            state.keys = torch.stack(segment_keys, dim=1)[rows, last]
+            state.values = torch.stack(segment_values, dim=1)[rows, last]
+        self._final_memory(grid, state, start, weights, surprise)
+        return self.o_proj(grid.to_tokens(torch.stack(outs, dim=1), batch, length).flatten(-2))
+
+    def _mac_step(
+        self, read, q, k, v, cos, sin, lr, log_momentum, log_keep, seq, state: TitansState
+    ) -> Tensor:
+        """One token per row into the cached segment: read, q, k, v [B, 1, H, D]; cos, sin [B, 1, D]."""
+        slot = state.absorbed % self.chunk_size
+        here = (torch.arange(self.chunk_size, device=q.device) == slot[:, None])[:, None, :, None, None]
+        if seq.token_mask is not None:
+            here = here & seq.token_mask[:, 0, None, None, None, None]
+        retrieved_k, retrieved_v = self._read_memory(state.start, read, cos, sin)
+        state.keys = torch.where(here, torch.stack([k, retrieved_k], dim=1).to(state.keys.dtype), state.keys)
+        state.values = torch.where(
+            here, torch.stack([v, retrieved_v], dim=1).to(state.values.dtype), state.values
+        )
+        visible = torch.arange(self.chunk_size, device=q.device) <= slot[:, None]
+        attended = self._segment_attention(
+            q, state.keys.to(q.dtype), state.values.to(q.dtype), visible[:, None, :]
+        )
+        mq, mk, mv = (t[:, 0] for t in self._write_inputs(attended))
+        out = self._memory_step(mq, mk, mv, lr[:, 0], log_momentum[:, 0], log_keep[:, 0], seq, state)
+        return self.o_proj(self._gate(attended, out[:, None]).flatten(-2))
+
+    def _read_memory(self, start: Tensor, read: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """The segment read from the chunk-start memory, as keys (with RoPE) and values [N, L, H, D]."""
+        retrieved = self.mlp(unpack(start, self.mlp.shapes), read.transpose(1, 2).to(start.dtype)).transpose(
+            1, 2
+        )
+        kv = self.retrieved_kv(retrieved.to(read.dtype).flatten(-2)).unflatten(
+            -1, (2 * self.num_heads, self.head_dim)
+        )
+        keys, values = kv.chunk(2, dim=2)
+        return apply_rotary(keys, cos, sin), values
+
+    def _write_inputs(self, attended: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Memory query, key, value [N, L, H, D] from the attention output."""
+        mq, mk, mv = (
+            F.silu(self.memory_qkv(attended.flatten(-2))).unflatten(-1, (3 * self.num_heads, -1)).chunk(3, 2)
+        )
+        return F.normalize(mq, dim=-1), F.normalize(mk, dim=-1), mv
+
+    def _segment_attention(self, q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor) -> Tensor:
+        """q [N, Lq, H, D]; keys/values [N, 2, L, H, D] (segment tokens, retrieved tokens);
+        allowed [N, Lq, L]: the slots each query sees, of both kinds, besides the persistent tokens."""
+        n, queries = q.shape[:2]
+        diagonal = torch.eye(queries, allowed.shape[-1], dtype=torch.bool, device=q.device)
+        allowed = allowed | diagonal  # a query in an empty slot sees something: no empty softmax row
+        allowed = torch.cat([allowed, allowed], dim=-1)
+        keys, values = keys.flatten(1, 2), values.flatten(1, 2)
+        persistent = self.persistent
+        if persistent is not None:
+            keys = torch.cat([persistent[0].to(keys.dtype).expand(n, -1, -1, -1), keys], dim=1)
+            values = torch.cat([persistent[1].to(values.dtype).expand(n, -1, -1, -1), values], dim=1)
+            allowed = F.pad(allowed, (persistent.shape[1], 0), value=True)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed.unsqueeze(1)
+        )
+        return out.transpose(1, 2)
