@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 try:
     from lctk.models import HybridConfig, HybridForCausalLM, HybridModel
-except ModuleNotFoundError as missing:  # only the kernels are usable without transformers
-    if missing.name != "transformers":
+except ImportError as missing:  # only the kernels are usable without (a recent enough) transformers
+    if (missing.name or "").split(".")[0] != "transformers":
         raise
 else:
     __all__ = ["HybridConfig", "HybridForCausalLM", "HybridModel"]

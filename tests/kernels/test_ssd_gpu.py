@@ -1,0 +1,42 @@
+"""The Triton kernels compiled for a CUDA device (no interpreter), against the sequential recurrence and the torch
+path. Skipped without CUDA; `pytest -m gpu tests/kernels` on a GPU machine."""
+
+import os
+
+import pytest
+import torch
+from ssd_testing import Case, assert_close, ground_truth, make_inputs, run_ssd
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+# one config per kernel: each shape compiles once (set before the kernels module is first imported)
+os.environ.setdefault("LCTK_TRITON_AUTOTUNE", "0")
+
+from lctk.kernels.ssd import ssd  # noqa: E402
+
+CASES = {
+    "mamba2_groups_odd_T": (Case(batch=2, seq_len=300, n_groups=2, per_group=4, key_dim=128, value_dim=64, use_initial=True), 64),
+    "based_features_no_decay": (Case(seq_len=200, n_groups=2, key_dim=273, value_dim=64, use_g=False), 64),
+    "wide_values_chunk16": (Case(seq_len=150, key_dim=64, value_dim=256, use_initial=True), 16),
+    "cu_seqlens": (Case(seq_len=400, per_group=2, key_dim=64, value_dim=64, use_initial=True, cu_seqlens=(0, 1, 130, 130, 333, 400)), 64),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fp32_matches_the_recurrence(name, monkeypatch):
+    monkeypatch.delenv("LCTK_KERNELS", raising=False)
+    case, chunk_size = CASES[name]
+    inputs, truth = ground_truth(case)
+    assert_close(run_ssd(ssd, case, inputs, torch.float32, chunk_size, device="cuda"), truth, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_long_sequence_matches_the_torch_path(dtype, monkeypatch):
+    case = Case(batch=2, seq_len=4097, per_group=8, key_dim=128, value_dim=64, use_initial=True, scale=0.1)
+    inputs = make_inputs(case)
+    monkeypatch.delenv("LCTK_KERNELS", raising=False)
+    ours = run_ssd(ssd, case, inputs, dtype, 64, device="cuda")
+    monkeypatch.setenv("LCTK_KERNELS", "torch")
+    assert_close(ours, run_ssd(ssd, case, inputs, dtype, 64, device="cuda"), rtol=3e-2)
