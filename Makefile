@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test test-fast lint demo bench bench-gpu clean
+.PHONY: setup test lint demo bench bench-gpu test-gpu clean
 
 $(VENV_STAMP): pyproject.toml setup.py
 	python3 -m venv .venv
@@ -29,8 +29,13 @@ bench: setup
 
 # For a GPU machine that has torch and triton: installs lctk without dependencies, then runs the kernel benchmark.
 bench-gpu:
-	python3 -m pip install -q --no-deps --no-build-isolation -e . || python3 -m pip install -q --no-deps -e .
+	python3 -m pip install -q --no-deps -e .
 	python3 -m lctk.kernels.ssd.bench
+
+# Kernel tests without the interpreter, for the same GPU machine.
+test-gpu:
+	python3 -m pip install -q --no-deps -e .
+	python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache
