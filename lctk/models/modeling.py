@@ -26,6 +26,7 @@ class HybridBlock(GradientCheckpointingLayer):
         letter = config.pattern[layer_idx]
         self.mixer_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = MIXERS[letter](config, letter)
+        self.mixer.layer_idx = layer_idx  # per-layer settings (e.g. calibrated dt scales) are lists over the pattern
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 

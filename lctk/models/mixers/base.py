@@ -24,6 +24,7 @@ class MixerState:
 
 class Mixer(nn.Module):
     section: str  # the config sub-section holding this mixer's settings
+    layer_idx: int | None = None  # position in config.pattern, set by the block that holds the mixer
 
     def __init__(self, config, letter: str):
         super().__init__()
