@@ -19,7 +19,7 @@ LENGTHS = (2048, 8192)
 REPEATS = 3
 
 
-def _layers(hidden: int = 256):
+def _layers(hidden: int = 256, their_chunk: int | None = None):
     import torch
     from transformers import Mamba2Config
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
@@ -33,7 +33,8 @@ def _layers(hidden: int = 256):
     theirs = Mamba2Mixer(
         Mamba2Config(
             hidden_size=hidden, state_size=s["state_size"], head_dim=s["head_dim"], n_groups=s["n_groups"],
-            expand=s["expand"], num_heads=ours.num_heads, conv_kernel=s["conv_kernel"], chunk_size=s["chunk_size"],
+            expand=s["expand"], num_heads=ours.num_heads, conv_kernel=s["conv_kernel"],
+            chunk_size=their_chunk or s["chunk_size"],
             use_conv_bias=True, use_bias=False,
         ),
         layer_idx=0,
@@ -56,7 +57,7 @@ def _case(impl: str, length: int) -> dict:
     from lctk.models.sequence import build_sequence_info
 
     torch.manual_seed(0)
-    ours, theirs = _layers()
+    ours, theirs = _layers(their_chunk=256 if impl == "transformers-chunk256" else None)
     layer = ours if impl == "lctk" else theirs
     layer.train()
     x = torch.randn(1, length, 256, requires_grad=True)
@@ -95,16 +96,28 @@ def _run_isolated(impl: str, length: int) -> dict:
 def run() -> None:
     import torch
 
-    print(f"Mamba-2 layer fwd+bwd, batch 1, hidden 256, fp32, {torch.get_num_threads()} threads, best of {REPEATS}")
-    print(f"{'T':>6} | {'lctk s':>8} {'HF s':>8} {'speed-up':>9} | {'lctk MiB':>9} {'HF MiB':>9} {'mem ratio':>9}")
+    print(
+        f"Mamba-2 layer fwd+bwd, batch 1, hidden 256, fp32, {torch.get_num_threads()} threads, best of {REPEATS}; "
+        "HF = transformers' Mamba2Mixer torch fallback at our chunk size 64 (and at its default 256)"
+    )
+    print(
+        f"{'T':>6} | {'lctk s':>7} {'HF s':>7} {'HF256 s':>8} {'speed-up':>9} {'vs 256':>7} | "
+        f"{'lctk MiB':>9} {'HF MiB':>7} {'HF256 MiB':>9} {'mem ratio':>9}"
+    )
     rows = []
     for length in LENGTHS:
         ours, theirs = _run_isolated("lctk", length), _run_isolated("transformers", length)
-        speedup = theirs["seconds"] / ours["seconds"]
-        mem_ratio = ours["peak_mib"] / max(theirs["peak_mib"], 1e-9)
-        rows.append({"T": length, "lctk": ours, "transformers": theirs, "speedup": speedup, "mem_ratio": mem_ratio})
+        theirs256 = _run_isolated("transformers-chunk256", length)
+        row = {
+            "T": length, "lctk": ours, "transformers": theirs, "transformers_chunk256": theirs256,
+            "speedup": theirs["seconds"] / ours["seconds"],
+            "speedup_vs_chunk256": theirs256["seconds"] / ours["seconds"],
+            "mem_ratio": ours["peak_mib"] / max(theirs["peak_mib"], 1e-9),
+        }
+        rows.append(row)
         print(
-            f"{length:>6} | {ours['seconds']:>8.3f} {theirs['seconds']:>8.3f} {speedup:>8.2f}x | "
-            f"{ours['peak_mib']:>9.0f} {theirs['peak_mib']:>9.0f} {mem_ratio:>9.2f}"
+            f"{length:>6} | {ours['seconds']:>7.3f} {theirs['seconds']:>7.3f} {theirs256['seconds']:>8.3f} "
+            f"{row['speedup']:>8.2f}x {row['speedup_vs_chunk256']:>6.2f}x | {ours['peak_mib']:>9.0f} "
+            f"{theirs['peak_mib']:>7.0f} {theirs256['peak_mib']:>9.0f} {row['mem_ratio']:>9.2f}"
         )
     print(json.dumps({"mamba2_layer": rows}))
