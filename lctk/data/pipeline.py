@@ -1,0 +1,74 @@
+"""From a recipe's `tokenizer` and `data` sections to a tokenizer and an addressable stream of packed rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lctk.data.corpus import cache_dir as default_cache_dir
+from lctk.data.packing import Mixture, Row, RowSource, TaskRows, TextRows, cut_pieces, split_held_out
+from lctk.data.tasks import Task
+from lctk.data.text import read_documents, tokenized_documents
+from lctk.data.tokenizer import build_tokenizer
+from lctk.errors import UserError
+
+BPE_TRAINING_CHARS = 50_000_000  # BPE is trained on at most this much of the text sources
+HELD_OUT_ROWS = 64
+
+
+@dataclass
+class TrainingData:
+    rows: RowSource
+    held_out: list[Row] = field(default_factory=list)  # rows of held-out text, for the held-out loss
+    summary: list[str] = field(default_factory=list)  # one line per source
+
+
+def cache_folder(data) -> Path:
+    return Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+
+
+def load_tokenizer(spec: str, data):
+    """The recipe's tokenizer; `bpe:N` is trained on the text sources of `data`."""
+
+    def training_text() -> list[str]:
+        documents, chars = [], 0
+        for index, source in enumerate(data.sources):
+            if source.task is None:
+                for document in read_documents(source, f"data.sources.{index}"):
+                    documents.append(document)
+                    chars += len(document)
+                    if chars > BPE_TRAINING_CHARS:
+                        return documents
+        if not documents:
+            raise UserError("tokenizer: bpe needs at least one text source in data.sources to learn from")
+        return documents
+
+    return build_tokenizer(spec, training_text, cache_folder(data))
+
+
+def prepare_data(data, tokenizer, seed: int) -> TrainingData:
+    """Rows mixing every source of `data` by weight, and held-out rows of its text sources."""
+    sources, weights, summary, held_pieces = [], [], [], []
+    eos = tokenizer.eos_token_id
+    for index, source in enumerate(data.sources):
+        key = f"data.sources.{index}"
+        if source.task is not None:
+            task = Task(source.task, source.options, tokenizer, data.seq_len, key)
+            sources.append(TaskRows(task, data.seq_len, seed, salt=index, pad_id=eos))
+            summary.append(f"{source.task} (synthetic, {task.min_length}-{task.max_length} tokens), weight {source.weight:g}")
+        else:
+            documents = tokenized_documents(source, key, tokenizer, cache_folder(data))
+            train, held = split_held_out(cut_pieces(documents, data.seq_len, eos), data.held_out)
+            if sum(map(len, train)) < data.seq_len:
+                raise UserError(f"{key}: {source.label} has fewer than data.seq_len = {data.seq_len} tokens")
+            sources.append(TextRows(train, data.seq_len, seed + index))
+            held_pieces.extend(held)
+            tokens = sum(map(len, train))
+            summary.append(f"{source.label}: {tokens / 1e6:.2f}M tokens in {len(documents)} documents, weight {source.weight:g}")
+        weights.append(source.weight)
+    held_out = []
+    if sum(map(len, held_pieces)) >= data.seq_len:
+        held_rows = TextRows(held_pieces, data.seq_len, seed=0, shuffle=False)
+        held_out = [held_rows.row(i) for i in range(min(len(held_rows), HELD_OUT_ROWS))]
+    rows = sources[0] if len(sources) == 1 else Mixture(sources, weights, seed)
+    return TrainingData(rows=rows, held_out=held_out, summary=summary)

@@ -1,0 +1,270 @@
+"""Conversion of a transformer into an lctk hybrid, and attention -> recurrent-mixer initialisation.
+
+Two steps, so that every stage of a schedule runs the same code:
+  1. `student_from_teacher(teacher)`: an all-attention HybridForCausalLM that computes what the teacher computes.
+     Embeddings, norms, MLPs, lm_head and every attention layer are copied (RoPE settings, GQA, q/k/v/o biases,
+     sliding windows); Llama's input_layernorm / self_attn / post_attention_layernorm / mlp become the block's
+     mixer_norm / mixer / mlp_norm / mlp.
+  2. `replace_layers(student, layers, mixer)`: a new student in which the attention layers `layers` become `mixer`
+     layers initialised from that layer's attention weights; every other tensor (earlier recurrent layers with their
+     trained weights included) is carried over unchanged.
+
+Mamba-2 (MIL initialisation, "The Mamba in the Llama", Wang et al. 2024; Apriel-H1): softmax(q k^T) v is read as the
+linear recurrence h_t = a_t h_{t-1} + B_t x_t^T, y_t = C_t^T h_t with
+    x <- V (v_proj rows),  B <- K (k_proj rows),  C <- Q (q_proj rows),  out_proj <- O (o_proj)
+    head_dim = state_size = the attention head_dim, n_groups = query heads, xb_heads = kv heads (GQA sharing),
+    expand = heads * head_dim / hidden_size.
+z (the gate rows of in_proj), dt rows, dt_bias, D and the gated norm keep Mamba-2's fresh initialisation.
+`init: mil` (the default) also starts the recurrence close to what attention computes: the convolution is the
+identity (last tap 1, other taps and the bias 0; attention has no short convolution, so x, B, C start as
+silu(V u), silu(K u), silu(Q u)) and A = 0.1 for every head, so that exp(A dt) >= 0.99 at Mamba-2's initial
+dt <= 0.1 (attention does not forget). `init: mil-plain` leaves conv and A_log at Mamba-2's fresh values, as the
+MIL reference code does. `init: random` copies nothing. Measured on tiny teachers (a 4-layer Llama trained on a copy
+task, layers 0, 2, 3 replaced one at a time, two seeds, 20 steps of reverse-KL distillation): `mil` ended below
+`random` in 6 of 6 runs and `mil-plain` in 3 of 6; on byte-level text the three were within noise except layer 2,
+where `mil` ended 2x above (a short convolution helps there, and the student learns one).
+Mamba-2's in_proj and out_proj have no bias: q/k/v/o biases (Qwen2) are not carried into it. RoPE has no
+counterpart in the recurrence and is dropped.
+
+BASED (`based`): v_proj / o_proj are copied (kv heads repeated up to the query heads, GQA-style) when
+num_heads = the attention's heads and hidden_size / heads = head_dim; q_proj / k_proj too when feature_dim equals
+head_dim (otherwise they keep BASED's fresh initialisation).
+LaCT (`lact`): its sliding-window attention shares one qkv projection with the fast weights; qkv <- [Q; K; V]
+(kv heads repeated) and o_proj <- O, so that at initialisation the window part is the teacher's attention
+restricted to the window (the fast-weight part starts fresh).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lctk.errors import UserError
+from lctk.models import HybridConfig, HybridForCausalLM
+from lctk.models.mixers import MIXERS, section_of
+
+ATTENTION_LETTERS = "AS"
+STUDENT_MIXERS = {"mamba2": "M", "based": "B", "lact": "L"}
+INITS = ("mil", "mil-plain", "random")
+INITIAL_DECAY_RATE = 0.1  # A for `init: mil`
+
+
+def hybrid_config_from(teacher_config, attention: dict | None = None) -> HybridConfig:
+    """The all-attention HybridConfig with the teacher's shapes, RoPE, token ids and sliding windows."""
+    c = teacher_config
+    if getattr(c, "hidden_act", "silu") != "silu":
+        raise UserError(f"distill.teacher: hidden_act {c.hidden_act!r} is not supported (lctk blocks use a SwiGLU MLP)")
+    if getattr(c, "mlp_bias", False):
+        raise UserError("distill.teacher: mlp_bias is not supported (lctk blocks use a SwiGLU MLP without biases)")
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    layer_types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+    window = getattr(c, "sliding_window", None)
+    if getattr(c, "model_type", None) == "mistral" and window is not None:
+        layer_types = ["sliding_attention"] * c.num_hidden_layers
+    pattern = "".join("S" if kind == "sliding_attention" and window else "A" for kind in layer_types)
+    qkv_bias = bool(getattr(c, "attention_bias", False)) or getattr(c, "model_type", None) == "qwen2"
+    settings = {"qkv_bias": qkv_bias, "o_bias": bool(getattr(c, "attention_bias", False))}
+    if window and "S" in pattern:
+        settings["window"] = window
+    return HybridConfig(
+        pattern=pattern,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(c, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_parameters=copy.deepcopy(dict(c.rope_parameters)),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        rms_norm_eps=c.rms_norm_eps,
+        pad_token_id=getattr(c, "pad_token_id", None),
+        bos_token_id=getattr(c, "bos_token_id", None),
+        eos_token_id=getattr(c, "eos_token_id", None),
+        attention={**settings, **(attention or {})},
+    )
+
+
+@torch.no_grad()
+def student_from_teacher(teacher, attention: dict | None = None) -> HybridForCausalLM:
+    """An all-attention hybrid equal to the teacher (a Llama / Mistral / Qwen2 causal LM), in the teacher's dtype."""
+    config = hybrid_config_from(teacher.config, attention)
+    dtype = next(teacher.parameters()).dtype
+    student = HybridForCausalLM(config).to(dtype)
+    source, target = teacher.model, student.model
+    _copy(target.embed_tokens.weight, source.embed_tokens.weight)
+    _copy(target.norm.weight, source.norm.weight)
+    if not config.tie_word_embeddings:
+        _copy(student.lm_head.weight, teacher.lm_head.weight)
+    for theirs, ours in zip(source.layers, target.layers, strict=True):
+        _copy(ours.mixer_norm.weight, theirs.input_layernorm.weight)
+        _copy(ours.mlp_norm.weight, theirs.post_attention_layernorm.weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            _copy(getattr(ours.mlp, name).weight, getattr(theirs.mlp, name).weight)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            _copy_linear(getattr(ours.mixer, name), getattr(theirs.self_attn, name))
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    return student.eval()
+
+
+def mixer_section(config: HybridConfig, letter: str, overrides: dict | None = None) -> dict:
+    """Settings for the student mixer, shaped so that the attention weights map onto it (see the module doc)."""
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    settings: dict = {}
+    if letter == "M":
+        inner = heads * head_dim
+        if inner % config.hidden_size:
+            raise UserError(
+                f"distill.student: heads * head_dim = {inner} is not a multiple of hidden_size {config.hidden_size}; "
+                "Mamba-2 cannot take this attention's shape"
+            )
+        settings = {
+            "expand": inner // config.hidden_size,
+            "head_dim": head_dim,
+            "state_size": head_dim,
+            "n_groups": heads,
+            "xb_heads": kv_heads,
+        }
+    elif letter == "B":
+        settings = {"num_heads": heads}
+    return {**settings, **(overrides or {})}
+
+
+@torch.no_grad()
+def replace_layers(
+    student: HybridForCausalLM,
+    layers: Iterable[int],
+    mixer: str = "mamba2",
+    init: str = "mil",
+    settings: dict | None = None,
+    seed: int = 0,
+) -> HybridForCausalLM:
+    """A new student with the attention layers `layers` replaced by `mixer` layers initialised by `init` (see the
+    module doc). Everything else is carried over. `settings` overrides the mixer's config section."""
+    if mixer not in STUDENT_MIXERS:
+        raise UserError(f"distill.student.mixer: {mixer!r} is not one of {', '.join(STUDENT_MIXERS)}")
+    if init not in INITS:
+        raise UserError(f"distill.student.init: {init!r} is not one of {', '.join(INITS)}")
+    letter = STUDENT_MIXERS[mixer]
+    old = student.config
+    layers = sorted(set(layers))
+    for index in layers:
+        if not 0 <= index < len(old.pattern) or old.pattern[index] not in ATTENTION_LETTERS:
+            raise ValueError(f"layer {index} is not an attention layer of pattern {old.pattern!r}")
+    pattern = "".join(letter if i in layers else p for i, p in enumerate(old.pattern))
+    section = section_of(letter)
+    values = old.to_dict()
+    values["pattern"] = pattern
+    if getattr(old, section) is None or letter not in old.pattern:
+        values[section] = mixer_section(old, letter, settings)
+    for name in ("model_type", "transformers_version", "architectures", "num_hidden_layers"):
+        values.pop(name, None)
+    try:
+        config = HybridConfig(**values)
+    except ValueError as error:
+        raise UserError(f"distill.student.settings: {error}") from None
+
+    dtype = next(student.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = HybridForCausalLM(config).to(dtype)
+    fresh = {f"model.layers.{i}.mixer." for i in layers}
+    carried = {k: v for k, v in student.state_dict().items() if not k.startswith(tuple(fresh))}
+    missing, unexpected = new.load_state_dict(carried, strict=False)
+    assert not unexpected and all(k.startswith(tuple(fresh)) for k in missing), (missing, unexpected)
+    if init != "random":
+        for index in layers:
+            attention = student.model.layers[index].mixer
+            target = new.model.layers[index].mixer
+            if letter == "M":
+                init_mamba2_from_attention(target, attention, attention_like=init == "mil")
+            elif letter == "B":
+                init_based_from_attention(target, attention)
+            elif letter == "L":
+                init_lact_from_attention(target, attention)
+    new.generation_config = copy.deepcopy(student.generation_config)
+    return new.train(student.training)
+
+
+def init_mamba2_from_attention(mamba: nn.Module, attention: nn.Module, attention_like: bool = True) -> None:
+    """MIL: in_proj rows [z | x <- V | B <- K | C <- Q | dt], out_proj <- O; with `attention_like`, an identity
+    convolution and a slow decay (see the module doc)."""
+    rows = _mamba2_rows(mamba)
+    _copy(mamba.in_proj.weight[rows["x"]], attention.v_proj.weight)
+    _copy(mamba.in_proj.weight[rows["B"]], attention.k_proj.weight)
+    _copy(mamba.in_proj.weight[rows["C"]], attention.q_proj.weight)
+    _copy(mamba.out_proj.weight, attention.o_proj.weight)
+    if attention_like:
+        mamba.conv_weight.zero_()
+        mamba.conv_weight[:, -1] = 1.0
+        mamba.conv_bias.zero_()
+        mamba.A_log.fill_(math.log(INITIAL_DECAY_RATE))
+
+
+def _mamba2_rows(mamba: nn.Module) -> dict[str, slice]:
+    sizes = {"z": mamba.d_inner, "x": mamba.conv_split[0], "B": mamba.conv_split[1], "C": mamba.conv_split[2]}
+    rows, start = {}, 0
+    for name, size in sizes.items():
+        rows[name] = slice(start, start + size)
+        start += size
+    rows["dt"] = slice(start, start + mamba.num_heads)
+    return rows
+
+
+def init_based_from_attention(based: nn.Module, attention: nn.Module) -> None:
+    groups = attention.num_heads // attention.num_kv_heads
+    if based.num_heads != attention.num_heads or based.value_dim != attention.head_dim:
+        return
+    _copy(based.v_proj.weight, _repeat_kv_rows(attention.v_proj.weight, attention.head_dim, groups))
+    _copy(based.o_proj.weight, attention.o_proj.weight)
+    if based.feature_dim == attention.head_dim:
+        _copy(based.q_proj.weight, attention.q_proj.weight)
+        _copy(based.k_proj.weight, _repeat_kv_rows(attention.k_proj.weight, attention.head_dim, groups))
+
+
+def init_lact_from_attention(lact: nn.Module, attention: nn.Module) -> None:
+    groups = attention.num_heads // attention.num_kv_heads
+    k = _repeat_kv_rows(attention.k_proj.weight, attention.head_dim, groups)
+    v = _repeat_kv_rows(attention.v_proj.weight, attention.head_dim, groups)
+    _copy(lact.qkv.weight, torch.cat([attention.q_proj.weight, k, v]))
+    _copy(lact.o_proj.weight, attention.o_proj.weight)
+
+
+def _repeat_kv_rows(weight: torch.Tensor, head_dim: int, groups: int) -> torch.Tensor:
+    """[kv_heads * head_dim, in] -> [kv_heads * groups * head_dim, in], query head h reading kv head h // groups."""
+    return weight.unflatten(0, (-1, head_dim)).repeat_interleave(groups, dim=0).flatten(0, 1)
+
+
+def attention_layers(model: HybridForCausalLM) -> list[int]:
+    return [i for i, letter in enumerate(model.config.pattern) if letter in ATTENTION_LETTERS]
+
+
+def layout(model: HybridForCausalLM) -> dict:
+    """What a stage's student is made of, for layout.json and the report."""
+    pattern = model.config.pattern
+    return {
+        "pattern": pattern,
+        "attention_layers": attention_layers(model),
+        "replaced_layers": [i for i, p in enumerate(pattern) if p not in ATTENTION_LETTERS],
+        "mixers": {MIXERS[p].__name__: pattern.count(p) for p in sorted(set(pattern))},
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _copy(target: torch.Tensor, source: torch.Tensor) -> None:
+    if target.shape != source.shape:
+        raise ValueError(f"shape mismatch: {tuple(target.shape)} <- {tuple(source.shape)}")
+    target.copy_(source)
+
+
+def _copy_linear(target: nn.Linear, source: nn.Linear) -> None:
+    _copy(target.weight, source.weight)
+    if (target.bias is None) != (source.bias is None):
+        raise UserError("distill.teacher: attention bias layout differs from what its config declares")
+    if target.bias is not None:
+        _copy(target.bias, source.bias)

@@ -1,0 +1,81 @@
+"""Which attention layer to replace next.
+
+leave-one-out (`loo`): the attention branch of layer l is removed (the block keeps its residual and MLP:
+h = h + 0, then the MLP) and the rise of the held-out divergence to the teacher over the current student is the
+layer's score: rise_l = D(student without l) - D(student). Low rise = the network barely needs the layer.
+
+MMR probes (`mmr`, Apriel-H1's "Mamba-replacement" ranking): layer l is converted to the student mixer, the copy is
+distilled for `probe_steps` steps (only the new mixer trains), and the held-out divergence it reaches is the score.
+Low = the layer is easy to replace.
+
+Both rank ascending: the first layers of the ranking are replaced first. Ties are broken by layer index, and every
+score is a deterministic function of the model, the held-out rows and the seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from lctk.distill.losses import model_inputs, target_mask, token_kl
+
+
+@contextlib.contextmanager
+def attention_removed(model, layer: int) -> Iterator[None]:
+    """Within the block, layer `layer`'s mixer adds nothing to the residual stream."""
+    handle = model.model.layers[layer].mixer.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def divergence(student, teacher, batches: Sequence[dict], kind: str = "reverse_kl") -> float:
+    """Mean per-position divergence to the teacher over the counted positions of `batches`."""
+    return _divergences(student, teacher, batches, [None], kind)[None]
+
+
+@torch.no_grad()
+def leave_one_out(student, teacher, batches: Sequence[dict], candidates: Sequence[int],
+                  kind: str = "reverse_kl") -> dict[int, dict[str, float]]:
+    """{layer: {"score": rise, "divergence": D without the layer}} for each candidate attention layer."""
+    found = _divergences(student, teacher, batches, [None, *candidates], kind)
+    return {layer: {"score": found[layer] - found[None], "divergence": found[layer]} for layer in candidates}
+
+
+def _divergences(student, teacher, batches: Sequence[dict], removed: Sequence[int | None], kind: str) -> dict:
+    """{layer or None: mean divergence with that layer's attention removed (None: nothing removed)}; the teacher
+    runs once per batch."""
+    was_training = student.training
+    student.eval()
+    totals, count = dict.fromkeys(removed, 0.0), 0.0
+    for batch in batches:
+        inputs, mask = model_inputs(batch), target_mask(batch)
+        reference = teacher(**inputs, use_cache=False).logits
+        for layer in removed:
+            with contextlib.nullcontext() if layer is None else attention_removed(student, layer):
+                kl = token_kl(student(**inputs, use_cache=False).logits, reference, kind)
+            totals[layer] += float((kl * mask).sum())
+        count += float(mask.sum())
+    student.train(was_training)
+    return {layer: total / max(count, 1.0) for layer, total in totals.items()}
+
+
+def mmr_probes(teacher, batches: Sequence[dict], candidates: Sequence[int], probe: Callable[[int], object],
+               kind: str = "reverse_kl") -> dict[int, dict[str, float]]:
+    """{layer: {"score": held-out divergence after the probe}}; `probe(layer)` returns the probed student (layer
+    converted and briefly distilled)."""
+    scores = {}
+    for layer in candidates:
+        probed = probe(layer)
+        scores[layer] = {"score": divergence(probed, teacher, batches, kind)}
+        del probed
+    return scores
+
+
+def ranking(scores: dict[int, dict[str, float]]) -> list[int]:
+    """Layers from the first to replace (lowest score) to the last."""
+    return sorted(scores, key=lambda layer: (scores[layer]["score"], layer))

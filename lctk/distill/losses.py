@@ -1,0 +1,101 @@
+"""Distillation losses, per position; a position t counts when token t+1 is a training target (labels[t+1] != -100,
+the Trainer's target count), so a document's last token, which would predict the next document, never counts.
+
+With student distribution q = softmax(s / T) and teacher distribution p = softmax(t / T) over the vocabulary:
+
+    reverse KL   KL(q || p) = sum_v q_v (log q_v - log p_v)     mode-seeking; the default (Apriel-H1, MiniLLM)
+    forward KL   KL(p || q) = sum_v p_v (log p_v - log q_v)     mean-seeking (Hinton et al.)
+    mix          w KL(p || q) + (1 - w) KL(q || p)
+
+each multiplied by T^2 so that gradient sizes do not shrink with the temperature (Hinton et al. 2015). Optional
+terms: `ce_weight` x next-token cross-entropy on the data, and `hidden_weight` x the hidden-state alignment
+
+    align_t = mean over replaced layers l of  ||h_l,t^student - h_l,t^teacher||^2 / ||h_l,t^teacher||^2
+
+with h_l the residual stream after block l (MOHAWK's hidden-state alignment, relative so that it is scale-free).
+A stage's first `align_steps` steps train on `align` alone (a warm-up of the new mixers), as a run of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KINDS = ("reverse_kl", "forward_kl", "mix")
+MODEL_INPUTS = ("input_ids", "position_ids")
+
+
+def token_kl(student_logits: Tensor, teacher_logits: Tensor, kind: str = "reverse_kl", temperature: float = 1.0,
+             forward_weight: float = 0.5) -> Tensor:
+    """Per-position divergence [B, T] (fp32), times T^2."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "reverse_kl":
+        kl = _kl(log_q, log_p)
+    elif kind == "forward_kl":
+        kl = _kl(log_p, log_q)
+    elif kind == "mix":
+        kl = forward_weight * _kl(log_p, log_q) + (1 - forward_weight) * _kl(log_q, log_p)
+    else:
+        raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(KINDS)}")
+    return kl * temperature**2
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) = sum a (log a - log b) over the last dim."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def target_mask(batch: dict) -> Tensor:
+    """[B, T] bool: position t counts when labels[t+1] is a target; the last position never does."""
+    labels = batch["labels"]
+    return F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+
+
+def model_inputs(batch: dict) -> dict:
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
+
+
+def token_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """[B, T]: cross-entropy of labels[t+1] given position t (0 where it is no target and at the last position)."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+
+
+def token_alignment(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], layers: Sequence[int]) -> Tensor:
+    """[B, T]: mean over `layers` of the relative squared error of the residual stream after each block
+    (hidden_states index l + 1; index 0 is the embedding output)."""
+    terms = []
+    for layer in layers:
+        ours, theirs = student_hidden[layer + 1].float(), teacher_hidden[layer + 1].float()
+        terms.append((ours - theirs).pow(2).sum(-1) / theirs.pow(2).sum(-1).clamp(min=1e-6))
+    return torch.stack(terms).mean(0)
+
+
+def distill_loss_fn(teacher, settings, replaced: Sequence[int], align_only: bool = False):
+    """A Trainer loss: (student, batch) -> SUM over counted positions of the per-position loss. `settings` is a
+    LossSection; `replaced` the layers whose hidden states are aligned."""
+    wants_hidden = bool(replaced) and (align_only or settings.hidden_weight > 0)
+
+    def loss_fn(student, batch: dict) -> Tensor:
+        inputs = model_inputs(batch)
+        with torch.no_grad():
+            theirs = teacher(**inputs, use_cache=False, output_hidden_states=wants_hidden)
+        ours = student(**inputs, use_cache=False, output_hidden_states=wants_hidden)
+        if align_only:
+            per_position = token_alignment(ours.hidden_states, theirs.hidden_states, replaced)
+        else:
+            per_position = token_kl(ours.logits, theirs.logits, settings.divergence, settings.temperature,
+                                    settings.forward_weight)
+            if settings.ce_weight > 0:
+                per_position = per_position + settings.ce_weight * token_ce(ours.logits, batch["labels"])
+            if wants_hidden:
+                per_position = per_position + settings.hidden_weight * token_alignment(
+                    ours.hidden_states, theirs.hidden_states, replaced
+                )
+        return (per_position * target_mask(batch)).sum()
+
+    return loss_fn

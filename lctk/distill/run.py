@@ -1,0 +1,377 @@
+"""`lctk distill`: a validated DistillRecipe -> teacher, data -> stage by stage: rank, convert, distil, measure.
+
+Each stage starts from the previous student (its recurrent layers keep their trained weights), picks the next
+attention layers by leave-one-out or MMR probes, converts them (lctk.distill.convert) and distils with the shared
+Trainer and a KD loss (lctk.distill.losses). The teacher during training is the teacher's exact lctk copy (same
+logits, tested), so teacher and student take the same inputs and their hidden states line up index by index.
+
+Run dir (run.output_dir, default runs/<run.name>):
+    recipe.yaml                  the resolved recipe
+    stage-0/evidence.json        the teacher's row of the table
+    stage-K/importance.json      the candidates' scores and the layers chosen (reused on resume)
+    stage-K/align/, distill/     Trainer runs (metrics.jsonl; checkpoints, removed once the stage is saved)
+    stage-K/model/               the student after stage K: an HF folder with the tokenizer
+    stage-K/layout.json          its pattern, attention / replaced layers, parameter count
+    stage-K/evidence.json        its row of the table
+    final -> stage-N/model       the last student
+    report.md, stages.json, quality.png      the stage table and the quality-vs-replaced-layers plot
+A killed run continues with --resume auto: finished stages are loaded from their folders, the current one resumes
+from its Trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from lctk.distill import convert, evidence, importance
+from lctk.distill.losses import distill_loss_fn
+from lctk.distill.recipe import DistillRecipe, StageSection
+from lctk.distill.teacher import load_teacher
+from lctk.errors import UserError
+
+PROBE_WANDB = {"mode": "disabled"}
+
+
+def distill_recipe(recipe: DistillRecipe, resume: str | None = None, overwrite: bool = False) -> list[dict]:
+    """Run a distill recipe end to end; returns the stage table (also in <run_dir>/stages.json)."""
+    from accelerate.utils import set_seed
+
+    from lctk.data.pipeline import prepare_data
+    from lctk.train.trainer import make_accelerator
+
+    accelerator = make_accelerator(recipe.train)
+    main = accelerator.is_main_process
+    say = (lambda text: print(text, flush=True)) if main else (lambda _: None)
+    run_dir = recipe.run.dir
+    if main:
+        _check_run_dir(run_dir, resume, overwrite)
+    accelerator.wait_for_everyone()
+    set_seed(recipe.run.seed)
+    spec = recipe.distill
+
+    with accelerator.main_process_first():  # the main process converts a GGUF teacher and fills the data caches
+        teacher_hf, tokenizer = load_teacher(spec.teacher)
+        data = prepare_data(recipe.data, tokenizer, recipe.run.seed)
+    check_schedule(spec.stages, convert.hybrid_config_from(teacher_hf.config).pattern)
+    teacher = convert.student_from_teacher(teacher_hf).requires_grad_(False).to(accelerator.device)
+    student = convert.student_from_teacher(teacher_hf)
+    del teacher_hf
+    seq_len = recipe.data.seq_len
+    for model in (teacher, student):
+        model.config.train_length = seq_len
+    held_out = _held_out_batches(data.held_out, recipe.train.batch_size,
+                                 max(spec.evidence.held_out_batches, spec.importance_batches))
+    held_out = [{k: v.to(accelerator.device) for k, v in b.items()} for b in held_out]
+    total_layers = len(student.config.pattern)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    say(f"teacher: {spec.teacher} -> {total_layers} layers, pattern {teacher.config.pattern}, "
+        f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters")
+    for line in data.summary:
+        say(f"data: {line}")
+
+    scoring = held_out[: spec.importance_batches]
+    held_out = held_out[: spec.evidence.held_out_batches]
+    rows = [_stage_row(run_dir / "stage-0", 0, teacher, teacher, tokenizer, held_out, recipe, main, say)]
+    data_offset = 0
+    for number, stage in enumerate(spec.stages, start=1):
+        stage_dir = run_dir / f"stage-{number}"
+        steps = stage.steps if stage.steps is not None else recipe.train.total_steps(seq_len, accelerator.num_processes)
+        finished = stage_dir / "evidence.json"
+        if finished.exists():
+            student = _load_student(stage_dir / "model", accelerator)
+            rows.append(json.loads(finished.read_text()))
+            say(f"stage {number}: done before, loaded {stage_dir / 'model'}")
+            data_offset += spec.loss.align_steps + steps
+            continue
+        chosen = _choose_layers(number, stage, student, teacher, scoring, data, recipe, accelerator, data_offset, stage_dir)
+        say(f"stage {number}: replacing layers {chosen} by {spec.student.mixer} ({spec.student.init} init)")
+        student = convert.replace_layers(student, chosen, spec.student.mixer, spec.student.init,
+                                         spec.student.settings, seed=recipe.run.seed + number)
+        replaced = convert.layout(student)["replaced_layers"]
+        freeze = stage.freeze if stage.freeze is not None else spec.freeze
+        _set_trainable(student, chosen if freeze else None)
+        train = recipe.train.model_copy(update={"lr": stage.lr} if stage.lr is not None else {})
+        batches = _batches(data, recipe, accelerator)
+        if spec.loss.align_steps and replaced:
+            student = _fit(student, distill_loss_fn(teacher, spec.loss, replaced, align_only=True),
+                           _offset(batches, data_offset), spec.loss.align_steps, train, recipe, accelerator,
+                           stage_dir / "align", resume, f"{recipe.run.name}-stage-{number}-align")
+        data_offset += spec.loss.align_steps
+        student = _fit(student, distill_loss_fn(teacher, spec.loss, replaced), _offset(batches, data_offset), steps,
+                       train, recipe, accelerator, stage_dir / "distill", resume, f"{recipe.run.name}-stage-{number}")
+        data_offset += steps
+        student.requires_grad_(True)
+        rows.append(_stage_row(stage_dir, number, student, teacher, tokenizer, held_out, recipe, main, say))
+        if main:
+            for part in ("align", "distill"):  # the saved model supersedes the stage's checkpoints
+                shutil.rmtree(stage_dir / part / "checkpoints", ignore_errors=True)
+            evidence.write_report(run_dir, rows, f"{recipe.run.name}: distillation of {spec.teacher}", _notes(recipe))
+        accelerator.wait_for_everyone()
+
+    if main:
+        final = run_dir / "final"
+        if final.is_symlink():
+            final.unlink()
+        elif final.exists():
+            shutil.rmtree(final)
+        final.symlink_to(Path(f"stage-{len(spec.stages)}") / "model", target_is_directory=True)
+        report = evidence.write_report(run_dir, rows, f"{recipe.run.name}: distillation of {spec.teacher}", _notes(recipe))
+        if recipe.eval.suites:
+            _final_eval(recipe, student, tokenizer, run_dir / "eval")
+        say(evidence.markdown_table(rows))
+        last = rows[-1]
+        say(f"done: {len(spec.stages)} stages, {last['replaced']}/{total_layers} attention layers replaced, "
+            f"held-out KL {last['kl_rev']:.4f}, top-1 agreement {last['top1']:.3f} -> {report}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return rows
+
+
+def check_schedule(stages: list[StageSection], pattern: str) -> None:
+    """Every stage's layer count against the teacher's attention layers, before any work is done."""
+    attention = [i for i, letter in enumerate(pattern) if letter in convert.ATTENTION_LETTERS]
+    replaced: set[int] = set()
+    for index, stage in enumerate(stages):
+        where = f"distill.stages.{index}"
+        left = len(attention) - len(replaced)
+        if stage.layers is not None:
+            bad = sorted(set(stage.layers) - set(attention) | set(stage.layers) & replaced)
+            if bad:
+                raise UserError(f"{where}.layers: {bad} are not attention layers left to replace (teacher attention "
+                                f"layers: {attention}; given in earlier stages: {sorted(replaced)})")
+            count = len(set(stage.layers))
+        else:
+            count = stage.target(len(attention) - left, len(pattern)) - (len(attention) - left)
+            if not 0 < count <= left:
+                hint = " (YAML reads +N as the number N: quote it, replace: '+N')" if isinstance(stage.replace, int) else ""
+                raise UserError(
+                    f"{where}.replace: {stage.replace!r} asks for {count} more layers; {left} attention layers are left{hint}"
+                )
+        # which layers loo / mmr will pick is not known yet: count them as the first free ones
+        free = [layer for layer in attention if layer not in replaced]
+        replaced |= set(stage.layers) if stage.layers is not None else set(free[:count])
+
+
+def _check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    holds_run = any(run_dir.glob("stage-*"))
+    if overwrite and holds_run:
+        shutil.rmtree(run_dir)
+    elif holds_run and resume is None:
+        raise UserError(
+            f"run.name: {run_dir} already holds a run; pass --resume auto to continue it, --overwrite to start "
+            "again, or --set run.name=<new name>"
+        )
+    elif resume not in (None, "auto"):
+        raise UserError(f"--resume: distill runs resume with 'auto' (stage by stage), got {resume!r}")
+
+
+def _held_out_batches(rows: list, batch_size: int, count: int) -> list[dict]:
+    from lctk.data.packing import collate
+
+    if not rows:
+        raise UserError("data.held_out: distillation needs held-out text (a text source and data.held_out > 0)")
+    rows = rows[: batch_size * count]
+    return [collate(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
+
+
+def _batches(data, recipe: DistillRecipe, accelerator):
+    from lctk.data.packing import StepBatches
+
+    return StepBatches(data.rows, recipe.train.batch_size, recipe.train.grad_accum, accelerator.process_index,
+                       accelerator.num_processes)
+
+
+def _offset(batches, offset: int):
+    """The stream continued from step `offset`, so that every stage and warm-up sees new rows."""
+    return lambda step: batches(step + offset)
+
+
+def _set_trainable(student, layers: list[int] | None) -> None:
+    """Only the mixers of `layers` train (None: everything)."""
+    student.requires_grad_(layers is None)
+    for index in layers or []:
+        student.model.layers[index].mixer.requires_grad_(True)
+
+
+def _fit(student, loss_fn, batches, steps: int, train, recipe: DistillRecipe, accelerator, run_dir: Path,
+         resume: str | None, name: str, checkpoint=None, logging=None):
+    from lctk.train.trainer import Trainer, summary_line
+
+    if steps <= 0:
+        return student
+    trainer = Trainer(
+        student,
+        batches,
+        train=train,
+        checkpoint=checkpoint or recipe.checkpoint,
+        logging=logging or recipe.logging,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        total_steps=steps,
+        loss_fn=loss_fn,
+        run_config=recipe.model_dump(mode="json"),
+        run_name=name,
+    )
+    result = trainer.fit("auto" if resume else None)
+    if accelerator.is_main_process and logging is None:
+        print(summary_line(result, run_dir), flush=True)
+    # without the autocast wrapper that prepare() put on forward: evidence is measured in the model's own dtype
+    trained = accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    accelerator.free_memory()  # accelerate keeps every prepared model and optimizer otherwise
+    return trained
+
+
+def _choose_layers(number: int, stage: StageSection, student, teacher, held_out, data, recipe: DistillRecipe,
+                   accelerator, data_offset: int, stage_dir: Path) -> list[int]:
+    """The layers stage `number` replaces, by its rule; scores are saved in stage_dir/importance.json."""
+    where = f"distill.stages.{number - 1}"
+    candidates = convert.attention_layers(student)
+    total = len(student.config.pattern)
+    if stage.layers is not None:
+        bad = [layer for layer in stage.layers if layer not in candidates]
+        if bad:  # replaced by an earlier stage's ranking
+            raise UserError(f"{where}.layers: {bad} were replaced by an earlier stage (attention layers left: {candidates})")
+        chosen = sorted(set(stage.layers))
+        _save_json(stage_dir / "importance.json", {"by": "given", "chosen": chosen}, accelerator)
+        return chosen
+    count = stage.target(total - len(candidates), total) - (total - len(candidates))  # checked by check_schedule
+    saved = stage_dir / "importance.json"
+    if saved.exists():
+        record = json.loads(saved.read_text())
+        if record.get("by") == stage.by and record.get("count") == count:
+            return record["chosen"]
+    if stage.by == "loo":
+        scores = importance.leave_one_out(student, teacher, held_out, candidates, recipe.distill.loss.divergence)
+    else:
+        scores = importance.mmr_probes(
+            teacher, held_out, candidates,
+            lambda layer: _probe(student, teacher, layer, stage, data, recipe, accelerator, data_offset,
+                                 stage_dir / "probes" / f"layer-{layer}"),
+            recipe.distill.loss.divergence,
+        )
+    chosen = sorted(importance.ranking(scores)[:count])
+    if accelerator.is_main_process:
+        shown = ", ".join(f"{layer}: {scores[layer]['score']:.4f}" for layer in importance.ranking(scores))
+        print(f"stage {number}: {stage.by} scores (lowest first) {shown}", flush=True)
+    _save_json(saved, {"by": stage.by, "count": count, "chosen": chosen,
+                       "scores": {str(layer): value for layer, value in scores.items()}}, accelerator)
+    return chosen
+
+
+def _probe(student, teacher, layer: int, stage: StageSection, data, recipe: DistillRecipe, accelerator,
+           data_offset: int, probe_dir: Path):
+    """A copy of the student with `layer` converted and distilled for probe_steps (only the new mixer trains);
+    its Trainer folder is removed afterwards."""
+    from lctk.recipe import CheckpointSection, LoggingSection
+
+    spec = recipe.distill
+    probed = convert.replace_layers(student, [layer], spec.student.mixer, spec.student.init, spec.student.settings,
+                                    seed=recipe.run.seed)
+    _set_trainable(probed, [layer])
+    train = recipe.train.model_copy(update={"warmup_steps": 0, **({"lr": stage.lr} if stage.lr else {})})
+    probed = _fit(
+        probed, distill_loss_fn(teacher, spec.loss, []), _offset(_batches(data, recipe, accelerator), data_offset),
+        stage.probe_steps, train, recipe, accelerator, probe_dir, None, f"probe-{layer}",
+        checkpoint=CheckpointSection(every=None, keep_last=1),
+        logging=LoggingSection(every=stage.probe_steps, wandb=PROBE_WANDB),
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    return probed.eval()
+
+
+def _stage_row(stage_dir: Path, number: int, student, teacher, tokenizer, held_out, recipe: DistillRecipe,
+               main: bool, say) -> dict:
+    """Measure the student, save it (stages >= 1) with its layout, and return its table row."""
+    saved = stage_dir / "evidence.json"
+    if saved.exists():
+        return json.loads(saved.read_text())
+    from lctk.train.run import save_hf_folder
+
+    spec = recipe.distill.evidence
+    student.eval()
+    layout = convert.layout(student)
+    row = {
+        "stage": number,
+        "replaced": len(layout["replaced_layers"]),
+        "attention_layers": len(layout["attention_layers"]),
+        "pattern": layout["pattern"],
+        **evidence.quality(student, teacher, held_out),
+    }
+    if main:
+        for length in spec.cache_lengths:
+            row[f"cache_mib_{length // 1024}k"] = evidence.cache_bytes(student, length) / 2**20
+        row.update(evidence.speed_against(student, teacher, spec.speed_prefill, spec.speed_decode))
+        row.update(_passkey(student, tokenizer, recipe, stage_dir / "passkey"))
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        if number > 0:
+            save_hf_folder(student, tokenizer, stage_dir / "model", recipe.data.seq_len)
+            row["path"] = str(stage_dir / "model")
+        (stage_dir / "layout.json").write_text(json.dumps(layout, indent=2) + "\n")
+        saved.write_text(json.dumps(row, indent=2) + "\n")
+        say(f"stage {number}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+    return row
+
+
+def _passkey(model, tokenizer, recipe: DistillRecipe, out_dir: Path) -> dict:
+    """Passkey accuracy (%) at each evidence length, keyed passkey_<N>x (times data.seq_len) or passkey_<tokens>."""
+    from lctk.evals.runner import run_suites
+    from lctk.recipe import EvalSection
+
+    spec = recipe.distill.evidence
+    if spec.passkey_samples == 0:
+        return {}
+    seq_len = recipe.data.seq_len
+    lengths = EvalSection(lengths=spec.passkey_lengths).token_lengths(seq_len)
+    try:
+        results = run_suites(model, tokenizer, suites=["passkey"], lengths=lengths, output_dir=out_dir,
+                             limit=spec.passkey_samples, depths=spec.passkey_depths, seed=recipe.run.seed,
+                             allow_longer=True, progress=False, model_name=out_dir.parent.name)
+    except UserError as error:  # e.g. a length too short for the passkey prompt with this tokenizer
+        raise UserError(f"distill.evidence.passkey_lengths: {error}") from None
+    by_length = results["results"]["passkey"]["by_length"]
+    figures = {}
+    for length in lengths:
+        name = f"passkey_{length // seq_len}x" if length % seq_len == 0 else f"passkey_{length}"
+        figures[name] = by_length.get(str(length), by_length.get(length))
+    return figures
+
+
+def _final_eval(recipe: DistillRecipe, student, tokenizer, out_dir: Path) -> None:
+    from lctk.evals.runner import run_suites
+
+    options = {"limit": recipe.eval.limit} if recipe.eval.limit else {}
+    run_suites(student, tokenizer, suites=recipe.eval.suites, lengths=recipe.eval.token_lengths(recipe.data.seq_len),
+               output_dir=out_dir, seed=recipe.run.seed, allow_longer=True, model_name=recipe.run.name,
+               progress=False, **options, **recipe.eval.options)
+
+
+def _load_student(folder: Path, accelerator):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(accelerator.device)
+
+
+def _save_json(path: Path, record: dict, accelerator) -> None:
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _notes(recipe: DistillRecipe) -> list[str]:
+    spec = recipe.distill
+    return [
+        f"Student mixer {spec.student.mixer} ({spec.student.init} init); loss {spec.loss.divergence} at temperature "
+        f"{spec.loss.temperature:g}; {'only the new mixers train' if spec.freeze else 'every weight trains'}.",
+        f"KL and top-1 agreement over {spec.evidence.held_out_batches} held-out batches of "
+        f"{recipe.train.batch_size} x {recipe.data.seq_len} tokens; cache = inference state at batch 1 in bf16; "
+        f"speed at batch 1 (prefill {spec.evidence.speed_prefill} tokens, {spec.evidence.speed_decode} decode steps).",
+    ]

@@ -1,0 +1,430 @@
+"""Recipes: the YAML files that drive `lctk train` (and distill / extend), validated by pydantic.
+
+`load_recipe(path, overrides)` is the single entry point: it reads the YAML (syntax errors name file:line), applies
+`--set a.b=c` overrides (the value is parsed as YAML), picks the recipe kind and validates it. Every problem becomes
+one `UserError` line naming the key, e.g. `train.lrr: unknown key (did you mean 'lr'?)`.
+
+Kinds: a recipe with a top-level `distill:` section is a distill recipe, one with `extend:` an extend recipe, any
+other a train recipe (`kind:` may say it explicitly). A kind is a `Recipe` subclass registered in `RECIPE_KINDS` as
+"module:Class"; distill and extend add their own sections by subclassing `Recipe` and reuse the shared ones below.
+Sections are strict (`Section`): unknown keys are errors and values are not coerced across types (YAML already
+gives typed values), except where a field says otherwise.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from lctk.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=False)
+
+
+def _yaml_float(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string; take such strings as the numbers they spell."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+        return float(value)
+    return value
+
+
+Float = Annotated[float, BeforeValidator(_yaml_float)]
+
+
+class RunSection(Section):
+    name: str = "run"
+    output_dir: str | None = None  # default runs/<name>
+    seed: int = 0
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+
+FROM_TOKENIZER = ("use_cache", "pad_token_id", "bos_token_id", "eos_token_id")  # set by lctk, not by recipes
+
+
+def _model_fields() -> dict[str, Any]:
+    """The recipe's `model:` keys: HybridConfig's own settings (so a mixer section added to HybridConfig is accepted
+    here with no change), all optional: unset keys take HybridConfig's defaults."""
+    from lctk.models.config import HybridConfig
+
+    fields: dict[str, Any] = {}
+    for name, annotation in HybridConfig.__annotations__.items():
+        if name in FROM_TOKENIZER:
+            continue
+        hint = eval(annotation, {}) if isinstance(annotation, str) else annotation  # annotations are "int | None" etc.
+        hint = Float if hint is float else hint
+        fields[name] = (hint | None, None)
+    fields["rope_theta"] = (Float | None, None)  # shorthand for rope_parameters.rope_theta
+    fields["init_from"] = (str | None, Field(None, description="start from this checkpoint / HF folder"))
+    return fields
+
+
+ModelSection = create_model("ModelSection", __base__=Section, **_model_fields())
+
+
+def _count(value: Any) -> Any:
+    """Accept 10_000, "10k", "5M", "1.5B" for token counts."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMbB]?)\s*", value)
+        if not match:
+            raise ValueError(f"expected a count such as 500000, 500k or 2M, got {value!r}")
+        scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[match.group(2).lower()]
+        return int(float(match.group(1)) * scale)
+    return value
+
+
+class TrainSection(Section):
+    steps: int | None = Field(None, gt=0)
+    tokens: int | None = Field(None, gt=0, description="alternative to steps: total training tokens")
+    batch_size: int = Field(8, gt=0, description="rows per process per micro-step")
+    grad_accum: int = Field(1, gt=0)
+    lr: Float = Field(3e-4, gt=0)
+    min_lr_ratio: Float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_fraction: Float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+    weight_decay: Float = Field(0.1, ge=0)
+    betas: tuple[Float, Float] = Field((0.9, 0.95), strict=False)
+    eps: Float = Field(1e-8, gt=0)
+    clip: Float | None = Field(1.0, gt=0, description="max grad norm; null disables clipping")
+    precision: Literal["fp32", "bf16"] = "bf16"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    max_bad_steps: int = Field(10, gt=0, description="non-finite losses in a row that stop the run")
+
+    _tokens_count = field_validator("tokens", mode="before")(_count)
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSection:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("steps: give exactly one of train.steps or train.tokens")
+        return self
+
+    def total_steps(self, seq_len: int, world_size: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        per_step = self.batch_size * self.grad_accum * world_size * seq_len
+        return max(1, -(-self.tokens // per_step))
+
+
+class Source(Section):
+    """One data source: exactly one of `text` (builtin or a local txt/jsonl/parquet file or folder), `hub` (a
+    dataset name for `datasets.load_dataset`) or `task` (a synthetic task, see lctk.data.tasks)."""
+
+    text: str | None = None
+    hub: str | None = None
+    task: str | None = None
+    weight: Float = Field(1.0, gt=0)
+    field: str = "text"  # the column holding the text (jsonl, parquet, hub)
+    config: str | None = None  # hub dataset configuration
+    split: str = "train"
+    max_documents: int | None = Field(None, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)  # task settings, see lctk.data.tasks
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Source:
+        given = [k for k in ("text", "hub", "task") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a source needs exactly one of text, hub or task")
+        if self.task is not None:
+            from lctk.data.tasks import check_task
+
+            check_task(self.task, self.options)
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.text or self.hub or self.task
+
+
+class DataSection(Section):
+    seq_len: int = Field(512, gt=1)
+    sources: list[Source] = Field(default_factory=lambda: [Source(text="builtin")], min_length=1)
+    held_out: Float = Field(0.01, ge=0, lt=0.5, description="share of text documents kept for the held-out loss")
+    cache_dir: str | None = None  # default: lctk's cache folder
+
+
+class CheckpointSection(Section):
+    every: int | None = Field(500, gt=0, description="steps between checkpoints; null: only at the end")
+    keep_last: int = Field(2, gt=0)
+
+
+class WandbSection(Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "lctk"
+    entity: str | None = None
+    name: str | None = None  # default: run.name
+    tags: list[str] = Field(default_factory=list)
+
+
+class LoggingSection(Section):
+    every: int = Field(10, gt=0)
+    wandb: WandbSection = Field(default_factory=WandbSection)
+
+
+class EvalSection(Section):
+    """Eval suites (lctk.evals) run on the final model, and on the untrained one too when `before` is true."""
+
+    suites: list[str] = Field(default_factory=list)
+    lengths: list[Any] = Field(default_factory=lambda: ["1x"], description="tokens, '4k', or 'Nx' times data.seq_len")
+    limit: int | None = Field(None, gt=0, description="samples per length (and depth)")
+    before: bool = True
+    held_out_loss: bool = True
+    options: dict[str, Any] = Field(default_factory=dict)  # more keyword arguments of lctk.evals.run_suites
+
+    # run_suites arguments the trainer sets itself
+    SET_BY_TRAINER: typing.ClassVar = ("model", "tokenizer", "suites", "lengths", "output_dir", "seed", "limit",
+                                       "allow_longer", "model_name", "progress")
+
+    def token_lengths(self, seq_len: int) -> list[int]:
+        return [_length_in_tokens(value, seq_len) for value in self.lengths]
+
+    @field_validator("lengths")
+    @classmethod
+    def _valid_lengths(cls, values: list[Any]) -> list[Any]:
+        for value in values:
+            _length_in_tokens(value, 1)
+        return values
+
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, names: list[str]) -> list[str]:
+        if names:
+            from lctk.evals import parse_suites
+
+            try:
+                parse_suites(names)
+            except UserError as error:
+                raise ValueError(str(error).removeprefix("--suite: ")) from None
+        return names
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        import inspect
+
+        from lctk.evals import run_suites
+
+        known = [name for name in inspect.signature(run_suites).parameters if name not in cls.SET_BY_TRAINER]
+        for name in options:
+            if name not in known:
+                raise ValueError(f"{name}: unknown eval option{suggest(name, known)}; known: {', '.join(known)}")
+        return options
+
+
+def _length_in_tokens(value: Any, seq_len: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9.]+)\s*([xXkK])\s*", value)
+        if match:
+            number = float(match.group(1))
+            tokens = int(number * seq_len) if match.group(2) in "xX" else int(number * 1024)
+            if tokens > 0:
+                return tokens
+    raise ValueError(f"expected a length such as 4096, '4k' or '2x' (times data.seq_len), got {value!r}")
+
+
+class Recipe(Section):
+    """Sections every kind shares."""
+
+    kind: str | None = None
+    run: RunSection = Field(default_factory=RunSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=lambda: TrainSection(steps=1000))
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class TrainRecipe(Recipe):
+    model: ModelSection = Field(default_factory=ModelSection)
+    tokenizer: str = Field("bpe:8192", description="'bytes', 'bpe:<vocab size>' or a local tokenizer folder")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_spec(cls, spec: str) -> str:
+        from lctk.data.tokenizer import check_tokenizer_spec
+
+        check_tokenizer_spec(spec)
+        return spec
+
+    @model_validator(mode="after")
+    def _model_shape(self) -> TrainRecipe:
+        if self.model.init_from is None:
+            self.hybrid_config(vocab_size=self.model.vocab_size or 256)  # raises on an impossible shape
+        return self
+
+    def hybrid_config(self, vocab_size: int, **token_ids: Any):
+        """The HybridConfig this recipe describes."""
+        from lctk.models.config import HybridConfig
+
+        settings = {k: v for k, v in self.model.model_dump(exclude={"init_from"}).items() if v is not None}
+        settings["vocab_size"] = self.model.vocab_size or vocab_size
+        try:
+            return HybridConfig(**settings, **token_ids)
+        except (ValueError, TypeError) as error:  # HybridConfig names the bad setting: "mamba2.head_dim: ..."
+            raise UserError(f"model.{error}") from None
+
+
+RECIPE_KINDS: dict[str, str] = {
+    "train": "lctk.recipe:TrainRecipe",
+    "distill": "lctk.distill.recipe:DistillRecipe",
+    "extend": "lctk.extend.recipe:ExtendRecipe",
+}
+
+
+def recipe_kind(raw: dict[str, Any]) -> str:
+    if raw.get("kind") is not None:
+        kind = raw["kind"]
+        if kind not in RECIPE_KINDS:
+            raise UserError(f"kind: unknown recipe kind {kind!r}{suggest(str(kind), RECIPE_KINDS)}; known: {', '.join(RECIPE_KINDS)}")
+        return kind
+    return next((kind for kind in RECIPE_KINDS if kind != "train" and kind in raw), "train")
+
+
+def recipe_class(kind: str) -> type[Recipe]:
+    module_name, class_name = RECIPE_KINDS[kind].split(":")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ModuleNotFoundError, AttributeError):
+        raise UserError(f"kind: {kind} recipes are not supported by this version of lctk") from None
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), kind: str | None = None) -> Recipe:
+    """Read, override and validate a recipe. `kind` forces the recipe kind (the command knows which it runs)."""
+    raw = read_yaml(path)
+    for override in overrides:
+        apply_override(raw, override)
+    kind = kind or recipe_kind(raw)
+    raw.setdefault("kind", kind)
+    return validate_recipe(raw, recipe_class(kind))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{where}: YAML syntax error: {error.problem or error.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: not a readable YAML file ({type(error).__name__})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (run:, model:, data:, train:, ...), got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """`a.b.c=value`: set a nested key (list items by index), creating mappings on the way; value parsed as YAML."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {override!r}: expected KEY=VALUE, e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # not YAML: take it as a plain string
+    parts = key.strip().split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"--set {key}: {here} is not an index of a list of {len(node)} items")
+            index = int(part)
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise UserError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section")
+
+
+def validate_recipe(raw: dict[str, Any], schema: type[Recipe]) -> Recipe:
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(describe_error(error, schema)) from None
+
+
+def describe_error(error: ValidationError, schema: type[BaseModel]) -> str:
+    """The first validation problem as one line naming the key."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{'.'.join(loc)}: unknown key{suggest(loc[-1], _fields_at(schema, first['loc'][:-1]))}"
+    if first["type"] == "missing":
+        return f"{'.'.join(loc)}: required key missing"
+    named = re.match(r"^([\w.]+): (.*)$", message)
+    if first["type"] == "value_error" and named:  # a validator naming a key inside its section: "steps: ..."
+        return f"{'.'.join([*loc, named.group(1)])}: {named.group(2)}"
+    got = first.get("input")
+    shown = f", got {got!r}" if not isinstance(got, dict | list) and first["type"] != "value_error" else ""
+    return f"{'.'.join(loc) or 'recipe'}: {message[:1].lower()}{message[1:]}{shown}"
+
+
+def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (for did-you-mean), following nested models, lists and optionals."""
+    node: Any = schema
+    for part in loc:
+        node = _unwrap(node)
+        if isinstance(part, int) and typing.get_origin(node) is list:
+            node = typing.get_args(node)[0]
+        elif isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        else:
+            return []
+    node = _unwrap(node)
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """X | None -> X (the one model among the union's members)."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
+        return (models or members)[0]
+    return annotation
+
+
+def suggest(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

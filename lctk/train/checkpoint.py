@@ -1,0 +1,155 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped.
+
+    <checkpoints>/step-00000100/
+        model.safetensors     full (unsharded) weights; tied aliases (lm_head = embeddings) stored once
+        optimizer.pt          full optimizer state by parameter name (tensors and numbers only: weights_only loads)
+        trainer.json          step, tokens seen, skipped steps, ... (the data position is the step: rows are
+                              addressable, see lctk.data.packing; the learning rate is a function of the step)
+        rng-<rank>.pt         each process's torch (and CUDA) and Python random states
+        manifest.json         size and sha256 of every file above, written last
+
+A checkpoint is written into `step-XXXXXXXX.tmp` and renamed into place once complete, so a killed run leaves at worst
+a .tmp folder, which is ignored. On resume every file is checked against the manifest; a damaged checkpoint is
+reported and the previous one used. Model and optimizer state go through torch.distributed.checkpoint's full state
+dict helpers, so the same files serve one process, DDP and FSDP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+PREFIX = "step-"
+MANIFEST = "manifest.json"
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete-looking checkpoints (no .tmp), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def problem_with(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be used, or None when every file matches its manifest."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "no readable manifest (interrupted while saving?)"
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, expected {expected['bytes']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_valid(folder: Path, warn) -> Path | None:
+    """The newest usable checkpoint; each damaged newer one is reported through `warn`."""
+    for path in reversed(list_checkpoints(folder)):
+        problem = problem_with(path)
+        if problem is None:
+            return path
+        warn(f"checkpoint {path} is damaged ({problem}); trying the previous one")
+    return None
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int) -> Path:
+    """Write a checkpoint of all processes' state; returns its path. Every process must call this."""
+    final = folder / checkpoint_name(step)
+    temporary = folder / f"{final.name}.tmp"
+    model_state = get_model_state_dict(model, options=FULL)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)
+    if accelerator.is_main_process:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir(parents=True)
+        aliases = tied_aliases(accelerator.unwrap_model(model))
+        weights = {k: v.contiguous() for k, v in model_state.items() if k not in aliases}
+        save_file(weights, str(temporary / "model.safetensors"), metadata={"format": "pt"})
+        torch.save(optimizer_state, temporary / "optimizer.pt")
+        (temporary / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), temporary / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(temporary.iterdir())}
+        (temporary / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        temporary.rename(final)
+        for old in list_checkpoints(folder)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def trainer_state(path: Path) -> dict:
+    return json.loads((path / "trainer.json").read_text())
+
+
+def load_checkpoint(accelerator, path: Path, model, optimizer) -> None:
+    """Restore model, optimizer and this process's random states from `path`."""
+    weights = load_file(str(path / "model.safetensors"))
+    for alias, source in tied_aliases(accelerator.unwrap_model(model)).items():
+        weights[alias] = weights[source]
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+    _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True))
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{alias: first name} for parameters reachable under several names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return aliases
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

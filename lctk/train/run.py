@@ -1,0 +1,240 @@
+"""`lctk train`: a validated TrainRecipe -> tokenizer, packed data, model -> Trainer -> run dir -> evals.
+
+Run dir (run.output_dir, default runs/<run.name>):
+    recipe.yaml      the resolved recipe (defaults filled in)
+    tokenizer/       the tokenizer (trained BPE, bytes or a copy of the given one)
+    metrics.jsonl    one line per logged step
+    checkpoints/     see lctk.train.checkpoint
+    final/           the model and tokenizer as a Hugging Face folder (AutoModelForCausalLM after `import lctk`)
+    eval/before, eval/after   eval suite outputs; results.json   before/after figures
+A run dir that already holds a run is resumed with --resume auto and otherwise refused, so nothing is overwritten by
+accident; resuming checks that the recipe's model, tokenizer and data sections are those the run was started with.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from lctk.errors import UserError
+from lctk.recipe import TrainRecipe
+
+SECTIONS_FIXED_ON_RESUME = ("model", "tokenizer", "data")
+SUITE_UNITS = {"passkey": "%", "niah": "%"}
+
+
+def train_recipe(recipe: TrainRecipe, resume: str | None = None, overwrite: bool = False) -> dict:
+    """Run a train recipe end to end; returns the run's results (also in <run_dir>/results.json)."""
+    from accelerate.utils import set_seed
+
+    from lctk.data.packing import StepBatches
+    from lctk.data.pipeline import load_tokenizer, prepare_data
+    from lctk.train.trainer import Trainer, make_accelerator, summary_line
+
+    accelerator = make_accelerator(recipe.train)
+    main = accelerator.is_main_process
+    say = print if main else (lambda *_, **__: None)
+    run_dir = recipe.run.dir
+    if main:
+        _check_run_dir(run_dir, recipe, resume, overwrite)
+    accelerator.wait_for_everyone()
+    set_seed(recipe.run.seed)
+
+    with accelerator.main_process_first():  # the main process fills the caches, the others read them
+        tokenizer = load_tokenizer(recipe.tokenizer, recipe.data)
+        data = prepare_data(recipe.data, tokenizer, recipe.run.seed)
+    model = _build_model(recipe, tokenizer)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+    world = accelerator.num_processes
+    total_steps = recipe.train.total_steps(recipe.data.seq_len, world)
+    tokens_per_step = recipe.train.batch_size * recipe.train.grad_accum * world * recipe.data.seq_len
+    say(f"model: {recipe.model.pattern or model.config.pattern} pattern, {_count_parameters(model) / 1e6:.2f}M parameters, "
+        f"vocab {model.config.vocab_size}, seq_len {recipe.data.seq_len}")
+    for line in data.summary:
+        say(f"data: {line}")
+    say(f"train: {total_steps} steps x {tokens_per_step} tokens on {world} process(es), {recipe.train.precision}")
+
+    results_file = run_dir / "results.json"
+    results = json.loads(results_file.read_text()) if resume is not None and results_file.exists() else {}
+    if main and recipe.eval.before and "before" not in results:
+        results["before"] = _evaluate(recipe, model, tokenizer, data.held_out, accelerator, run_dir / "eval" / "before")
+    accelerator.wait_for_everyone()
+
+    trainer = Trainer(
+        model,
+        StepBatches(data.rows, recipe.train.batch_size, recipe.train.grad_accum, accelerator.process_index, world),
+        train=recipe.train,
+        checkpoint=recipe.checkpoint,
+        logging=recipe.logging,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        total_steps=total_steps,
+        run_config=recipe.model_dump(mode="json"),
+        run_name=recipe.run.name,
+    )
+    result = trainer.fit(resume)
+    final = accelerator.unwrap_model(trainer.model)
+    if main:
+        save_hf_folder(final, tokenizer, run_dir / "final", recipe.data.seq_len)
+        results["train"] = dict(result.__dict__)
+        if result.new_steps or "after" not in results:  # evaluations of an older model must not be resumed
+            shutil.rmtree(run_dir / "eval" / "after", ignore_errors=True)
+            results["after"] = _evaluate(recipe, final, tokenizer, data.held_out, accelerator, run_dir / "eval" / "after")
+        results_file.write_text(json.dumps(results, indent=1))
+        print_results(results, recipe)
+        say(summary_line(result, run_dir))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _check_run_dir(run_dir: Path, recipe: TrainRecipe, resume: str | None, overwrite: bool) -> None:
+    holds_run = (run_dir / "checkpoints").exists() or (run_dir / "final").exists()
+    if overwrite and holds_run:
+        shutil.rmtree(run_dir)
+        return
+    if holds_run and resume is None:
+        raise UserError(
+            f"run.name: {run_dir} already holds a run; pass --resume auto to continue it, --overwrite to start "
+            "again, or --set run.name=<new name>"
+        )
+    if resume is None:  # what a run killed before its first checkpoint left behind
+        for leftover in ("eval", "results.json", "metrics.jsonl"):
+            path = run_dir / leftover
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    saved_file = run_dir / "recipe.yaml"
+    if resume is not None and saved_file.exists():
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+        current = recipe.model_dump(mode="json")
+        for section in SECTIONS_FIXED_ON_RESUME:
+            key = _first_difference(saved.get(section), current.get(section), section)
+            if key is not None:
+                raise UserError(
+                    f"{key}: differs from the run in {run_dir} that --resume would continue; "
+                    "use --set run.name=<new name> for a new run"
+                )
+
+
+def _first_difference(saved, current, key: str) -> str | None:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for name in sorted(set(saved) | set(current)):
+            found = _first_difference(saved.get(name), current.get(name), f"{key}.{name}")
+            if found:
+                return found
+        return None
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        for index, (a, b) in enumerate(zip(saved, current, strict=True)):
+            found = _first_difference(a, b, f"{key}.{index}")
+            if found:
+                return found
+        return None
+    return None if saved == current else key
+
+
+def _build_model(recipe: TrainRecipe, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from lctk.models import HybridForCausalLM
+
+    if recipe.model.init_from:
+        path = Path(recipe.model.init_from)
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.init_from: no model folder at {path} (expected a config.json there)")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError) as error:
+            raise UserError(f"model.init_from: cannot load {path} ({str(error).splitlines()[0]})") from None
+        if model.config.vocab_size < len(tokenizer):
+            raise UserError(f"model.init_from: {path} has {model.config.vocab_size} tokens, the tokenizer {len(tokenizer)}")
+        return model
+    vocab = -(-len(tokenizer) // 64) * 64  # a multiple of 64 keeps the embedding and LM-head matmuls aligned
+    config = recipe.hybrid_config(
+        vocab, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    config.train_length = recipe.data.seq_len
+    return HybridForCausalLM(config)
+
+
+def _count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_hf_folder(model, tokenizer, folder: Path, train_length: int | None = None) -> None:
+    """The model and its tokenizer as a Hugging Face folder, written next to `folder` and renamed into place."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    if train_length is not None and getattr(model.config, "train_length", None) is None:
+        model.config.train_length = train_length
+    model.save_pretrained(temporary, safe_serialization=True)
+    tokenizer.save_pretrained(temporary)
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary.rename(folder)
+
+
+def _evaluate(recipe: TrainRecipe, model, tokenizer, held_out, accelerator, out_dir: Path) -> dict:
+    from lctk.train.trainer import held_out_loss
+
+    figures: dict = {}
+    if recipe.eval.held_out_loss and held_out:
+        figures["held_out_loss"] = held_out_loss(model, held_out, accelerator)
+    if recipe.eval.suites:
+        from lctk.evals import run_suites
+
+        options = {"limit": recipe.eval.limit} if recipe.eval.limit else {}
+        suite_results = run_suites(
+            model,
+            tokenizer,
+            suites=recipe.eval.suites,
+            lengths=recipe.eval.token_lengths(recipe.data.seq_len),
+            output_dir=out_dir,
+            seed=recipe.run.seed,
+            allow_longer=True,
+            model_name=recipe.run.name,
+            progress=False,
+            **options,
+            **recipe.eval.options,
+        )
+        figures["suites"] = {name: entry for name, entry in suite_results["results"].items()}
+    return figures
+
+
+def print_results(results: dict, recipe: TrainRecipe) -> None:
+    """The before/after table: held-out loss and each suite's score by length."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = [name for name in ("before", "after") if name in results]
+    if not columns:
+        return
+    table = Table(title=f"{recipe.run.name}: before and after training")
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    rows: dict[str, list[str]] = {}
+    seq_len = recipe.data.seq_len
+    for position, name in enumerate(columns):
+        figures = results[name]
+        entries = []
+        if figures.get("held_out_loss") is not None:
+            entries.append(("held-out loss (nats/token)", f"{figures['held_out_loss']:.3f}"))
+        for suite, entry in figures.get("suites", {}).items():
+            for length, score in (entry.get("by_length") or {}).items():
+                times = int(length) / seq_len
+                label = f"{suite} @ {length} tokens ({times:g}x)"
+                entries.append((label, "n/a" if score is None else f"{score:.1f}{SUITE_UNITS.get(suite, '')}"))
+        for label, value in entries:
+            rows.setdefault(label, [""] * len(columns))[position] = value
+    for label, values in rows.items():
+        table.add_row(label, *values)
+    Console().print(table)

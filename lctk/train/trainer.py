@@ -1,0 +1,284 @@
+"""The training loop, on accelerate: one process on CPU or GPU, or `accelerate launch` (DDP, or FSDP from an
+accelerate config file) with no code change.
+
+The Trainer is generic: it takes a model, `batches` (step -> this process's micro-batches for that optimizer step,
+e.g. lctk.data.packing.StepBatches) and a loss function (model, micro-batch) -> SUM of the per-target losses. The
+default is next-token cross-entropy; distillation passes a KD loss, context extension passes batches whose length
+changes with the step.
+
+Loss normalisation: every step's gradient is that of the mean loss over all targets of the global batch (all
+micro-batches of all processes), counted before the backward passes by `count_fn` (labels != -100 after the shift).
+Each process backpropagates loss_sum * world_size / global_count, DDP averages over processes, so one process with
+batch 2B and two with batch B compute the same gradient. A step whose global loss or gradient norm is not finite is
+skipped (no update) and counted; max_bad_steps of them in a row save a checkpoint and stop the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lctk.errors import UserError
+from lctk.train.checkpoint import (
+    latest_valid,
+    list_checkpoints,
+    load_checkpoint,
+    problem_with,
+    save_checkpoint,
+    trainer_state,
+)
+from lctk.train.optim import lr_factor, make_optimizer
+from lctk.train.progress import Reporter, Throughput, format_count
+
+Batch = dict[str, Tensor]
+LossFn = Callable[[nn.Module, Batch], Tensor]
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """Summed next-token cross-entropy over the targets (labels != -100; labels are not shifted)."""
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+def count_targets(batch: Batch) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def make_accelerator(train):
+    """One Accelerator per process. Processes started by a launcher (accelerate launch --multi_gpu, torchrun) on a
+    machine without GPUs train on CPU over gloo, which accelerate only does when told `cpu=True`."""
+    from accelerate import Accelerator
+
+    launched_on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision="bf16" if train.precision == "bf16" else "no", cpu=launched_on_cpu)
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    wandb_id: str | None = None
+    world_size: int = 1  # the data each step reads depends on it, so a run resumes with as many processes
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    new_steps: int  # trained by this call (0 when resuming a finished run)
+    tokens_seen: int
+    new_tokens: int
+    skipped_steps: int
+    final_loss: float | None
+    seconds: float
+    resumed_from: str | None
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Callable[[int], list[Batch]],
+        *,
+        train,
+        checkpoint,
+        logging,
+        run_dir: Path,
+        accelerator,
+        total_steps: int,
+        loss_fn: LossFn = causal_lm_loss,
+        count_fn: Callable[[Batch], int] = count_targets,
+        run_config: dict | None = None,
+        run_name: str = "run",
+    ):
+        self.accelerator = accelerator
+        self.train, self.checkpoint, self.logging = train, checkpoint, logging
+        self.run_dir, self.checkpoint_dir = Path(run_dir), Path(run_dir) / "checkpoints"
+        self.batches, self.loss_fn, self.count_fn = batches, loss_fn, count_fn
+        self.total_steps = total_steps
+        self.run_config, self.run_name = run_config, run_name
+        if train.activation_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = make_optimizer(model, train)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if train.compile:
+            self.model = torch.compile(self.model)
+        self.state = TrainerState(world_size=accelerator.num_processes)
+
+    def fit(self, resume: str | None = None) -> TrainResult:
+        """Train to total_steps. resume: None (fresh), "auto" (the latest valid checkpoint, if any) or a path."""
+        accelerator = self.accelerator
+        resumed_from = self._resume(resume)
+        reporter = Reporter(
+            self.run_dir,
+            self.total_steps,
+            self.state.step,
+            enabled=accelerator.is_main_process,
+            wandb_settings=self.logging.wandb,
+            run_config=self.run_config,
+            run_name=self.run_name,
+            wandb_id=self.state.wandb_id,
+        )
+        self.state.wandb_id = reporter.wandb_id
+        if resumed_from:
+            reporter.message(f"resumed from {resumed_from} at step {self.state.step}")
+        started, throughput = time.perf_counter(), Throughput()
+        first_step, first_tokens = self.state.step, self.state.tokens_seen
+        interval_losses: list[float] = []
+        last_loss = None
+        self.model.train()
+        try:
+            while self.state.step < self.total_steps:
+                loss, grad_norm, tokens = self._step(self.state.step)
+                self.state.step += 1
+                self.state.tokens_seen += tokens
+                throughput.add(tokens)
+                if loss is not None:
+                    interval_losses.append(loss)
+                    last_loss = loss
+                done = self.state.step == self.total_steps
+                if self.state.step % self.logging.every == 0 or done:
+                    reporter.log(self._metrics(interval_losses, grad_norm, throughput.read()))
+                    interval_losses = []
+                if self.state.bad_in_a_row >= self.train.max_bad_steps:
+                    path = self._save()
+                    raise UserError(
+                        f"training stopped at step {self.state.step}: {self.state.bad_in_a_row} non-finite losses or "
+                        f"gradients in a row (checkpoint {path}); try a lower train.lr or train.precision: fp32"
+                    )
+                if done or (self.checkpoint.every and self.state.step % self.checkpoint.every == 0):
+                    self._save()
+        finally:
+            reporter.close()
+        return TrainResult(
+            steps=self.state.step,
+            new_steps=self.state.step - first_step,
+            tokens_seen=self.state.tokens_seen,
+            new_tokens=self.state.tokens_seen - first_tokens,
+            skipped_steps=self.state.skipped_steps,
+            final_loss=last_loss,
+            seconds=time.perf_counter() - started,
+            resumed_from=resumed_from,
+        )
+
+    def _step(self, step: int) -> tuple[float | None, float | None, int]:
+        """One optimizer step; returns (global mean loss or None if not finite, grad norm, global tokens)."""
+        accelerator = self.accelerator
+        micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in self.batches(step)]
+        local = torch.tensor([sum(self.count_fn(b) for b in micro_batches), sum(b["input_ids"].numel() for b in micro_batches)],
+                             dtype=torch.float64, device=accelerator.device)
+        targets, tokens = accelerator.reduce(local, reduction="sum").tolist()
+        scale = accelerator.num_processes / max(targets, 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.train.lr * lr_factor(step, self.total_steps, self.train)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.model), accelerator.autocast():
+                loss = self.loss_fn(self.model, batch)
+                accelerator.backward(loss * scale)
+            loss_sum += loss.detach().double()
+        mean_loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(targets, 1.0)
+        grad_norm = float(accelerator.clip_grad_norm_(self.model.parameters(), self.train.clip or math.inf))
+        if math.isfinite(mean_loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.state.bad_in_a_row = 0
+        else:
+            self.state.skipped_steps += 1
+            self.state.bad_in_a_row += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return (mean_loss if math.isfinite(mean_loss) else None), (grad_norm if math.isfinite(grad_norm) else None), int(tokens)
+
+    def _metrics(self, losses: list[float], grad_norm: float | None, tokens_per_s: float) -> dict:
+        step = self.state.step
+        return {
+            "step": step,
+            "loss": sum(losses) / len(losses) if losses else None,
+            "lr": self.train.lr * lr_factor(step - 1, self.total_steps, self.train),
+            "grad_norm": grad_norm,
+            "tokens_per_s": round(tokens_per_s, 1),
+            "tokens_seen": self.state.tokens_seen,
+            "peak_memory_mb": round(peak_memory_mb(self.accelerator.device), 1),
+            "skipped_steps": self.state.skipped_steps,
+            "time": round(time.time(), 3),
+        }
+
+    def _save(self) -> Path:
+        return save_checkpoint(
+            self.accelerator, self.checkpoint_dir, self.state.step, self.model, self.optimizer,
+            asdict(self.state), self.checkpoint.keep_last,
+        )
+
+    def _resume(self, resume: str | None) -> str | None:
+        if resume is None:
+            return None
+        warn = (lambda text: print(f"warning: {text}", flush=True)) if self.accelerator.is_main_process else (lambda _: None)
+        if resume == "auto":
+            path = latest_valid(self.checkpoint_dir, warn)
+            if path is None:
+                if list_checkpoints(self.checkpoint_dir):
+                    warn("no usable checkpoint; starting from scratch")
+                return None
+        else:
+            path = Path(resume)
+            if not path.is_dir():
+                raise UserError(f"--resume: checkpoint folder {path} not found")
+            problem = problem_with(path)
+            if problem is not None:
+                raise UserError(f"--resume: checkpoint {path} is damaged ({problem})")
+        saved = trainer_state(path)
+        if saved.get("world_size", 1) != self.accelerator.num_processes:
+            raise UserError(
+                f"--resume: {path} was written by {saved.get('world_size', 1)} process(es); resume it with as many "
+                f"(this run has {self.accelerator.num_processes})"
+            )
+        load_checkpoint(self.accelerator, path, self.model, self.optimizer)
+        self.state = TrainerState(**saved)
+        return str(path)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, rows: list, accelerator, batch_size: int = 8) -> float | None:
+    """Mean next-token loss over packed held-out rows (lctk.data.packing.Row), on this process."""
+    from lctk.data.packing import collate
+
+    if not rows:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate(rows[start : start + batch_size]).items()}
+        with accelerator.autocast():
+            total += float(causal_lm_loss(model, batch))
+        count += count_targets(batch)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def summary_line(result: TrainResult, run_dir: Path) -> str:
+    rate = result.new_tokens / max(result.seconds, 1e-9)
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    return (
+        f"done: {result.steps} steps, {format_count(result.tokens_seen)} tokens, {result.seconds:.1f}s "
+        f"({format_count(rate)} tok/s), final loss {loss}, {result.skipped_steps} skipped steps -> {run_dir}"
+    )

@@ -1,0 +1,51 @@
+"""Tokenizers: bytes are byte values, BPE splits digits and is cached, folders load locally, bad specs fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from lctk.data.tokenizer import END_OF_TEXT, build_tokenizer, check_tokenizer_spec, load_local_tokenizer
+from lctk.errors import UserError
+
+TEXT = ["The pass key is 12345. Remember it.", "héllo wörld\n\ttabs and 2026 numbers"] * 40
+
+
+def test_bytes_tokenizer_ids_are_utf8_bytes_and_round_trip():
+    tokenizer = build_tokenizer("bytes", None, None)
+    text = "héllo\n\t<|endoftext|> 42"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[:3] == list("héllo".encode())[:3]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.convert_tokens_to_ids(END_OF_TEXT) == tokenizer.eos_token_id == 256
+
+
+def test_bpe_is_trained_once_splits_digits_and_reloads_from_its_folder(tmp_path):
+    calls = []
+
+    def text():
+        calls.append(1)
+        return TEXT
+
+    first = build_tokenizer("bpe:300", text, tmp_path)
+    assert len(first) <= 300 and first.eos_token == END_OF_TEXT
+    tokens = first.tokenize(" 12345")
+    assert [t for t in tokens if t.isdigit()] == list("12345")
+    again = build_tokenizer("bpe:300", text, tmp_path)
+    assert again.backend_tokenizer.to_str() == first.backend_tokenizer.to_str()
+    assert len(list((tmp_path / "tokenizers").glob("bpe-300-*.json"))) == 1
+    first.save_pretrained(tmp_path / "saved")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert loaded(TEXT[1])["input_ids"] == first(TEXT[1])["input_ids"]
+    assert load_local_tokenizer(str(tmp_path / "saved")).eos_token == END_OF_TEXT
+
+
+@pytest.mark.parametrize("spec", ["bpe:12", "bpe:x", "bpe:", ""])
+def test_bad_specs_are_rejected(spec):
+    with pytest.raises(ValueError):
+        check_tokenizer_spec(spec)
+
+
+def test_missing_folder_names_the_tokenizer_key(tmp_path):
+    with pytest.raises(UserError, match="^tokenizer: tokenizer folder .* not found"):
+        build_tokenizer(str(tmp_path / "none"), None, tmp_path)

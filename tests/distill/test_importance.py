@@ -1,0 +1,51 @@
+"""Layer importance: leave-one-out scores are the divergence rise, deterministic for a seed."""
+
+from __future__ import annotations
+
+import torch
+from tiny_teachers import tiny_llama
+
+from lctk.distill.convert import student_from_teacher
+from lctk.distill.importance import attention_removed, leave_one_out, mmr_probes, ranking
+
+
+def _held_out(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 320, (2, 24), generator=generator)
+    return [{"input_ids": ids, "labels": ids}]
+
+
+def test_leave_one_out_ranking_is_deterministic_for_a_seed():
+    runs = []
+    for _ in range(2):
+        teacher = student_from_teacher(tiny_llama(seed=7)).requires_grad_(False)
+        runs.append(leave_one_out(teacher, teacher, _held_out(1), [0, 1, 2, 3]))
+    assert runs[0] == runs[1]
+    assert sorted(ranking(runs[0])) == [0, 1, 2, 3]
+    assert all(score["score"] > 0 for score in runs[0].values())  # removing a layer of the teacher costs something
+
+
+def test_a_layer_that_adds_nothing_scores_zero_and_ranks_first():
+    teacher = student_from_teacher(tiny_llama(seed=7)).requires_grad_(False)
+    student = student_from_teacher(tiny_llama(seed=7))
+    with torch.no_grad():
+        student.model.layers[2].mixer.o_proj.weight.zero_()  # attention output already nothing
+        teacher.model.layers[2].mixer.o_proj.weight.zero_()
+    scores = leave_one_out(student, teacher, _held_out(2), [0, 1, 2, 3])
+    assert abs(scores[2]["score"]) < 1e-7
+    assert ranking(scores)[0] == 2
+    ids = _held_out(2)[0]["input_ids"]
+    with torch.no_grad(), attention_removed(student, 2):
+        removed = student(input_ids=ids).logits
+    assert torch.equal(removed, student(input_ids=ids).logits.detach())
+
+
+def test_mmr_probes_rank_by_the_divergence_each_probe_reaches():
+    teacher = student_from_teacher(tiny_llama(seed=7)).requires_grad_(False)
+    damaged = student_from_teacher(tiny_llama(seed=7))
+    with torch.no_grad():
+        damaged.model.layers[0].mixer.o_proj.weight.mul_(3.0)
+    probes = {0: damaged, 1: teacher}  # layer 0's probe ends far from the teacher, layer 1's on it
+    scores = mmr_probes(teacher, _held_out(3), [0, 1], probes.__getitem__)
+    assert scores[1]["score"] < 1e-7 < scores[0]["score"]
+    assert ranking(scores) == [1, 0]

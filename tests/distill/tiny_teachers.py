@@ -1,0 +1,24 @@
+"""Tiny teachers built in the tests: Llama with 4 query heads and 2 kv heads (plus Qwen2 / Mistral variants)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lctk  # noqa: F401  (registers the hybrid with the Auto classes)
+
+TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def tiny_llama(vocab_size: int = 320, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**TINY, **overrides})).eval()
+
+
+def copy_batch(generator: torch.Generator, rows: int, vocab: int = 64, half: int = 24) -> torch.Tensor:
+    """Rows of random tokens followed by the same tokens: the second half needs attention to predict."""
+    first = torch.randint(0, vocab, (rows, half), generator=generator)
+    return torch.cat([first, first], dim=1)

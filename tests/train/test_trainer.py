@@ -1,0 +1,136 @@
+"""The Trainer: gradient accumulation equals a bigger batch, non-finite steps are skipped and stop the run,
+checkpoints round-trip exactly and damaged ones are passed over."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
+from lctk.data.packing import StepBatches, TextRows, cut_pieces
+from lctk.errors import UserError
+from lctk.models import HybridConfig, HybridForCausalLM
+from lctk.recipe import CheckpointSection, LoggingSection, TrainSection
+from lctk.train.checkpoint import latest_valid, list_checkpoints, tied_aliases
+from lctk.train.trainer import Trainer, causal_lm_loss, make_accelerator
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def tiny_model(seed: int = 0) -> HybridForCausalLM:
+    torch.manual_seed(seed)
+    config = HybridConfig(pattern="MA", vocab_size=64, hidden_size=32, num_attention_heads=2,
+                          mamba2={"state_size": 8, "head_dim": 16, "chunk_size": 8})
+    return HybridForCausalLM(config)
+
+
+def rows(seq_len: int = 16) -> TextRows:
+    generator = torch.Generator().manual_seed(0)
+    documents = [torch.randint(0, 63, (int(n),), generator=generator).numpy() for n in torch.randint(5, 30, (60,), generator=generator)]
+    return TextRows(cut_pieces(documents, seq_len, eos=63), seq_len, seed=0)
+
+
+def trainer(tmp_path, model, batch_size=4, grad_accum=1, steps=3, loss_fn=causal_lm_loss, **train) -> Trainer:
+    settings = TrainSection(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, precision="fp32", **train)
+    return Trainer(
+        model,
+        StepBatches(rows(), batch_size, grad_accum),
+        train=settings,
+        checkpoint=CheckpointSection(every=1, keep_last=2),
+        logging=LoggingSection(every=1, wandb={"mode": "disabled"}),
+        run_dir=tmp_path,
+        accelerator=make_accelerator(settings),
+        total_steps=steps,
+        loss_fn=loss_fn,
+    )
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    big = trainer(tmp_path / "big", tiny_model(), batch_size=4, grad_accum=1)
+    big.fit()
+    small = trainer(tmp_path / "small", tiny_model(), batch_size=2, grad_accum=2)
+    small.fit()
+    for name, value in weights(big.model).items():
+        torch.testing.assert_close(weights(small.model)[name], value, rtol=1e-4, atol=1e-5)
+    first = [json.loads(line) for line in (tmp_path / "big" / "metrics.jsonl").read_text().splitlines()]
+    second = [json.loads(line) for line in (tmp_path / "small" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in first] == pytest.approx([m["loss"] for m in second], rel=1e-5)
+    assert set(first[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "peak_memory_mb", "skipped_steps"}
+    assert first[-1]["tokens_seen"] == 3 * 4 * 16
+
+
+def test_non_finite_losses_skip_the_step_and_stop_the_run_after_a_checkpoint(tmp_path):
+    def poisoned(model, batch):
+        loss = causal_lm_loss(model, batch)
+        return loss * math.nan if poisoned.step_calls >= 1 else loss
+
+    poisoned.step_calls = 0
+    model = tiny_model()
+    run = trainer(tmp_path, model, steps=20, loss_fn=poisoned, max_bad_steps=3)
+    original_step = run._step
+
+    def counting_step(step):
+        result = original_step(step)
+        poisoned.step_calls += 1
+        if step == 0:
+            counting_step.after_first = weights(run.model)
+        return result
+
+    run._step = counting_step
+    with pytest.raises(UserError, match=r"training stopped at step 4: 3 non-finite losses .* train.lr"):
+        run.fit()
+    assert run.state.skipped_steps == 3
+    for name, value in weights(run.model).items():  # skipped steps left the weights alone
+        assert torch.equal(value, counting_step.after_first[name])
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")][-1] == "step-00000004"
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[1]["loss"] is None and metrics[-1]["skipped_steps"] == 3
+
+
+def test_checkpoints_round_trip_exactly_and_damaged_ones_are_skipped(tmp_path):
+    model = tiny_model()
+    assert tied_aliases(model) == {"lm_head.weight": "model.embed_tokens.weight"}
+    first = trainer(tmp_path, model, steps=3)
+    first.fit()
+    saved = list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in saved] == ["step-00000002", "step-00000003"]  # keep_last = 2
+
+    resumed = trainer(tmp_path, tiny_model(seed=1), steps=3)
+    resumed._resume(str(saved[-1]))
+    for name, value in weights(first.model).items():
+        assert torch.equal(weights(resumed.model)[name], value)
+    state_a, state_b = first.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for key in state_a:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state_a[key][field], state_b[key][field])
+    assert resumed.state.step == 3
+
+    (saved[-1] / "model.safetensors").write_bytes(b"garbage")
+    (tmp_path / "checkpoints" / "step-00000004.tmp").mkdir()  # a save interrupted by a kill
+    warnings = []
+    assert latest_valid(tmp_path / "checkpoints", warnings.append) == saved[0]
+    assert "step-00000003" in warnings[0] and "model.safetensors" in warnings[0]
+    with pytest.raises(UserError, match="damaged"):
+        trainer(tmp_path, tiny_model(), steps=3)._resume(str(saved[-1]))
+
+
+def test_activation_checkpointing_changes_memory_not_results(tmp_path):
+    plain = trainer(tmp_path / "plain", tiny_model(), steps=2)
+    plain.fit()
+    recomputed = trainer(tmp_path / "ckpt", tiny_model(), steps=2, activation_checkpointing=True)
+    assert recomputed.model.model.gradient_checkpointing
+    recomputed.fit()
+    for name, value in weights(plain.model).items():
+        torch.testing.assert_close(weights(recomputed.model)[name], value, rtol=1e-5, atol=1e-6)
