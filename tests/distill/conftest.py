@@ -26,14 +26,3 @@ def copy_teacher():
     finally:
         torch.set_num_threads(threads)
     return teacher.eval().requires_grad_(False)
-
-
-def save_teacher(folder):
-    """An (untrained) tiny Llama saved with the byte tokenizer, as `distill.teacher` reads it."""
-    from lctk.data.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer("bytes", None, None)
-    model = tiny_llama(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder

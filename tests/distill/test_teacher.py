@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from conftest import save_teacher
+from tiny_teachers import save_teacher
 
 from lctk.distill.teacher import _gguf_in_package, load_teacher, resolve_teacher
 from lctk.errors import UserError

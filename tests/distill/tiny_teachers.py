@@ -22,3 +22,14 @@ def copy_batch(generator: torch.Generator, rows: int, vocab: int = 64, half: int
     """Rows of random tokens followed by the same tokens: the second half needs attention to predict."""
     first = torch.randint(0, vocab, (rows, half), generator=generator)
     return torch.cat([first, first], dim=1)
+
+
+def save_teacher(folder):
+    """An (untrained) tiny Llama saved with the byte tokenizer, as `distill.teacher` reads it."""
+    from lctk.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer("bytes", None, None)
+    model = tiny_llama(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -48,7 +48,7 @@ def write_recipe(folder: Path, teacher: Path, **distill) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    from conftest import save_teacher
+    from tiny_teachers import save_teacher
 
     folder = tmp_path_factory.mktemp("distill")
     recipe = write_recipe(folder, save_teacher(folder / "teacher"))
@@ -145,7 +145,7 @@ def test_an_unsupported_teacher_architecture_is_one_line_and_exit_code_2(tmp_pat
     ],
 )
 def test_bad_distill_settings_name_the_key(tmp_path, change, message):
-    from conftest import save_teacher
+    from tiny_teachers import save_teacher
 
     recipe = write_recipe(tmp_path, save_teacher(tmp_path / "teacher"), **change)
     with pytest.raises(UserError) as error:
