@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lctk.kernels.ssd import ssd
+
 
 @dataclass
 class SequenceInfo:
@@ -94,3 +96,29 @@ def build_sequence_info(
         boundaries = torch.nonzero(flat_starts.flatten()).flatten()
         info.cu_seqlens = torch.cat([boundaries, boundaries.new_tensor([batch * length])]).to(torch.int32)
     return info
+
+
+def ssd_rows(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    seq: SequenceInfo,
+    initial: Tensor | None,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor | None]:
+    """`ssd` over the rows of one forward call; packed documents run as one flat row restarting at each
+    boundary.
+    initial: the per-row state to continue, or None (then no final state is returned)."""
+    want_final = initial is not None
+    if not seq.has_documents:
+        return ssd(q, k, v, g, initial_state=initial, output_final_state=want_final, chunk_size=chunk_size)
+    flat = [None if t is None else t.flatten(0, 1).unsqueeze(0) for t in (q, k, v, g)]
+    out, final = ssd(
+        *flat,
+        initial_state=seq.flat_initial_states(initial),
+        output_final_state=want_final,
+        cu_seqlens=seq.cu_seqlens,
+        chunk_size=chunk_size,
+    )
+    return out.view(v.shape), seq.row_final_states(final) if want_final else None

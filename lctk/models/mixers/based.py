@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lctk.kernels.ssd import ssd, ssd_step
+from lctk.kernels.ssd import ssd_step
 from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
-from lctk.models.sequence import SequenceInfo
+from lctk.models.sequence import SequenceInfo, ssd_rows
 
 
 def taylor_features(x: Tensor) -> Tensor:
@@ -35,32 +35,6 @@ def taylor_features(x: Tensor) -> Tensor:
     dim = x.shape[-1]
     square = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / math.sqrt(2 * dim)
     return torch.cat([torch.ones_like(x[..., :1]), x / dim**0.25, square], dim=-1)
-
-
-def ssd_rows(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor | None,
-    seq: SequenceInfo,
-    initial: Tensor | None,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor | None]:
-    """`ssd` over the rows of one forward call; packed documents run as one flat row restarting at each
-    boundary.
-    initial: the per-row state to continue, or None (then no final state is returned)."""
-    want_final = initial is not None
-    if not seq.has_documents:
-        return ssd(q, k, v, g, initial_state=initial, output_final_state=want_final, chunk_size=chunk_size)
-    flat = [None if t is None else t.flatten(0, 1).unsqueeze(0) for t in (q, k, v, g)]
-    out, final = ssd(
-        *flat,
-        initial_state=seq.flat_initial_states(initial),
-        output_final_state=want_final,
-        cu_seqlens=seq.cu_seqlens,
-        chunk_size=chunk_size,
-    )
-    return out.view(v.shape), seq.row_final_states(final) if want_final else None
 
 
 @dataclass

@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from lctk.kernels.ssd import ssd, ssd_step
+from lctk.kernels.ssd import ssd_step
 from lctk.models.layers import GatedRMSNorm, causal_depthwise_conv, conv_tail
 from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
-from lctk.models.sequence import SequenceInfo
+from lctk.models.sequence import SequenceInfo, ssd_rows
 
 
 @dataclass
@@ -81,7 +81,6 @@ LENGTH_SETTINGS = ("dt_scale", "b_scale", "state_norm_cap", "state_window")
 
 class Mamba2(Mixer):
     section = "mamba2"
-    layer_idx: int | None = None  # position in config.pattern, set by the block; needed by per-layer settings
 
     def __init__(self, config, letter: str):
         super().__init__(config, letter)
@@ -228,7 +227,7 @@ class Mamba2(Mixer):
             y, state.ssm = ssd_step(c[:, 0], b[:, 0], v[:, 0], g[:, 0], state.ssm)
             y = y.unsqueeze(1)
         else:
-            y, final = scan_rows(c, b, v, g, seq, None if state is None else state.ssm, self.chunk_size)
+            y, final = ssd_rows(c, b, v, g, seq, None if state is None else state.ssm, self.chunk_size)
             if state is not None:
                 state.ssm = final
         y = y + x * self.D.to(x.dtype).unsqueeze(-1)
@@ -242,25 +241,6 @@ class Mamba2(Mixer):
         if state is not None:
             (state.window_k, state.window_v, state.window_g), state.ssm = keep, windowed_state
         return y
-
-
-def scan_rows(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, seq: SequenceInfo, initial: Tensor | None, chunk_size: int
-) -> tuple[Tensor, Tensor | None]:
-    """`ssd` over the rows of one call; packed documents run as one flat row, the state restarting at every
-    boundary. initial: the per-row state to continue, or None (then no final state is returned)."""
-    want_final = initial is not None
-    if not seq.has_documents:
-        return ssd(q, k, v, g, initial_state=initial, output_final_state=want_final, chunk_size=chunk_size)
-    flat = [t.flatten(0, 1).unsqueeze(0) for t in (q, k, v, g)]
-    y, final = ssd(
-        *flat,
-        initial_state=seq.flat_initial_states(initial),
-        output_final_state=want_final,
-        cu_seqlens=seq.cu_seqlens,
-        chunk_size=chunk_size,
-    )
-    return y.view(v.shape), seq.row_final_states(final) if want_final else None
 
 
 def check_length_settings(settings: dict[str, Any], pattern: str, heads: int) -> None:
