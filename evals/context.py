@@ -32,9 +32,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from lctk.evals.tokens import encode_batch, fingerprint, has_offsets, special_tokens_around
 
 from lctk.errors import UserError
+from lctk.evals.tokens import encode_batch, fingerprint, has_offsets, special_tokens_around
 
 MARGIN_CHARS = 48
 OVERLAP_TOKENS = 3

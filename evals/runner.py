@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from lctk.errors import UserError
 from lctk.evals.lm_eval_bridge import require_lm_eval, run_lm_eval
 from lctk.evals.models import length_limit, model_device, training_length
 from lctk.evals.plots import format_length
@@ -18,8 +20,6 @@ from lctk.evals.store import SampleStore, write_json
 from lctk.evals.suites import SUITES, EvalContext
 from lctk.evals.tasks import niah
 from lctk.evals.tokens import fingerprint
-
-from lctk.errors import UserError
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_LIMIT = 10

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+
 from lctk.evals import plots
 from lctk.evals.models import stream
 from lctk.evals.suites.base import EvalContext, Job, Suite

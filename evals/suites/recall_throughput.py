@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from lctk.evals import plots
 from lctk.evals.models import cache_of, model_device, peak_memory, state_size, stream
 from lctk.evals.suites.base import EvalContext, Job, Suite, mean

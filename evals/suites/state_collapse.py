@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from lctk.evals import plots
 from lctk.evals.models import iter_tensors, stream
 from lctk.evals.suites.base import EvalContext, Job, Suite

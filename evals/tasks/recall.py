@@ -20,11 +20,11 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+
+from lctk.errors import UserError
 from lctk.evals.context import Piece, fit_prompt
 from lctk.evals.tasks.sample import Sample
 from lctk.evals.tasks.text import pairs_haystack, window_start
-
-from lctk.errors import UserError
 
 TEXT_INSTRUCTION = (
     "Below is a list of keys and their values. Memorize them: you will be asked for the values afterwards.\n"

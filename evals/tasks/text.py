@@ -17,10 +17,10 @@ from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
-from lctk.evals.context import Haystack, cached_haystack
-from lctk.evals.tokens import encode_batch
 
 from lctk.data.corpus import builtin_documents
+from lctk.evals.context import Haystack, cached_haystack
+from lctk.evals.tokens import encode_batch
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 SENTENCE_BOUNDARY = r"(?<=[.!?])\s+(?=\S)"

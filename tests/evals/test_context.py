@@ -6,9 +6,9 @@ import random
 
 import numpy as np
 import pytest
-from lctk.evals.tasks import niah, passkey, recall
 
 from lctk.errors import UserError
+from lctk.evals.tasks import niah, passkey, recall
 
 TOKENIZERS = ["bpe_tokenizer", "byte_tokenizer", "unigram_tokenizer", "wordpiece_tokenizer", "spaced_bpe_tokenizer"]
 FEW = 3  # "a few tokens under": one haystack token more would overflow the budget

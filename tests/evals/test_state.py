@@ -4,11 +4,12 @@ against a full forward pass, state sizes, and the state-collapse / perplexity su
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM
+
 from lctk.evals import run_suites, state_size
 from lctk.evals.models import stream
 from lctk.evals.suites.state_collapse import trace_states
 from lctk.evals.tasks.text import corpus_tokens
-from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM
 
 VOCAB = 4097  # the test BPE tokenizer's vocabulary
 

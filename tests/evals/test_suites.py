@@ -4,10 +4,10 @@ recalls key-value pairs; results.json follows the schema; a rerun into the same 
 import json
 
 import pytest
-from lctk.evals import parse_lengths, parse_suites, run_suites
 from scripted_models import InductionLM, ScriptedLM, expected_answer
 
 from lctk.errors import UserError
+from lctk.evals import parse_lengths, parse_suites, run_suites
 
 LENGTHS = [320, 512]
 

@@ -4,6 +4,7 @@ import random
 import re
 
 import pytest
+
 from lctk.evals.scoring import string_match_all
 from lctk.evals.tasks import niah, passkey
 
