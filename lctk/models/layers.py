@@ -162,3 +162,9 @@ def conv_tail(x: Tensor, past: Tensor | None, kernel: int, seq_idx: Tensor | Non
         tail_seq = F.pad(seq_idx, (kernel - 1, 0), value=0)[:, -(kernel - 1) :]
         tail = tail * (tail_seq == seq_idx[:, -1:]).unsqueeze(-1).to(tail.dtype)
     return tail
+
+
+def silu_grad(z: Tensor) -> Tensor:
+    """d silu(z) / dz, for the hand-written gradients of test-time-trained memories."""
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))

@@ -80,7 +80,9 @@ def train_recipe(recipe: TrainRecipe, resume: str | None = None, overwrite: bool
         run_name=recipe.run.name,
     )
     result = trainer.fit(resume)
-    final = accelerator.unwrap_model(trainer.model)
+    # without the autocast wrapper: "after" must be evaluated the way from_pretrained will load the model
+    final = accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    accelerator.free_memory()
     if main:
         save_hf_folder(final, tokenizer, run_dir / "final", recipe.data.seq_len)
         results["train"] = dict(result.__dict__)

@@ -7,8 +7,7 @@ import torch.nn.functional as F
 
 from lctk import HybridConfig
 from lctk.models.mixers.lact import LaCT, newton_schulz
-from lctk.models.mixers.titans import unpack
-from lctk.models.sequence import build_sequence_info
+from lctk.models.sequence import build_sequence_info, unpack
 
 
 def make_lact(**settings) -> LaCT:

@@ -8,17 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from lctk import HybridConfig
-from lctk.models.mixers.titans import (
-    ChunkGrid,
-    MemoryMLP,
-    Titans,
-    memory_chunk,
-    memory_step,
-    pack,
-    unpack,
-    window_attention,
-)
-from lctk.models.sequence import build_sequence_info
+from lctk.models.mixers.attention import window_attention
+from lctk.models.mixers.titans import MemoryMLP, Titans, memory_chunk, memory_step
+from lctk.models.sequence import ChunkGrid, build_sequence_info, pack, unpack
 
 
 def run_mlp(mats, x):

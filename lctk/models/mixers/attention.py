@@ -148,3 +148,59 @@ class Attention(Mixer):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=True)
         return out.transpose(1, 2)
+
+
+def window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq: SequenceInfo,
+    window: int,
+    past: tuple[Tensor, Tensor, int] | None = None,
+    persistent: Tensor | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor, int]]:
+    """Causal attention where query t sees keys t - window < s <= t of its own document (and not padding).
+
+    q, k, v [B, T, H, D] after RoPE; past = (keys, values, seen): the kept keys/values [B, S, H, D] of the
+    `seen` earlier tokens (S <= window - 1); persistent [2, P, H, D] learned keys and values every query sees.
+    Returns (out [B, T, H, D], the past for the next call). Queries go in blocks of `window` so memory stays
+    O(T * window) rather than O(T^2).
+    """
+    batch, length = q.shape[:2]
+    past_keys, past_values, seen = past if past is not None else (k[:, :0], v[:, :0], 0)
+    kept = past_keys.shape[1]
+    keys = torch.cat([past_keys.to(k.dtype), k], dim=1)
+    values = torch.cat([past_values.to(v.dtype), v], dim=1)
+    key_ok = seq.key_mask[:, -(kept + length) :] if seq.key_mask is not None else None
+    # cached keys belong to the row's first document
+    key_doc = F.pad(seq.seq_idx, (kept, 0), value=0) if seq.has_documents else None
+    block = max(window, 64)
+    outs = []
+    for start in range(0, length, block):
+        stop = min(length, start + block)
+        lo, hi = max(0, kept + start - window + 1), kept + stop
+        distance = (torch.arange(start, stop, device=q.device) + kept)[:, None] - torch.arange(
+            lo, hi, device=q.device
+        )
+        allowed = ((distance >= 0) & (distance < window)).unsqueeze(0)
+        if key_ok is not None:
+            allowed = allowed & key_ok[:, None, lo:hi]
+        if key_doc is not None:
+            allowed = allowed & (seq.seq_idx[:, start:stop, None] == key_doc[:, None, lo:hi])
+        allowed = allowed | (distance == 0)  # a padding query sees itself: no empty softmax row
+        block_keys, block_values = keys[:, lo:hi], values[:, lo:hi]
+        if persistent is not None:
+            block_keys = torch.cat([persistent[0].to(k.dtype).expand(batch, -1, -1, -1), block_keys], dim=1)
+            block_values = torch.cat(
+                [persistent[1].to(v.dtype).expand(batch, -1, -1, -1), block_values], dim=1
+            )
+            allowed = F.pad(allowed, (persistent.shape[1], 0), value=True)
+        out = F.scaled_dot_product_attention(
+            q[:, start:stop].transpose(1, 2),
+            block_keys.transpose(1, 2),
+            block_values.transpose(1, 2),
+            attn_mask=allowed.unsqueeze(1),
+        )
+        outs.append(out.transpose(1, 2))
+    keep = keys.shape[1] - min(keys.shape[1], window - 1)
+    return torch.cat(outs, dim=1), (keys[:, keep:], values[:, keep:], seen + length)

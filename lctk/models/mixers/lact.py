@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from lctk.models.layers import RMSNorm, apply_rotary
+from lctk.models.layers import RMSNorm, apply_rotary, silu_grad
+from lctk.models.mixers.attention import window_attention
 from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
-from lctk.models.mixers.titans import ChunkGrid, pack, silu_grad, unpack, window_attention
-from lctk.models.sequence import SequenceInfo
+from lctk.models.sequence import ChunkGrid, SequenceInfo, pack, unpack
 
 
 def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:

@@ -42,9 +42,9 @@ sigmoid; MAC's short convolution is on the segment's read query only (the write'
 attention output, which exists only inside the segment loop); persistent tokens are key/value pairs without
 RoPE.
 
-Shared with LaCT: `ChunkGrid` lays the real tokens of a call out in whole chunks per document (chunks count
-from the document start, continue a cached partial chunk, skip padding); `window_attention` is sliding-window
-attention over a kept-key cache with optional persistent key/value pairs.
+Shared with LaCT: `lctk.models.sequence.ChunkGrid` lays the real tokens of a call out in whole chunks per
+document; `lctk.models.mixers.attention.window_attention` is sliding-window attention over a kept-key cache with
+optional persistent key/value pairs.
 """
 
 from __future__ import annotations
@@ -58,207 +58,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from lctk.models.layers import RMSNorm, apply_rotary, causal_depthwise_conv, conv_tail
+from lctk.models.layers import RMSNorm, apply_rotary, causal_depthwise_conv, conv_tail, silu_grad
+from lctk.models.mixers.attention import window_attention
 from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
-from lctk.models.sequence import SequenceInfo
+from lctk.models.sequence import ChunkGrid, SequenceInfo, pack, unpack
 
 VARIANTS = ("MAC", "MAG", "MAL")
-
-
-# --------------------------------------------------------------------------------------------- chunk layout
-
-
-@dataclass
-class ChunkGrid:
-    """The real tokens of a [B, T] call laid out as a grid [N, C, W] (N sequences, C chunks, W slots).
-
-    A sequence is one document of a row; the first document of row b continues the row's cached state, where
-    `phase` slots of its current chunk are already used. Aligned grids put a token at slot
-    (phase + rank) % chunk (Titans: order inside a chunk matters); compact grids start each sequence's first
-    chunk at slot 0 (LaCT: only chunk membership matters), which keeps short calls narrow. Empty slots hold
-    zeros and are not `live`.
-    """
-
-    token_index: Tensor  # [M] flat B*T index of every real token
-    grid_index: Tensor  # [M] flat N*C*W index of the same tokens
-    shape: tuple[int, int, int]  # N, C, W
-    chunk_size: int
-    first_seq: Tensor  # [B] the sequence each row starts with (it continues the row's state)
-    last_seq: Tensor  # [B] the sequence each row ends with (its state is the row's next state)
-    phase: Tensor  # [N] slots of the first chunk filled by earlier calls
-    counts: Tensor  # [N] real tokens of each sequence in this call
-
-    @classmethod
-    def build(
-        cls,
-        seq: SequenceInfo,
-        batch: int,
-        length: int,
-        chunk_size: int,
-        absorbed: Tensor | None,
-        aligned: bool,
-    ):
-        """absorbed: [B] tokens of each row's current document seen by earlier calls, or None (fresh rows)."""
-        device = seq.position_ids.device
-        valid = (
-            seq.token_mask
-            if seq.token_mask is not None
-            else torch.ones(batch, length, dtype=torch.bool, device=device)
-        )
-        if seq.has_documents:
-            doc = (seq.seq_idx + seq.first_doc[:, None]).flatten()
-            first, last = seq.first_doc, seq.last_doc
-            n_seqs = int(last[-1]) + 1
-        else:
-            doc = torch.arange(batch, device=device).repeat_interleave(length)
-            first = last = torch.arange(batch, device=device)
-            n_seqs = batch
-        flat_valid = valid.flatten()
-        counts = torch.zeros(n_seqs, dtype=torch.long, device=device).index_add_(0, doc, flat_valid.long())
-        # rank of each token among its document's real tokens (documents are contiguous in B*T order)
-        rank = flat_valid.long().cumsum(0) - 1 - (counts.cumsum(0) - counts)[doc]
-        phase = torch.zeros(n_seqs, dtype=torch.long, device=device)
-        if absorbed is not None:
-            phase[first] = absorbed % chunk_size
-        token_index = torch.nonzero(flat_valid).flatten()
-        doc, rank = doc[token_index], rank[token_index]
-        offset = phase[doc] + rank
-        chunk = offset // chunk_size
-        slot = (
-            offset % chunk_size
-            if aligned
-            else offset - chunk * chunk_size - torch.where(chunk == 0, phase[doc], 0)
-        )
-        n_chunks = int(chunk.max()) + 1 if len(chunk) else 1
-        width = chunk_size if aligned else (int(slot.max()) + 1 if len(slot) else 1)
-        grid_index = (doc * n_chunks + chunk) * width + slot
-        return cls(token_index, grid_index, (n_seqs, n_chunks, width), chunk_size, first, last, phase, counts)
-
-    def to_grid(self, x: Tensor) -> Tensor:
-        """[B, T, ...] -> [N, C, W, ...], zeros in empty slots."""
-        out = x.new_zeros(math.prod(self.shape), *x.shape[2:])
-        out = out.index_copy(0, self.grid_index, x.flatten(0, 1)[self.token_index])
-        return out.view(*self.shape, *x.shape[2:])
-
-    def to_tokens(self, y: Tensor, batch: int, length: int) -> Tensor:
-        """[N, C, W, ...] -> [B, T, ...], zeros at padding."""
-        out = y.new_zeros(batch * length, *y.shape[3:])
-        out = out.index_copy(0, self.token_index, y.flatten(0, 2)[self.grid_index])
-        return out.view(batch, length, *y.shape[3:])
-
-    def live(self) -> Tensor:
-        """[N, C, W] bool: the slot holds a token of this call."""
-        flat = torch.zeros(math.prod(self.shape), dtype=torch.bool, device=self.phase.device)
-        flat[self.grid_index] = True
-        return flat.view(self.shape)
-
-    def completes(self) -> Tensor:
-        """[N, C] bool: the sequence fills chunk c to its end in this call (the next chunk starts afresh)."""
-        ends = (torch.arange(self.shape[1], device=self.phase.device) + 1) * self.chunk_size
-        return (self.phase + self.counts)[:, None] >= ends
-
-    def last_chunk(self) -> Tensor:
-        """[N] the chunk holding each sequence's last slot in use (0 for a sequence with no tokens)."""
-        return ((self.phase + self.counts - 1).clamp(min=0) // self.chunk_size).clamp(max=self.shape[1] - 1)
-
-    def initial(self, row_values: Tensor | None, fresh: Tensor) -> Tensor:
-        """Per-sequence starting values [N, ...]: a row's cached value for its first sequence, else fresh."""
-        out = fresh.expand(self.shape[0], *fresh.shape[1:]).clone()
-        if row_values is not None:
-            out[self.first_seq] = row_values.to(out.dtype)
-        return out
-
-    def final(self, seq_values: Tensor) -> Tensor:
-        """Per-sequence values [N, ...] -> the value each row ends with [B, ...]."""
-        return seq_values[self.last_seq]
-
-    def absorbed_after(self, absorbed: Tensor | None) -> Tensor:
-        """[B] tokens of each row's current document after this call."""
-        carried = torch.zeros_like(self.counts[self.last_seq])
-        if absorbed is not None:
-            carried = torch.where(self.first_seq == self.last_seq, absorbed, carried)
-        return carried + self.counts[self.last_seq]
-
-
-# ------------------------------------------------------------------------------- sliding-window attention
-
-
-def window_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    seq: SequenceInfo,
-    window: int,
-    past: tuple[Tensor, Tensor, int] | None = None,
-    persistent: Tensor | None = None,
-) -> tuple[Tensor, tuple[Tensor, Tensor, int]]:
-    """Causal attention where query t sees keys t - window < s <= t of its own document (and not padding).
-
-    q, k, v [B, T, H, D] after RoPE; past = (keys, values, seen): the kept keys/values [B, S, H, D] of the
-    `seen` earlier tokens (S <= window - 1); persistent [2, P, H, D] learned keys and values every query sees.
-    Returns (out [B, T, H, D], the past for the next call). Queries go in blocks of `window` so memory stays
-    O(T * window) rather than O(T^2).
-    """
-    batch, length = q.shape[:2]
-    past_keys, past_values, seen = past if past is not None else (k[:, :0], v[:, :0], 0)
-    kept = past_keys.shape[1]
-    keys = torch.cat([past_keys.to(k.dtype), k], dim=1)
-    values = torch.cat([past_values.to(v.dtype), v], dim=1)
-    key_ok = seq.key_mask[:, -(kept + length) :] if seq.key_mask is not None else None
-    # cached keys belong to the row's first document
-    key_doc = F.pad(seq.seq_idx, (kept, 0), value=0) if seq.has_documents else None
-    block = max(window, 64)
-    outs = []
-    for start in range(0, length, block):
-        stop = min(length, start + block)
-        lo, hi = max(0, kept + start - window + 1), kept + stop
-        distance = (torch.arange(start, stop, device=q.device) + kept)[:, None] - torch.arange(
-            lo, hi, device=q.device
-        )
-        allowed = ((distance >= 0) & (distance < window)).unsqueeze(0)
-        if key_ok is not None:
-            allowed = allowed & key_ok[:, None, lo:hi]
-        if key_doc is not None:
-            allowed = allowed & (seq.seq_idx[:, start:stop, None] == key_doc[:, None, lo:hi])
-        allowed = allowed | (distance == 0)  # a padding query sees itself: no empty softmax row
-        block_keys, block_values = keys[:, lo:hi], values[:, lo:hi]
-        if persistent is not None:
-            block_keys = torch.cat([persistent[0].to(k.dtype).expand(batch, -1, -1, -1), block_keys], dim=1)
-            block_values = torch.cat(
-                [persistent[1].to(v.dtype).expand(batch, -1, -1, -1), block_values], dim=1
-            )
-            allowed = F.pad(allowed, (persistent.shape[1], 0), value=True)
-        out = F.scaled_dot_product_attention(
-            q[:, start:stop].transpose(1, 2),
-            block_keys.transpose(1, 2),
-            block_values.transpose(1, 2),
-            attn_mask=allowed.unsqueeze(1),
-        )
-        outs.append(out.transpose(1, 2))
-    keep = keys.shape[1] - min(keys.shape[1], window - 1)
-    return torch.cat(outs, dim=1), (keys[:, keep:], values[:, keep:], seen + length)
 
 
 # ------------------------------------------------------------------------------------------ the memory MLP
 
 
-def unpack(flat: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
-    """Flat weights [..., P] -> matrices [..., out, in] (states keep a head's weights in one tensor)."""
-    parts = flat.split([rows * cols for rows, cols in shapes], dim=-1)
-    return [part.unflatten(-1, shape) for part, shape in zip(parts, shapes)]
-
-
-def pack(mats: list[Tensor]) -> Tensor:
-    return torch.cat([m.flatten(-2) for m in mats], dim=-1)
-
-
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
-
-
-def silu_grad(z: Tensor) -> Tensor:
-    s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s))
 
 
 def decay_matrix(cum: Tensor) -> Tensor:
