@@ -31,6 +31,7 @@ from torch import Tensor
 from lctk.errors import UserError
 
 DT_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
+MIN_GAIN = 1e-4  # relative loss improvement a calibrated scale must bring
 RECURRENT_PARAMETERS: dict[str, dict[str, Any]] = {
     "dt_scale": {"scale": None},
     "b_scale": {"scale": None},
@@ -178,7 +179,7 @@ def calibrate_dt_scales(
                 if scale == scales[i]:
                     continue
                 trial = loss_with({**scales, i: scale})
-                if trial < best - 1e-6:
+                if trial < best - MIN_GAIN * abs(best):  # not for noise-level gains
                     best, scales = trial, {**scales, i: scale}
             log(f"calibrate_dt: sweep {sweep + 1} layer {i} scale {scales[i]} loss {best:.4f}")
     per_layer = set_per_layer(model.config, "dt_scale", scales)

@@ -115,7 +115,7 @@ class Trainer:
         optimizer = make_optimizer(model, train)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if train.compile:
-            self.model = torch.compile(self.model)
+            self.model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
         self.state = TrainerState(world_size=accelerator.num_processes)
 
     def fit(self, resume: str | None = None) -> TrainResult:
