@@ -260,3 +260,13 @@ def test_eager_and_sdpa_backends_agree():
         sdpa = tiny_model("AS")(ids, attention_mask=mask).logits
         eager = tiny_model("AS", attention={"window": 8, "backend": "eager"})(ids, attention_mask=mask).logits
     assert_close(eager[:, 4:], sdpa[:, 4:])
+
+
+def test_blocked_sliding_window_equals_the_masked_one_on_packed_rows():
+    """A full forward of `S` with sdpa goes through blocks of queries; eager builds the whole mask."""
+    ids = torch.randint(0, VOCAB, (1, 40))
+    position_ids = torch.cat([torch.arange(23), torch.arange(17)]).unsqueeze(0)
+    with torch.no_grad():
+        blocked = tiny_model("S")(ids, position_ids=position_ids).logits
+        masked = tiny_model("S", attention={"window": 8, "backend": "eager"})(ids, position_ids=position_ids).logits
+    assert_close(blocked, masked)

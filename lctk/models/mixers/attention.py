@@ -76,6 +76,10 @@ class Attention(Mixer):
         v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
         cos, sin = seq.rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if state is None and self.window is not None and length > self.window and self.backend == "sdpa":
+            # queries in blocks: O(T x window) time and memory instead of a T x T mask
+            out, _ = window_attention(q, k, v, seq, self.window)
+            return self.o_proj(out.reshape(batch, length, -1))
 
         seen, kept, past_visible = 0, 0, None
         if state is not None:
@@ -200,6 +204,7 @@ def window_attention(
             block_keys.transpose(1, 2),
             block_values.transpose(1, 2),
             attn_mask=allowed.unsqueeze(1),
+            enable_gqa=True,
         )
         outs.append(out.transpose(1, 2))
     keep = keys.shape[1] - min(keys.shape[1], window - 1)
