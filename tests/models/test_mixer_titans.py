@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lctk import HybridConfig
+from lctk import HybridConfig, HybridForCausalLM
 from lctk.models.mixers.attention import window_attention
 from lctk.models.mixers.titans import MemoryMLP, Titans, memory_chunk, memory_step
 from lctk.models.sequence import ChunkGrid, build_sequence_info, pack, unpack
@@ -181,3 +181,15 @@ def test_memory_parameters_take_no_weight_decay_and_variants_differ():
         and "memory_out.weight" in names["MAL"]
         and "attn_norm.weight" in names["MAG"]
     )
+
+
+@pytest.mark.parametrize("variant", ["MAG", "MAC", "MAL"])
+def test_default_memory_stays_finite_on_a_long_input(variant):
+    """With the inner learning rate bounded by 1.0, the chunk's 64 aligned steps overshot: NaN by 1024 tokens."""
+    torch.manual_seed(0)
+    config = HybridConfig(vocab_size=97, pattern="T", hidden_size=256, num_attention_heads=4, titans={"variant": variant})
+    model = HybridForCausalLM(config).eval()
+    with torch.no_grad():
+        logits = model(torch.randint(0, 97, (1, 1024))).logits
+    assert torch.isfinite(logits).all()
+    assert logits.abs().max() < 100
