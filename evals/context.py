@@ -36,6 +36,10 @@ import numpy as np
 from lctk.errors import UserError
 from lctk.evals.tokens import encode_batch, fingerprint, has_offsets, special_tokens_around
 
+
+class PromptTooShort(UserError):
+    """The token budget cannot hold the task's fixed parts (a suite may skip such a length instead of failing)."""
+
 MARGIN_CHARS = 48
 OVERLAP_TOKENS = 3
 MAX_SEARCH_STEPS = 40
@@ -230,7 +234,7 @@ def _search(haystack: Haystack, layout: Layout, budget: int, start: int, spliced
         else:
             hi = n if hi is None else min(hi, n)
             if n == 0:
-                raise UserError(
+                raise PromptTooShort(
                     f"a {budget}-token prompt is too short for {task}: it needs {length} tokens before any haystack "
                     "(raise --lengths or lower --max-new-tokens)"
                 )

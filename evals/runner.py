@@ -201,13 +201,13 @@ def compare(results_by_model: dict[str, dict], output_dir: Path) -> dict:
     plots = []
     recall = {m: r["results"]["recall-throughput"] for m, r in results_by_model.items() if "recall-throughput" in r["results"]}
     if recall:
-        recall_vs_state(recall, output_dir / "recall_vs_state.png")
-        plots.append("recall_vs_state.png")
+        plots += recall_vs_state(recall, output_dir)
     comparison = {
         "models": list(results_by_model),
         "scores": {m: {s: e.get("score") for s, e in r["results"].items()} for m, r in results_by_model.items()},
         "recall_vs_state": {
-            m: {"state_size": e["state_size"], "recall": e["by_length"], "prefill_tokens_per_s": e["prefill_tokens_per_s"]}
+            m: {"state_size": e["state_size"], "recall": e["by_length"], "mqar": e["mqar_by_length"],
+                "prefill_tokens_per_s": e["prefill_tokens_per_s"], "decode_tokens_per_s": e["decode_tokens_per_s"]}
             for m, e in recall.items()
         },
     }

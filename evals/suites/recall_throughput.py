@@ -8,8 +8,10 @@ Per length L:
   * state size in elements (models.state_size), prefill tokens/s (one forward over L tokens after a warm-up),
     decode tokens/s (DECODE_TOKENS single-token steps through the cache after that prefill), and peak memory over
     prefill + decode (models.peak_memory: CUDA allocator peak, or RSS growth on CPU).
-score and by_length: text recall accuracy (%). With several models, the runner also plots recall against state size
-across them (recall_vs_state.png).
+score and by_length: text recall accuracy (%), None at lengths too short for its instruction and one pair (MQAR still
+runs there: the Zoology-scale models of recipes/recall-sweep train at 64-512 tokens). mqar_by_length: MQAR accuracy.
+With several models, the runner also plots both against state size across them (recall_vs_state.png,
+mqar_vs_state.png).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from lctk.evals import plots
+from lctk.evals.context import PromptTooShort
 from lctk.evals.models import cache_of, model_device, peak_memory, state_size, stream
 from lctk.evals.suites.base import EvalContext, Job, Suite, mean
 from lctk.evals.tasks.recall import make_mqar_sample, make_text_recall_sample, value_token_positions
@@ -46,12 +49,17 @@ class RecallThroughputSuite(Suite):
         record = {"suite": self.name, "task": job.task, "length": job.length, "index": job.index, "seed": ctx.seed}
         rng = sample_rng(job.task, job.length, job.index, ctx.seed)
         if job.task == "text_recall":
-            sample = make_text_recall_sample(ctx.tokenizer, job.length, rng, exact=ctx.exact)
+            try:
+                sample = make_text_recall_sample(ctx.tokenizer, job.length, rng, exact=ctx.exact)
+            except PromptTooShort as error:
+                record.update(score=None, skipped=str(error))
+                return [record]
             hits = _hits(ctx, sample.input_ids)
             found = [bool(hits[positions - 1].all()) for positions in value_token_positions(sample)]
             record.update(score=100.0 * sum(found) / len(found), queries=len(found), pairs=sample.meta["pairs"])
         elif job.task == "mqar":
-            vocab = min(MQAR_VOCAB, int(ctx.model.config.vocab_size))
+            # the ids lctk's MQAR training data draws from (lctk.data.tasks), not the padded embedding size
+            vocab = min(MQAR_VOCAB, len(ctx.tokenizer), int(ctx.model.config.vocab_size))
             pairs = min(job.length // 8, vocab // 2 - 1)
             sample = make_mqar_sample(job.length, rng, vocab_size=vocab, num_kv_pairs=pairs)
             hits = _hits(ctx, sample.input_ids)
@@ -65,7 +73,7 @@ class RecallThroughputSuite(Suite):
         text = _per_length(records, "text_recall", "score")
         speed = [r for r in records if r["task"] == "throughput"]
         return {
-            "score": mean(text.values()),
+            "score": mean(v for v in text.values() if v is not None),
             "by_length": {str(k): v for k, v in text.items()},
             "mqar_by_length": {str(k): v for k, v in _per_length(records, "mqar", "score").items()},
             **{
@@ -82,22 +90,31 @@ class RecallThroughputSuite(Suite):
         plots.lines(speed, out_dir / "throughput.png", f"throughput ({ctx.model_name})", "context length (tokens)",
                     "tokens / s", logx=True, logy=True)
         recall = {
-            "text recall": {int(k): v for k, v in summary["by_length"].items()},
-            "MQAR": {int(k): v for k, v in summary["mqar_by_length"].items()},
+            name: {int(k): v for k, v in summary[key].items() if v is not None}
+            for name, key in (("text recall", "by_length"), ("MQAR", "mqar_by_length"))
         }
         plots.lines(recall, out_dir / "recall_by_length.png", f"recall ({ctx.model_name})",
                     "context length (tokens)", "accuracy (%)", logx=True, percent=True)
         return ["throughput.png", "recall_by_length.png"]
 
 
-def recall_vs_state(summaries: dict[str, dict], path: Path) -> None:
-    """Across models: text recall (%) against state size (elements), one line per model, one point per length."""
-    series = {}
-    for model, summary in summaries.items():
-        sizes, recall = summary["state_size"], summary["by_length"]
-        series[model] = {sizes[k]: recall[k] for k in recall if k in sizes and recall[k] is not None}
-    plots.lines(series, path, "recall vs state size", "state size (elements per sequence)", "text recall (%)",
-                logx=True, percent=True)
+RECALL_VS_STATE = {"recall_vs_state.png": ("by_length", "text recall"), "mqar_vs_state.png": ("mqar_by_length", "MQAR")}
+
+
+def recall_vs_state(summaries: dict[str, dict], out_dir: Path) -> list[str]:
+    """Across models: text recall and MQAR accuracy (%) against state size (elements), one line per model, one point
+    per length; a plot only where some model has a score. Returns the file names written."""
+    written = []
+    for name, (key, label) in RECALL_VS_STATE.items():
+        series = {}
+        for model, summary in summaries.items():
+            sizes, recall = summary["state_size"], summary.get(key, {})
+            series[model] = {sizes[k]: recall[k] for k in recall if k in sizes and recall[k] is not None}
+        if any(series.values()):
+            plots.lines(series, out_dir / name, f"{label} vs state size", "state size (elements per sequence)",
+                        f"{label} accuracy (%)", logx=True, percent=True)
+            written.append(name)
+    return written
 
 
 def _hits(ctx: EvalContext, ids: np.ndarray) -> np.ndarray:
@@ -141,5 +158,7 @@ def _per_length(records: list[dict], task: str, field: str) -> dict[int, float]:
     groups: dict[int, list[float]] = {}
     for record in records:
         if record["task"] == task:
-            groups.setdefault(record["length"], []).append(record[field])
+            groups.setdefault(record["length"], [])
+            if record.get(field) is not None:
+                groups[record["length"]].append(record[field])
     return {length: mean(values) for length, values in sorted(groups.items())}

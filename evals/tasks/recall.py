@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lctk.errors import UserError
-from lctk.evals.context import Piece, fit_prompt
+from lctk.evals.context import Piece, PromptTooShort, fit_prompt
 from lctk.evals.tasks.sample import Sample
 from lctk.evals.tasks.text import pairs_haystack, window_start
 
@@ -92,7 +92,7 @@ def make_text_recall_sample(
         for m in re.finditer(r": (\d+)\.", prompt.text[question:])
     ]
     if not spans:
-        raise UserError(f"length {length} is too short for text recall: no complete key-value pair fits")
+        raise PromptTooShort(f"length {length} is too short for text recall: no complete key-value pair fits")
     return Sample(
         task="text_recall",
         length=length,

@@ -1,21 +1,45 @@
 #!/usr/bin/env bash
-# The recall sweep: 6 mixer families x 3 widths on MQAR, then recall-throughput on every model.
-# Meant for a GPU (each run is 4000 steps of 64 x 512 tokens); on a CPU pass e.g. STEPS=200 for a smoke run.
-# Usage: recipes/recall-sweep/run.sh [widths...]   (default 64 128 256)
+# The recall sweep (BASED paper, Figure 2): 6 mixer families x 3 widths on MQAR, then MQAR accuracy vs state size.
+# Default (GPU): the recipes as written, 4000 steps of 64 x 512 tokens, evaluated at 256 and 512 tokens.
+# PRESET=cpu: 600 steps of 32 x 64 tokens (MQAR documents of 16-64 tokens), windows scaled to the shorter context,
+# widths 32 64 128, evaluated at 32 and 64 tokens; about 45 minutes on one core (OMP_NUM_THREADS=1).
+# Usage: [PRESET=cpu] [STEPS=n] recipes/recall-sweep/run.sh [widths...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-widths=("${@:-64 128 256}")
-steps=${STEPS:-}
+command -v lctk >/dev/null || lctk() { python -m lctk.cli "$@"; }
+preset=${PRESET:-gpu}
+common=()
+case "$preset" in
+  gpu) default_widths="64 128 256"; lengths=256,512 ;;
+  cpu)
+    default_widths="32 64 128"; lengths=32,64
+    common=(--set data.seq_len=64 --set data.sources.0.options.min_length=16 --set data.sources.0.options.max_length=64
+            --set train.steps=600 --set train.batch_size=32 --set train.lr=3.0e-3 --set train.warmup_steps=20
+            --set eval.suites=[]) ;;
+  *) echo "PRESET must be gpu or cpu, got '$preset'" >&2; exit 2 ;;
+esac
+widths=("${@:-$default_widths}")
+[[ -n "${STEPS:-}" ]] && common+=(--set "train.steps=${STEPS}")
 models=()
 for family in attention sliding-window mamba2 based titans lact; do
+  extra=()
+  if [[ "$preset" == cpu ]]; then  # windows below the 64-token context, chunks that update inside it
+    case "$family" in
+      sliding-window) extra=(--set model.attention.window=16) ;;
+      titans) extra=(--set model.titans.window=8) ;;
+      lact) extra=(--set model.lact.window=8 --set model.lact.chunk_size=16) ;;
+    esac
+  fi
   for width in ${widths[@]}; do
     name="recall-${family}-d${width}"
-    extra=()
-    [[ -n "$steps" ]] && extra+=(--set "train.steps=${steps}")
-    lctk train "recipes/recall-sweep/${family}.yaml" --set "model.hidden_size=${width}" --set "run.name=${name}" "${extra[@]}"
-    models+=("runs/${name}")
+    models+=("runs/${name}/final")
+    [[ -f "runs/${name}/final/config.json" ]] && continue  # finished before: a rerun only evaluates
+    lctk train "recipes/recall-sweep/${family}.yaml" --set "model.hidden_size=${width}" --set "run.name=${name}" \
+      "${common[@]}" "${extra[@]}" --overwrite
   done
 done
-# one comparison over all models: comparison.json holds MQAR accuracy and state size per model and length
-lctk eval --model "$(IFS=,; echo "${models[*]}")" --suite recall-throughput --lengths 256,512 --limit 64 \
+# every model through the recall-throughput suite (MQAR, text recall where the length holds it, state size, speed),
+# then the figure: MQAR accuracy against state size, one line per family (runs/recall-sweep/mqar_vs_state_*.png)
+lctk eval --model "$(IFS=,; echo "${models[*]}")" --suite recall-throughput --lengths "$lengths" --limit 64 \
   --output runs/recall-sweep
+python recipes/recall-sweep/figure.py runs/recall-sweep

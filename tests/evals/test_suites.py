@@ -90,6 +90,25 @@ def test_induction_model_recalls_text_and_mqar(bpe_tokenizer, tmp_path):
     assert (tmp_path / "throughput.png").exists() and (tmp_path / "recall_by_length.png").exists()
 
 
+def test_recall_at_zoology_lengths_scores_mqar_on_the_tokenizer_ids_and_skips_text(bpe_tokenizer, tmp_path):
+    """64 tokens hold no text-recall prompt, but MQAR runs there, on the ids training draws from (not the padding)."""
+    from lctk.evals.runner import compare
+
+    model = InductionLM(len(bpe_tokenizer) + 64)  # an embedding padded past the tokenizer
+    model.state_size = lambda length: length
+    results = run_suites(model, bpe_tokenizer, suites="recall-throughput", lengths=[64], output_dir=tmp_path / "m",
+                         limit=2, progress=False)
+    entry = results["results"]["recall-throughput"]
+    assert entry["by_length"] == {"64": None} and entry["score"] is None
+    assert entry["mqar_by_length"]["64"] >= 90.0
+    samples = [json.loads(line) for line in (tmp_path / "m" / "samples.jsonl").read_text().splitlines()]
+    assert {s["vocab"] for s in samples if s["task"] == "mqar"} == {len(bpe_tokenizer)}
+    assert all("too short for text recall" in s["skipped"] for s in samples if s["task"] == "text_recall")
+    comparison = compare({"a": results, "b": results}, tmp_path)
+    assert comparison["recall_vs_state"]["a"]["mqar"] == entry["mqar_by_length"]
+    assert (tmp_path / "mqar_vs_state.png").exists() and not (tmp_path / "recall_vs_state.png").exists()
+
+
 def test_parsers_read_lengths_and_suites():
     assert parse_lengths("1k,4k, 512,1.5k,1m") == [512, 1024, 1536, 4096, 1024**2]
     assert parse_suites("passkey,niah_single_1,niah_grid,perplexity") == (
