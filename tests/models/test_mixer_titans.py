@@ -193,3 +193,21 @@ def test_default_memory_stays_finite_on_a_long_input(variant):
         logits = model(torch.randint(0, 97, (1, 1024))).logits
     assert torch.isfinite(logits).all()
     assert logits.abs().max() < 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["titans-mag", "titans-mac", "titans-mal"])
+def test_the_shipped_recipes_start_finite_at_2048_tokens(name):
+    """Each Titans recipe's model (12 layers of width 768) at initialisation: with the bound at 1/chunk_size MAG's
+    second layer already gave NaN at 2048 tokens."""
+    from pathlib import Path
+
+    from lctk.recipe import load_recipe
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / f"{name}.yaml"
+    recipe = load_recipe(path, kind="train")
+    torch.manual_seed(0)
+    model = HybridForCausalLM(recipe.hybrid_config(32000)).eval()
+    with torch.no_grad():
+        logits = model(torch.randint(0, 32000, (1, 2048))).logits
+    assert torch.isfinite(logits).all()

@@ -37,7 +37,7 @@ Variants (`titans.variant`); each has `persistent_tokens` learned key/value pair
 Choices where the paper leaves room: the MAC segment is the memory chunk (one state, no extra bookkeeping);
 memory heads and widths are the attention's (num_attention_heads x head_dim); hidden width 2x for depth >= 2;
 the initial memory weights are learned (std 1/sqrt(fan_in), no weight decay); max_inner_lr defaults to
-1/chunk_size, because the chunk's gradients all act at once (a larger bound diverges on long inputs); gate biases
+0.25/chunk_size, because the chunk's gradients all act at once (larger bounds diverged on long inputs); gate biases
 start at theta = min(0.1, max_inner_lr / 2), eta = 0.5, alpha = 0.007; the gate normalises both branches per head with learned weights before the
 sigmoid; MAC's short convolution is on the segment's read query only (the write's k, v, q come from the
 attention output, which exists only inside the segment loop); persistent tokens are key/value pairs without
@@ -225,9 +225,10 @@ class Titans(Mixer):
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.chunk_size, self.window, self.conv_kernel = s["chunk_size"], s["window"], s["conv_kernel"]
         # up to chunk_size gradients, all taken at the chunk-start weights, add up before the weights move (twice
-        # that with momentum); with normalised, mostly aligned keys a bound above ~1/chunk_size overshoots and
-        # diverges (NaN at 1024 tokens at initialisation with a bound of 1.0)
-        self.max_inner_lr = s["max_inner_lr"] if s["max_inner_lr"] is not None else 1 / self.chunk_size
+        # that with momentum, times the hidden activations' squared norm for the second layer): a bound of 1.0 gave
+        # NaN at 1024 tokens at initialisation, 1/chunk_size still did in the 12-layer recipes at 2048; 0.25/chunk_size
+        # keeps them finite at 4096
+        self.max_inner_lr = s["max_inner_lr"] if s["max_inner_lr"] is not None else 0.25 / self.chunk_size
         self.mlp = MemoryMLP(self.head_dim, s["memory_depth"], s["memory_expand"])
         inner = self.num_heads * self.head_dim
         hidden = config.hidden_size
@@ -270,7 +271,7 @@ class Titans(Mixer):
             "window": 512,
             "persistent_tokens": 4,
             "conv_kernel": 4,
-            "max_inner_lr": None,  # 1 / chunk_size
+            "max_inner_lr": None,  # 0.25 / chunk_size
         }
 
     @classmethod
@@ -285,7 +286,7 @@ class Titans(Mixer):
             raise ValueError(f"titans.persistent_tokens: must be a non-negative integer, got {tokens!r}")
         bound = settings["max_inner_lr"]
         if bound is not None and (not isinstance(bound, (int, float)) or isinstance(bound, bool) or not bound > 0):
-            raise ValueError(f"titans.max_inner_lr: must be positive (or null for 1 / chunk_size), got {bound!r}")
+            raise ValueError(f"titans.max_inner_lr: must be positive (or null for 0.25 / chunk_size), got {bound!r}")
 
     @torch.no_grad()
     def init_special_parameters(self) -> None:
