@@ -40,6 +40,7 @@ from lctk.evals.tokens import encode_batch, fingerprint, has_offsets, special_to
 class PromptTooShort(UserError):
     """The token budget cannot hold the task's fixed parts (a suite may skip such a length instead of failing)."""
 
+
 MARGIN_CHARS = 48
 OVERLAP_TOKENS = 3
 MAX_SEARCH_STEPS = 40

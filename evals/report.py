@@ -38,8 +38,9 @@ def model_report(results: dict, path: Path) -> None:
             lines += ["| length | " + " | ".join(format_length(int(k)) for k in by_length) + " |",
                       "| --- |" + " --- |" * len(by_length),
                       "| score | " + " | ".join(_number(v) for v in by_length.values()) + " |"]
-            if entry.get("mqar_by_length"):  # recall-throughput's second recall figure
-                lines.append("| MQAR | " + " | ".join(_number(entry["mqar_by_length"].get(k)) for k in by_length) + " |")
+            mqar = entry.get("mqar_by_length")  # recall-throughput's second recall figure
+            if mqar:
+                lines.append("| MQAR | " + " | ".join(_number(mqar.get(k)) for k in by_length) + " |")
         for task, task_entry in (entry.get("by_task") or {}).items():
             lines.append(f"- {task}: {_number(task_entry['score'])}  "
                          + ", ".join(f"{format_length(int(k))}: {_number(v)}" for k, v in task_entry["by_length"].items()))

@@ -38,10 +38,10 @@ Choices where the paper leaves room: the MAC segment is the memory chunk (one st
 memory heads and widths are the attention's (num_attention_heads x head_dim); hidden width 2x for depth >= 2;
 the initial memory weights are learned (std 1/sqrt(fan_in), no weight decay); max_inner_lr defaults to
 0.25/chunk_size, because the chunk's gradients all act at once (larger bounds diverged on long inputs); gate biases
-start at theta = min(0.1, max_inner_lr / 2), eta = 0.5, alpha = 0.007; the gate normalises both branches per head with learned weights before the
-sigmoid; MAC's short convolution is on the segment's read query only (the write's k, v, q come from the
-attention output, which exists only inside the segment loop); persistent tokens are key/value pairs without
-RoPE.
+start at theta = 0.1 (max_inner_lr / 2 when the bound is 0.1 or less), eta = 0.5, alpha = 0.007; the gate
+normalises both branches per head with learned weights before the sigmoid; MAC's short convolution is on the
+segment's read query only (the write's k, v, q come from the attention output, which exists only inside the
+segment loop); persistent tokens are key/value pairs without RoPE.
 
 Shared with LaCT: `lctk.models.sequence.ChunkGrid` lays the real tokens of a call out in whole chunks per
 document; `lctk.models.mixers.attention.window_attention` is sliding-window attention over a kept-key cache with
