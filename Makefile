@@ -3,7 +3,7 @@ PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup setup-smollm2 test lint demo bench bench-gpu test-gpu clean
+.PHONY: setup setup-smollm2 test lint demo bench bench-gpu test-gpu gpu-wheels gpu-check clean
 
 $(VENV_STAMP): pyproject.toml setup.py
 	python3 -m venv .venv
@@ -33,13 +33,29 @@ bench: setup
 
 # For a GPU machine that has torch and triton: installs lctk without dependencies, then runs the kernel benchmark.
 bench-gpu:
-	python3 -m pip install -q --no-deps -e .
+	python3 -m pip install -q --no-deps --no-build-isolation -e .
 	python3 -m lctk.kernels.ssd.bench
 
 # Kernel tests without the interpreter, for the same GPU machine.
 test-gpu:
-	python3 -m pip install -q --no-deps -e .
+	python3 -m pip install -q --no-deps --no-build-isolation -e .
 	python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
+
+# Pure-Python wheels the GPU image lacks (Python 3.12 there): fla for the SSD comparison, transformers >= 5.24 for
+# HybridConfig. Run here (it needs PyPI); the device call carries .whl/.
+GPU_WHEELS := flash-linear-attention==0.6.0 fla-core==0.6.0 transformers==5.24.0
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+# The one-call GPU check (lctk/bench/gpu.py): kernel tests, SSD vs flash attention and fla, training tokens/s and
+# MFU against Llama, the memory benchmark; one JSON in $(OUT) (default runs/gpu-check). Under 10 minutes.
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),runs/gpu-check)
+gpu-check:
+	python3 -m pip install -q --no-deps --no-build-isolation -e .
+	if ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+		--upgrade --target /tmp/lctk-site .whl/*.whl; fi
+	PYTHONPATH=/tmp/lctk-site PYTHONUNBUFFERED=1 python3 -m lctk.bench.gpu --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

@@ -1,0 +1,237 @@
+"""The one-call GPU check (`make gpu-check`): everything a lent H100/H200 should measure, in one command that fits in
+10 minutes and needs only what a bare GPU image has (torch, triton, transformers) plus pure-Python wheels carried
+with the tree (`make gpu-wheels` fetches fla and a recent transformers into .whl/).
+
+    python -m lctk.bench.gpu --out DIR [--budget S] [--dry-run]
+
+Steps, each in its own process under a deadline so one hang or crash costs only its own figures:
+  kernel-tests   pytest -m gpu tests/kernels (the Triton SSD kernels compiled for the card, no interpreter)
+  ssd-bench      python -m lctk.kernels.ssd.bench: our kernels vs SDPA flash attention and fla's chunk_simple_gla
+  train          training tokens/s and MFU of the hybrid-150m shape (recipes/hybrid-150m.yaml) at 4K and 16K tokens
+                 per row, bf16 autocast, against a transformers Llama of the same width and parameter count
+  memory         `python -m lctk.bench memory` on the card (peak memory of a training step against T), when present
+DIR/gpu-check.json holds every step's status, seconds, output tail and figures; it is rewritten after each step.
+
+MFU counts 6 N FLOPs per token for the N parameters of the matmuls (embedding lookup excluded, LM head included)
+plus each global attention layer's 6 * 2 T d_head H (causal half of 12 T d H): torchtitan's convention, so the
+hybrid and Llama figures are on one scale. Mamba-2's own scan work is left out (small next to its projections), so
+the hybrid's MFU is slightly understated. Peaks come from the card's name (lctk.kernels.ssd.bench.PEAKS).
+
+--dry-run runs every step at toy sizes on whatever device there is (on a CPU: the Triton interpreter for the SSD
+bench), which is how the test suite keeps this script from rotting without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "hybrid-150m.yaml"
+TRAIN_LENGTHS = (4096, 16384)
+WARMUP_STEPS, TIMED_STEPS = 2, 5
+
+
+def run() -> None:
+    """`make bench` entry: this check needs a GPU; on a CPU it says how to dry-run it instead."""
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: skipped (`make gpu-check` on a GPU machine; `python -m lctk.bench.gpu --dry-run "
+              "--out DIR` exercises it here)")
+        return
+    main(["--out", "runs/gpu-check"])
+
+
+def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict[str, str], float]]:
+    """(name, command, extra environment, share of the budget) for each step, in order."""
+    python = sys.executable
+    interpret = {"TRITON_INTERPRET": "1"} if dry_run else {}
+    tests = [python, "-m", "pytest", "-m", "gpu", str(REPO / "tests" / "kernels"), "-q", "-p", "no:cacheprovider"]
+    ssd = [python, "-m", "lctk.kernels.ssd.bench", "--json", str(out / "ssd-bench.json")] + (["--smoke"] if dry_run else [])
+    train = [python, "-m", "lctk.bench.gpu", "train", "--json", str(out / "train.json")] + (["--dry-run"] if dry_run else [])
+    memory = [python, "-m", "lctk.bench.memory", "--json", str(out / "memory.json")] + (["--dry-run"] if dry_run else [])
+    return [
+        ("kernel-tests", tests, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.25),
+        ("ssd-bench", ssd, interpret, 0.35),
+        ("train", train, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.2),
+        ("memory", memory, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.2),
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m lctk.bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for gpu-check.json and each step's JSON")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all steps together (default 540)")
+    parser.add_argument("--dry-run", action="store_true", help="toy sizes on any device (CPU: Triton interpreter)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"device": _device_name(), "dry_run": args.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "steps": {}}
+    deadline = time.monotonic() + args.budget
+    planned = steps(out, args.dry_run)
+    for index, (name, command, env, share) in enumerate(planned):
+        left = deadline - time.monotonic()
+        # a step may use the time earlier steps left unused, but never more than what remains
+        later = sum(s for *_, s in planned[index + 1 :])
+        allowed = max(1.0, left * share / (share + later))
+        report["steps"][name] = _run_step(command, env, allowed, out)
+        entry = report["steps"][name]
+        print(f"[gpu-check] {name}: {entry['status']} in {entry['seconds']:.0f}s", flush=True)
+        _write(out / "gpu-check.json", report)
+    return report
+
+
+def _run_step(command: list[str], env: dict[str, str], timeout: float, out: Path) -> dict:
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout,
+                              cwd=REPO)
+        status, output = ("ok" if done.returncode == 0 else f"exit {done.returncode}"), done.stdout + done.stderr
+    except subprocess.TimeoutExpired as expired:
+        status = f"timed out after {timeout:.0f}s"
+        output = "".join(x.decode() if isinstance(x, bytes) else (x or "") for x in (expired.stdout, expired.stderr))
+    entry = {"status": status, "seconds": round(time.monotonic() - started, 1), "command": " ".join(command),
+             "output_tail": output[-3000:]}
+    figures = next((arg for arg in command if arg.endswith(".json") and arg.startswith(str(out))), None)
+    if figures and Path(figures).is_file():
+        entry["figures"] = json.loads(Path(figures).read_text())
+    return entry
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _write(path: Path, data: dict) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=1))
+    temporary.replace(path)
+
+
+# ---------------------------------------------------------------- the `train` step
+
+
+def hybrid_150m(dry_run: bool):
+    """The hybrid-150m recipe's model, read with PyYAML alone (the GPU image has no pydantic): its `model:` keys
+    are HybridConfig's. Dry runs keep the pattern at toy width."""
+    import yaml
+
+    from lctk.models import HybridConfig, HybridForCausalLM
+
+    settings = dict(yaml.safe_load(RECIPE.read_text())["model"])
+    settings.setdefault("attention", {})["backend"] = "sdpa"  # flash-attn is not on a bare image; SDPA uses flash
+    if dry_run:
+        settings.update(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, pattern="MMMA")
+        settings["mamba2"] = {**settings["mamba2"], "state_size": 16, "head_dim": 16, "chunk_size": 16}
+    vocab = 512 if dry_run else int(yaml.safe_load(RECIPE.read_text())["tokenizer"].removeprefix("bpe:"))
+    return HybridForCausalLM(HybridConfig(vocab_size=vocab, **settings))
+
+
+def matmul_parameters(model) -> int:
+    """Parameters that take part in a matmul per token: all but the input embedding (the LM head counts, tied
+    or not)."""
+    embedding = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    return total if model.config.tie_word_embeddings else total - embedding.numel()
+
+
+def flops_per_token(model, length: int) -> float:
+    config = model.config
+    pattern = getattr(config, "pattern", "A" * config.num_hidden_layers)
+    attention_layers = pattern.count("A")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 6 * matmul_parameters(model) + 6 * 2 * attention_layers * config.num_attention_heads * head_dim * length
+
+
+def train_throughput(model, length: int, device, steps: int, warmup: int) -> dict:
+    """Tokens/s of full training steps (forward, backward, AdamW) at batch 1, bf16 autocast."""
+    import torch
+
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for _ in range(warmup + steps):
+        _sync(device)
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        seconds.append(time.perf_counter() - started)
+    step_s = sorted(seconds[warmup:])[len(seconds[warmup:]) // 2]  # the median step
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    model.to("cpu")
+    del optimizer
+    return {"T": length, "step_s": round(step_s, 4), "tokens_per_s": round(length / step_s, 1),
+            "model_tflops": round(flops_per_token(model, length) * length / step_s / 1e12, 2),
+            "peak_gib": round(peak, 2) if peak is not None else None}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lctk.bench.gpu train")
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+
+    from lctk.bench.train import matching_llama, parameters
+    from lctk.kernels.ssd.bench import PEAKS
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = _device_name()
+    peak = next((tflops for key, tflops, _ in PEAKS if key in name), None)
+    hybrid = hybrid_150m(args.dry_run)
+    llama = matching_llama(hybrid)
+    lengths = (64, 128) if args.dry_run else TRAIN_LENGTHS
+    steps, warmup = (1, 1) if args.dry_run else (TIMED_STEPS, WARMUP_STEPS)
+    report = {"device": name, "peak_tflops": peak, "hybrid": {"pattern": hybrid.config.pattern,
+              "parameters": parameters(hybrid)}, "llama": {"layers": llama.config.num_hidden_layers,
+              "parameters": parameters(llama)}, "results": []}
+    print(f"hybrid {hybrid.config.pattern} {parameters(hybrid) / 1e6:.1f}M vs llama {llama.config.num_hidden_layers} "
+          f"layers {parameters(llama) / 1e6:.1f}M on {name}, bf16 autocast, batch 1", flush=True)
+    for length in lengths:
+        row = {"T": length}
+        for label, model in (("hybrid", hybrid), ("llama", llama)):
+            try:
+                figures = train_throughput(model, length, device, steps, warmup)
+            except torch.OutOfMemoryError:
+                figures = {"error": "out of memory"}
+            if peak and "model_tflops" in figures:
+                figures["mfu"] = round(figures["model_tflops"] / peak, 4)
+            row[label] = figures
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if "tokens_per_s" in row["hybrid"] and "tokens_per_s" in row["llama"]:
+            row["hybrid_over_llama"] = round(row["hybrid"]["tokens_per_s"] / row["llama"]["tokens_per_s"], 3)
+        report["results"].append(row)
+        print(json.dumps(row), flush=True)
+        _write(Path(args.json), report)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["train"]:
+        train_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
