@@ -42,15 +42,22 @@ class HybridConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         from lctk.models.mixers import MIXERS, section_of
+        from lctk.models.mixers.base import require_positive
 
         if not isinstance(self.pattern, str) or not self.pattern:
             raise ValueError("pattern: must be a non-empty string of layer letters, e.g. 'MMAMMA'")
         unknown = sorted(set(self.pattern) - set(MIXERS))
         if unknown:
             raise ValueError(f"pattern: unknown layer letter(s) {unknown}; known: {''.join(sorted(MIXERS))}")
-        for name in ("vocab_size", "hidden_size", "num_attention_heads", "max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        derived = ("num_key_value_heads", "head_dim", "intermediate_size")  # None: derived below
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "max_position_embeddings", *derived):
+            if name not in derived or getattr(self, name) is not None:
+                require_positive(name, getattr(self, name), integer=True)
+        for name in ("rms_norm_eps", "initializer_range"):
+            require_positive(name, getattr(self, name), integer=False)
+        pad = self.pad_token_id  # the embedding's padding_idx
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < self.vocab_size):
+            raise ValueError(f"pad_token_id: must be a token id below vocab_size {self.vocab_size}, got {pad!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -67,6 +74,8 @@ class HybridConfig(PretrainedConfig):
         if self.intermediate_size is None:
             # SwiGLU at ~8/3 d, rounded up to a multiple of 64
             self.intermediate_size = -(-(8 * self.hidden_size // 3) // 64) * 64
+        if self.head_dim % 2 and any(MIXERS[letter].rotary for letter in self.pattern):
+            raise ValueError(f"head_dim: rotary position embeddings turn pairs of dimensions, so it must be even, got {self.head_dim}")
         self.num_hidden_layers = len(self.pattern)
         for letter in sorted(set(self.pattern)):
             mixer = MIXERS[letter]
@@ -74,10 +83,22 @@ class HybridConfig(PretrainedConfig):
             given = getattr(self, name) or {}
             if not isinstance(given, dict):
                 raise ValueError(f"{name}: must be a mapping of settings, got {type(given).__name__}")
-            settings = {**mixer.default_settings(self), **given}
-            unknown_keys = sorted(set(settings) - set(mixer.default_settings(self)))
+            defaults = mixer.default_settings(self)
+            settings = {**defaults, **given}
+            unknown_keys = sorted(set(settings) - set(defaults))
             if unknown_keys:
-                raise ValueError(f"{name}.{unknown_keys[0]}: unknown setting; known: {sorted(mixer.default_settings(self))}")
+                raise ValueError(f"{name}.{unknown_keys[0]}: unknown setting; known: {sorted(defaults)}")
+            mixer.check_kinds(settings, defaults)
             mixer.check_settings(settings, self)
             setattr(self, name, settings)
         super().__post_init__(**kwargs)
+        require_positive("rope_parameters.rope_theta", (self.rope_parameters or {}).get("rope_theta"), integer=False)
+
+    def num_parameters(self) -> int:
+        """Parameters of the model this config describes, counted on the meta device (nothing is allocated)."""
+        import torch
+
+        from lctk.models.modeling import HybridForCausalLM
+
+        with torch.device("meta"):
+            return sum(p.numel() for p in HybridForCausalLM(self).parameters())

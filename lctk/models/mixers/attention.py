@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lctk.models.layers import apply_rotary
-from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
+from lctk.models.mixers.base import Mixer, MixerState
 from lctk.models.sequence import SequenceInfo
 
 BACKENDS = ("sdpa", "flash", "eager")
@@ -36,6 +36,7 @@ class AttentionState(MixerState):
 
 class Attention(Mixer):
     section = "attention"
+    rotary = True
 
     def __init__(self, config, letter: str):
         super().__init__(config, letter)
@@ -56,7 +57,6 @@ class Attention(Mixer):
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any], config) -> None:
-        require_positive_int("attention", settings, "window")
         if settings["backend"] not in BACKENDS:
             raise ValueError(f"attention.backend: {settings['backend']!r} is not one of {', '.join(BACKENDS)}")
 

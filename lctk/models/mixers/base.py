@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from typing import Any
 
@@ -25,6 +26,9 @@ class MixerState:
 class Mixer(nn.Module):
     section: str  # the config sub-section holding this mixer's settings
     layer_idx: int | None = None  # position in config.pattern, set by the block that holds the mixer
+    # settings whose default does not tell their kind (per-layer lists, counts that may be 0): check_settings owns them
+    special_settings: tuple[str, ...] = ()
+    rotary: bool = False  # rotates q/k by the model's rotary embedding (pairs of dims: needs an even head_dim)
 
     def __init__(self, config, letter: str):
         super().__init__()
@@ -36,8 +40,23 @@ class Mixer(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def check_kinds(cls, settings: dict[str, Any], defaults: dict[str, Any]) -> None:
+        """Every setting is of its default's kind: true/false, a string, a positive integer (a size or count) or a
+        positive finite number (a scale, rate or epsilon). Settings defaulting to None are left to check_settings."""
+        for key, default in defaults.items():
+            if default is None or key in cls.special_settings:
+                continue
+            name, value = f"{cls.section}.{key}", settings[key]
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ValueError(f"{name}: must be true or false, got {value!r}")
+            if isinstance(default, str) and not isinstance(value, str):
+                raise ValueError(f"{name}: must be a string, got {value!r}")
+            if not isinstance(default, bool | str):
+                require_positive(name, value, integer=isinstance(default, int))
+
+    @classmethod
     def check_settings(cls, settings: dict[str, Any], config) -> None:
-        """Raise ValueError naming `section.key` for an impossible setting."""
+        """Raise ValueError naming `section.key` for an impossible setting (check_kinds has run)."""
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixerState:
         raise NotImplementedError
@@ -50,8 +69,8 @@ class Mixer(nn.Module):
         raise NotImplementedError
 
 
-def require_positive_int(section: str, settings: dict[str, Any], *keys: str) -> None:
-    for key in keys:
-        value = settings[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{section}.{key}: must be a positive integer, got {value!r}")
+def require_positive(name: str, value: Any, integer: bool) -> None:
+    """`value` is a positive integer (integer=True) or a positive finite number; ValueError naming `name` if not."""
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0 or not (integer or math.isfinite(value)):
+        raise ValueError(f"{name}: must be {'a positive integer' if integer else 'a positive finite number'}, got {value!r}")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers import initialization as init
 
 from lctk.models.layers import causal_depthwise_conv, conv_tail
-from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
+from lctk.models.mixers.base import Mixer, MixerState
 from lctk.models.sequence import SequenceInfo
 
 
@@ -51,7 +51,6 @@ class BaseConv(Mixer):
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any], config) -> None:
-        require_positive_int("baseconv", settings, "expand", "conv_kernel")
         if settings["conv_kernel"] < 2:
             raise ValueError(f"baseconv.conv_kernel: must be at least 2, got {settings['conv_kernel']}")
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lctk.kernels.ssd import ssd_step
-from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
+from lctk.models.mixers.base import Mixer, MixerState
 from lctk.models.sequence import SequenceInfo, ssd_rows
 
 
@@ -63,13 +63,10 @@ class Based(Mixer):
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any], config) -> None:
-        require_positive_int("based", settings, "num_heads", "feature_dim", "chunk_size")
         if config.hidden_size % settings["num_heads"]:
             raise ValueError(
                 f"based.num_heads: {settings['num_heads']} does not divide hidden_size {config.hidden_size}"
             )
-        if not settings["eps"] > 0:
-            raise ValueError(f"based.eps: must be positive, got {settings['eps']!r}")
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> BasedState:
         return BasedState(

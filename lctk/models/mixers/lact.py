@@ -39,7 +39,7 @@ from transformers import initialization as init
 
 from lctk.models.layers import RMSNorm, apply_rotary, silu_grad
 from lctk.models.mixers.attention import window_attention
-from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
+from lctk.models.mixers.base import Mixer, MixerState
 from lctk.models.sequence import ChunkGrid, SequenceInfo, pack, unpack
 
 
@@ -69,6 +69,7 @@ class LaCTState(MixerState):
 
 class LaCT(Mixer):
     section = "lact"
+    rotary = True
 
     def __init__(self, config, letter: str):
         super().__init__(config, letter)
@@ -115,7 +116,6 @@ class LaCT(Mixer):
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any], config) -> None:
-        require_positive_int("lact", settings, "num_heads", "chunk_size", "window", "expand")
         if config.hidden_size % settings["num_heads"]:
             raise ValueError(
                 f"lact.num_heads: {settings['num_heads']} does not divide hidden_size {config.hidden_size}"
@@ -126,11 +126,6 @@ class LaCT(Mixer):
                 f"head_dim must equal hidden_size ({config.num_attention_heads} * {config.head_dim} != "
                 f"{config.hidden_size})"
             )
-        for key in ("momentum", "muon"):
-            if not isinstance(settings[key], bool):
-                raise ValueError(f"lact.{key}: must be true or false, got {settings[key]!r}")
-        if not isinstance(settings["base_lr"], (int, float)) or not settings["base_lr"] > 0:
-            raise ValueError(f"lact.base_lr: must be positive, got {settings['base_lr']!r}")
 
     @torch.no_grad()
     def init_special_parameters(self) -> None:

@@ -49,7 +49,7 @@ from transformers import initialization as init
 
 from lctk.kernels.ssd import ssd_step
 from lctk.models.layers import GatedRMSNorm, causal_depthwise_conv, conv_tail
-from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
+from lctk.models.mixers.base import Mixer, MixerState, require_positive
 from lctk.models.sequence import SequenceInfo, ssd_rows
 
 
@@ -81,6 +81,7 @@ LENGTH_SETTINGS = ("dt_scale", "b_scale", "state_norm_cap", "state_window")
 
 class Mamba2(Mixer):
     section = "mamba2"
+    special_settings = ("dt_scale", "b_scale")  # or per-layer lists: check_length_settings
 
     def __init__(self, config, letter: str):
         super().__init__(config, letter)
@@ -125,7 +126,6 @@ class Mamba2(Mixer):
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any], config) -> None:
-        require_positive_int("mamba2", settings, "state_size", "head_dim", "expand", "n_groups", "conv_kernel", "chunk_size")
         d_inner = settings["expand"] * config.hidden_size
         if d_inner % settings["head_dim"]:
             raise ValueError(f"mamba2.head_dim: {settings['head_dim']} does not divide expand * hidden_size = {d_inner}")
@@ -134,14 +134,13 @@ class Mamba2(Mixer):
             raise ValueError(f"mamba2.n_groups: {settings['n_groups']} does not divide the number of heads {heads}")
         shared = settings["xb_heads"]
         if shared is not None:
-            require_positive_int("mamba2", settings, "xb_heads")
+            require_positive("mamba2.xb_heads", shared, integer=True)
             if heads % shared or settings["n_groups"] % shared:
                 raise ValueError(
                     f"mamba2.xb_heads: {shared} must divide the number of heads {heads} and n_groups {settings['n_groups']}"
                 )
         if not 0 < settings["dt_min"] <= settings["dt_max"]:
             raise ValueError("mamba2.dt_min: needs 0 < dt_min <= dt_max")
-        require_positive_int("mamba2", settings, "state_norm_every")
         check_length_settings(settings, config.pattern, heads)
 
     @torch.no_grad()

@@ -61,7 +61,7 @@ from transformers import initialization as init
 
 from lctk.models.layers import RMSNorm, apply_rotary, causal_depthwise_conv, conv_tail, silu_grad
 from lctk.models.mixers.attention import window_attention
-from lctk.models.mixers.base import Mixer, MixerState, require_positive_int
+from lctk.models.mixers.base import Mixer, MixerState
 from lctk.models.sequence import ChunkGrid, SequenceInfo, pack, unpack
 
 VARIANTS = ("MAC", "MAG", "MAL")
@@ -217,6 +217,8 @@ class TitansState(MixerState):
 
 class Titans(Mixer):
     section = "titans"
+    rotary = True
+    special_settings = ("persistent_tokens",)  # may be 0
 
     def __init__(self, config, letter: str):
         super().__init__(config, letter)
@@ -276,9 +278,6 @@ class Titans(Mixer):
 
     @classmethod
     def check_settings(cls, settings: dict[str, Any], config) -> None:
-        require_positive_int(
-            "titans", settings, "memory_depth", "memory_expand", "chunk_size", "window", "conv_kernel"
-        )
         if settings["variant"] not in VARIANTS:
             raise ValueError(f"titans.variant: {settings['variant']!r} is not one of {', '.join(VARIANTS)}")
         tokens = settings["persistent_tokens"]
