@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from lctk.distill.losses import model_inputs, target_mask, token_ce, token_kl
+from lctk.distill.losses import model_inputs, target_mask, token_kl
+from lctk.train.losses import shifted_targets, token_ce
 
 CACHE_BYTES_PER_ELEMENT = 2
 
@@ -32,14 +33,14 @@ def quality(student, teacher, batches: Iterable[dict]) -> dict[str, float]:
     sums = dict.fromkeys(("kl_rev", "kl_fwd", "ce_student", "ce_teacher", "top1"), 0.0)
     count = 0.0
     for batch in batches:
-        mask = target_mask(batch)
+        mask, targets = target_mask(batch), shifted_targets(batch["labels"])
         inputs = model_inputs(batch)
         ours, theirs = student(**inputs, use_cache=False).logits, teacher(**inputs, use_cache=False).logits
         per_position = {
             "kl_rev": token_kl(ours, theirs, "reverse_kl"),
             "kl_fwd": token_kl(ours, theirs, "forward_kl"),
-            "ce_student": token_ce(ours, batch["labels"]),
-            "ce_teacher": token_ce(theirs, batch["labels"]),
+            "ce_student": token_ce(ours, targets),
+            "ce_teacher": token_ce(theirs, targets),
             "top1": (ours.argmax(-1) == theirs.argmax(-1)).float(),
         }
         for name, values in per_position.items():

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from lctk.distill.losses import model_inputs, target_mask, token_kl
+from lctk.distill.losses import kd_loss_sum, model_inputs, target_mask
+from lctk.train.losses import LMHead, final_hidden
 
 
 @contextlib.contextmanager
@@ -52,14 +53,15 @@ def _divergences(student, teacher, batches: Sequence[dict], removed: Sequence[in
     was_training = student.training
     student.eval()
     totals, count = dict.fromkeys(removed, 0.0), 0.0
+    student_head, teacher_head = LMHead.of(student), LMHead.of(teacher)
     for batch in batches:
-        inputs, mask = model_inputs(batch), target_mask(batch)
-        reference = teacher(**inputs, use_cache=False).logits
+        inputs = model_inputs(batch)
+        reference, _ = final_hidden(teacher, inputs)
         for layer in removed:
             with contextlib.nullcontext() if layer is None else attention_removed(student, layer):
-                kl = token_kl(student(**inputs, use_cache=False).logits, reference, kind)
-            totals[layer] += float((kl * mask).sum())
-        count += float(mask.sum())
+                hidden, _ = final_hidden(student, inputs)
+            totals[layer] += float(kd_loss_sum(hidden, student_head, reference, teacher_head, batch["labels"], kind))
+        count += float(target_mask(batch).sum())
     student.train(was_training)
     return {layer: total / max(count, 1.0) for layer, total in totals.items()}
 

@@ -14,6 +14,10 @@ terms: `ce_weight` x next-token cross-entropy on the data, and `hidden_weight` x
 
 with h_l the residual stream after block l (MOHAWK's hidden-state alignment, relative so that it is scale-free).
 A stage's first `align_steps` steps train on `align` alone (a warm-up of the new mixers), as a run of their own.
+
+The vocabulary terms are computed chunk by chunk from the final hidden states of both models and their LM heads
+(lctk.train.losses.head_loss): the teacher's logits for a chunk of positions are made, without grad, next to the
+student's, and no [T, vocab] tensor exists.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lctk.train.losses import LMHead, final_hidden, head_loss, shifted_targets, token_ce
+
 KINDS = ("reverse_kl", "forward_kl", "mix")
 MODEL_INPUTS = ("input_ids", "position_ids")
 
 
 def token_kl(student_logits: Tensor, teacher_logits: Tensor, kind: str = "reverse_kl", temperature: float = 1.0,
              forward_weight: float = 0.5) -> Tensor:
-    """Per-position divergence [B, T] (fp32), times T^2."""
+    """Per-position divergence over the last (vocabulary) dim, in fp32, times T^2."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if kind == "reverse_kl":
@@ -51,18 +57,11 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
 
 def target_mask(batch: dict) -> Tensor:
     """[B, T] bool: position t counts when labels[t+1] is a target; the last position never does."""
-    labels = batch["labels"]
-    return F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+    return shifted_targets(batch["labels"]) != -100
 
 
 def model_inputs(batch: dict) -> dict:
     return {key: batch[key] for key in MODEL_INPUTS if key in batch}
-
-
-def token_ce(logits: Tensor, labels: Tensor) -> Tensor:
-    """[B, T]: cross-entropy of labels[t+1] given position t (0 where it is no target and at the last position)."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-    return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
 
 
 def token_alignment(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[Tensor], layers: Sequence[int]) -> Tensor:
@@ -75,6 +74,25 @@ def token_alignment(student_hidden: Sequence[Tensor], teacher_hidden: Sequence[T
     return torch.stack(terms).mean(0)
 
 
+def kd_loss_sum(student_hidden: Tensor, student_head: LMHead, teacher_hidden: Tensor, teacher_head: LMHead,
+                labels: Tensor, kind: str = "reverse_kl", temperature: float = 1.0, forward_weight: float = 0.5,
+                ce_weight: float = 0.0) -> Tensor:
+    """SUM over counted positions of token_kl (+ ce_weight x next-token cross-entropy), from final hidden states
+    [B, T, D] chunk by chunk; gradients reach the student only."""
+    targets = shifted_targets(labels).flatten()
+    teacher_flat = teacher_hidden.detach().flatten(0, -2)
+
+    def chunk_loss(logits: Tensor, rows: slice) -> Tensor:
+        with torch.no_grad():
+            theirs = teacher_head.logits(teacher_flat[rows])
+        per_position = token_kl(logits, theirs, kind, temperature, forward_weight)
+        if ce_weight > 0:
+            per_position = per_position + ce_weight * token_ce(logits, targets[rows])
+        return (per_position * (targets[rows] != -100)).sum()
+
+    return head_loss(student_hidden, student_head, chunk_loss)
+
+
 def distill_loss_fn(teacher, settings, replaced: Sequence[int], align_only: bool = False):
     """A Trainer loss: (student, batch) -> SUM over counted positions of the per-position loss. `settings` is a
     LossSection; `replaced` the layers whose hidden states are aligned."""
@@ -83,19 +101,14 @@ def distill_loss_fn(teacher, settings, replaced: Sequence[int], align_only: bool
     def loss_fn(student, batch: dict) -> Tensor:
         inputs = model_inputs(batch)
         with torch.no_grad():
-            theirs = teacher(**inputs, use_cache=False, output_hidden_states=wants_hidden)
-        ours = student(**inputs, use_cache=False, output_hidden_states=wants_hidden)
-        if align_only:
-            per_position = token_alignment(ours.hidden_states, theirs.hidden_states, replaced)
-        else:
-            per_position = token_kl(ours.logits, theirs.logits, settings.divergence, settings.temperature,
-                                    settings.forward_weight)
-            if settings.ce_weight > 0:
-                per_position = per_position + settings.ce_weight * token_ce(ours.logits, batch["labels"])
-            if wants_hidden:
-                per_position = per_position + settings.hidden_weight * token_alignment(
-                    ours.hidden_states, theirs.hidden_states, replaced
-                )
-        return (per_position * target_mask(batch)).sum()
+            teacher_hidden, theirs = final_hidden(teacher, inputs, wants_hidden)
+        student_hidden, ours = final_hidden(student, inputs, wants_hidden)
+        if wants_hidden:
+            align = (token_alignment(ours.hidden_states, theirs.hidden_states, replaced) * target_mask(batch)).sum()
+            if align_only:
+                return align
+        loss = kd_loss_sum(student_hidden, LMHead.of(student), teacher_hidden, LMHead.of(teacher), batch["labels"],
+                           settings.divergence, settings.temperature, settings.forward_weight, settings.ce_weight)
+        return loss + settings.hidden_weight * align if wants_hidden else loss
 
     return loss_fn

@@ -7,6 +7,8 @@ row); see `lctk.models.sequence`. Generation keeps one state per layer in a `Hyb
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -117,6 +119,14 @@ class HybridModel(HybridPreTrainedModel):
         )
 
 
+@dataclass
+class HybridCausalLMOutput(CausalLMOutputWithPast):
+    """With the final hidden states (after the final norm, before the LM head): chunked losses
+    (lctk.train.losses) take them with an empty `logits_to_keep`, so no logits are computed."""
+
+    last_hidden_state: Tensor | None = None
+
+
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -157,7 +167,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         past_key_values: HybridCache | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> HybridCausalLMOutput:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -168,7 +178,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             cu_seqlens=cu_seqlens,
             output_hidden_states=output_hidden_states,
         )
-        hidden_states = outputs.last_hidden_state
+        hidden_states = last_hidden_state = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, Tensor):
@@ -177,6 +187,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        return HybridCausalLMOutput(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            last_hidden_state=last_hidden_state,
         )

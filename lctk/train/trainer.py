@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lctk.errors import UserError
@@ -37,6 +36,7 @@ from lctk.train.checkpoint import (
     save_checkpoint,
     trainer_state,
 )
+from lctk.train.losses import LMHead, cross_entropy_sum, final_hidden
 from lctk.train.optim import lr_factor, make_optimizer
 from lctk.train.progress import Reporter, Throughput, format_count
 
@@ -45,11 +45,10 @@ LossFn = Callable[[nn.Module, Batch], Tensor]
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """Summed next-token cross-entropy over the targets (labels != -100; labels are not shifted)."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
-    )
+    """Summed next-token cross-entropy over the targets (labels != -100; labels are not shifted), from the final
+    hidden states chunk by chunk (lctk.train.losses): no [T, vocab] logits."""
+    hidden, _ = final_hidden(model, {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]})
+    return cross_entropy_sum(hidden, LMHead.of(model), batch["labels"])
 
 
 def count_targets(batch: Batch) -> int:
