@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lctk.errors import UserError
+from lctk.models.loading import TRUST_REMOTE_CODE_HELP
 
 
 def eval_command(
@@ -30,49 +31,54 @@ def eval_command(
     allow_longer: bool = typer.Option(False, "--allow-longer", help="allow lengths above the model's position limit"),
     exact: bool = typer.Option(False, "--exact", help="check every prompt against a whole-text tokenisation"),
     lm_eval: str | None = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks (needs the lm-eval extra)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Run evaluation suites on any Hugging Face causal LM and write results.json, samples.jsonl, plots, report.md."""
     from lctk.evals.lm_eval_bridge import require_lm_eval
-    from lctk.evals.models import load_model
-    from lctk.evals.runner import compare, parse_lengths, parse_suites, run_suites
+    from lctk.evals.models import load_weights, open_model_and_tokenizer, resolve_device, resolve_dtype
+    from lctk.evals.runner import check_model_fits, compare, plan, run_suites
+    from lctk.models.loading import trusting_remote_code
 
     paths = [p.strip() for p in model.split(",") if p.strip()]
     if not paths:
         raise UserError("--model: give at least one model path")
-    parse_suites(suite)  # bad flags fail before any model is loaded
-    parse_lengths(lengths)
     try:
         depth_list = [float(d) for d in depths.split(",") if d.strip()]
     except ValueError as error:
         raise UserError(f"--depths: cannot read {depths!r} (use e.g. 0,0.5,1)") from error
+    names = _unique_names(paths)
+    outputs = [output if len(paths) == 1 else output / name for name in names]
+    settings = dict(suites=suite, lengths=lengths, limit=limit, seed=seed, depths=depth_list, batch_size=batch_size,
+                    max_new_tokens=max_new_tokens, exact=exact)
+    resolve_dtype(dtype, resolve_device(device))
     if lm_eval:
         require_lm_eval()
-    names = _unique_names(paths)
-    everything = {}
-    for path, name in zip(paths, names, strict=True):
-        out = output if len(paths) == 1 else output / name
-        loaded_model, loaded_tokenizer = load_model(path, device=device, dtype=dtype, tokenizer_path=tokenizer)
-        results = run_suites(
-            loaded_model,
-            loaded_tokenizer,
-            suites=suite,
-            lengths=lengths,
-            output_dir=out,
-            limit=limit,
-            seed=seed,
-            depths=depth_list,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            allow_longer=allow_longer,
-            exact=exact,
-            model_name=name,
-            lm_eval=lm_eval,
-            config={"model_path": path, "dtype_flag": dtype, "device_flag": device},
-        )
-        everything[name] = results
-        scores = " | ".join(f"{s} {_short(e.get('score'))}" for s, e in results["results"].items())
-        typer.echo(f"{name}: {scores} ({results['timings']['total_s']:.1f} s) -> {out / 'report.md'}")
-        del loaded_model
+    with trusting_remote_code(trust_remote_code):
+        # every input is checked before the first model is evaluated: flags, output folders, each model's files,
+        # config and tokenizer, and whether the prompts fit its lengths
+        opened = []
+        for path, out in zip(paths, outputs, strict=True):
+            suite_names, ctx = plan(output_dir=out, **settings)
+            files, loaded_tokenizer = open_model_and_tokenizer(path, tokenizer)
+            check_model_fits(suite_names, ctx, files.config, loaded_tokenizer, allow_longer)
+            opened.append((files, loaded_tokenizer))
+        everything = {}
+        for (files, loaded_tokenizer), name, out in zip(opened, names, outputs, strict=True):
+            loaded_model = load_weights(files, device=device, dtype=dtype)
+            results = run_suites(
+                loaded_model,
+                loaded_tokenizer,
+                output_dir=out,
+                allow_longer=allow_longer,
+                model_name=name,
+                lm_eval=lm_eval,
+                config={"model_path": files.path, "dtype_flag": dtype, "device_flag": device},
+                **settings,
+            )
+            everything[name] = results
+            scores = " | ".join(f"{s} {_short(e.get('score'))}" for s, e in results["results"].items())
+            typer.echo(f"{name}: {scores} ({results['timings']['total_s']:.1f} s) -> {out / 'report.md'}")
+            del loaded_model
     if len(paths) > 1:
         compare(everything, output)
         typer.echo(f"comparison of {len(paths)} models -> {output / 'report.md'}")

@@ -20,6 +20,8 @@ includes allocator caching and freed-but-kept pages, so CPU figures are approxim
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import threading
@@ -31,11 +33,12 @@ import numpy as np
 import torch
 
 from lctk.errors import UserError
+from lctk.models.loading import ModelFiles, load_causal_lm, load_tokenizer, open_model, resolve
 
 LIMIT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+SAMPLED_VALUES = 1024  # per tensor, in weights_fingerprint
 
 
 def resolve_device(device: str) -> torch.device:
@@ -58,53 +61,48 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(path: str, device: str = "auto", dtype: str = "auto", tokenizer_path: str | None = None):
+def load_model(
+    path: str, device: str = "auto", dtype: str = "auto", tokenizer_path: str | None = None, where: str = "--model"
+):
     """(model, tokenizer) from a local folder, a .gguf file, or (online) a hub name. Errors are one-line UserErrors."""
-    import transformers
+    files, tokenizer = open_model_and_tokenizer(path, tokenizer_path, where)
+    return load_weights(files, device, dtype, where), tokenizer
 
-    import lctk  # noqa: F401  (registers lctk's model classes with the Auto classes)
 
+def open_model_and_tokenizer(path: str, tokenizer_path: str | None = None, where: str = "--model"):
+    """(ModelFiles with config and checked weight files, tokenizer): everything but the weights, so that every model
+    of a run can be checked before the first one is evaluated."""
+    files = open_model(path, where)
+    tokenizer_files = resolve(tokenizer_path, "--tokenizer") if tokenizer_path else files
+    return files, load_tokenizer(tokenizer_files, where, hint="pass --tokenizer FOLDER")
+
+
+def load_weights(files: ModelFiles, device: str = "auto", dtype: str = "auto", where: str = "--model"):
     resolved_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, resolved_device)
-    source, extra = _source(path)
-    tokenizer_source, tokenizer_extra = _source(tokenizer_path) if tokenizer_path else (source, extra)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_extra)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"no usable tokenizer in {tokenizer_path or path}: {_first_line(error)} (pass --tokenizer)") from error
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # the eval's own progress is shown; keep stderr to errors
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"cannot load a causal LM from {path}: {_first_line(error)}") from error
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
-    return model.to(resolved_device).eval(), tokenizer
+    model = load_causal_lm(files, where, dtype=resolve_dtype(dtype, resolved_device))
+    return model.to(resolved_device).eval()
 
 
-def _source(path: str) -> tuple[str, dict]:
-    if path.endswith(".gguf"):
-        if not os.path.isfile(path):
-            raise UserError(f"model file not found: {path}")
-        try:
-            import gguf  # noqa: F401
-        except ImportError as error:
-            raise UserError("loading a .gguf file needs the gguf package: pip install 'lctk[smollm2]'") from error
-        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise UserError(f"model path is not a folder or a .gguf file: {path}")
-        return path, {}
-    if HUB_NAME.match(path) and not path.startswith((".", "/")):
-        return path, {}  # a hub name: works online, fails offline with the loader's message
-    raise UserError(f"model path not found: {path}")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+def weights_fingerprint(model) -> str:
+    """A short hash of what decides a model's outputs, for resume keys: its config (less the path it was loaded
+    from and the transformers version) and, for every parameter and buffer, its name, shape, dtype, the float64 sum
+    of all its values and SAMPLED_VALUES values at evenly spaced positions. One reduction pass over the weights on
+    their own device plus a few thousand values copied to the host: well under a second per billion parameters on a
+    GPU, a few seconds on a CPU. Loading the same folder at another dtype gives another fingerprint."""
+    config = getattr(model, "config", None)
+    described = config.to_dict() if hasattr(config, "to_dict") else {}
+    for volatile in ("_name_or_path", "transformers_version"):
+        described.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
+    tensors = [*model.named_parameters(), *model.named_buffers()] if isinstance(model, torch.nn.Module) else []
+    with torch.no_grad():
+        for name, tensor in tensors:
+            flat = tensor.detach().reshape(-1)
+            positions = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), SAMPLED_VALUES), device=flat.device)
+            total = flat.sum(dtype=torch.float64).item() if flat.numel() else 0.0
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{total!r}|".encode())
+            digest.update(flat[positions.long()].to(torch.float64).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def model_name(path: str) -> str:
@@ -113,9 +111,9 @@ def model_name(path: str) -> str:
     return re.sub(r"[^\w.-]+", "_", "-".join(parts[-2:]) or "model")
 
 
-def length_limit(model, tokenizer) -> int | None:
+def length_limit(config, tokenizer) -> int | None:
     for name in LIMIT_ATTRIBUTES:
-        value = getattr(model.config, name, None)
+        value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
     value = getattr(tokenizer, "model_max_length", None)

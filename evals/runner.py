@@ -7,16 +7,17 @@ import re
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from lctk.errors import UserError
 from lctk.evals.lm_eval_bridge import require_lm_eval, run_lm_eval
-from lctk.evals.models import length_limit, model_device, training_length
+from lctk.evals.models import length_limit, model_device, training_length, weights_fingerprint
 from lctk.evals.plots import format_length
 from lctk.evals.report import comparison_report, model_report
-from lctk.evals.store import SampleStore, write_json
+from lctk.evals.store import SampleStore, check_output_dir, write_json
 from lctk.evals.suites import SUITES, EvalContext
 from lctk.evals.tasks import niah
 from lctk.evals.tokens import fingerprint
@@ -67,8 +68,8 @@ def parse_suites(spec: str | Iterable[str]) -> tuple[list[str], dict[str, list[s
     return suites, tasks
 
 
-def check_lengths(model, tokenizer, lengths: list[int], allow_longer: bool) -> int | None:
-    limit = length_limit(model, tokenizer)
+def check_lengths(config, tokenizer, lengths: list[int], allow_longer: bool) -> int | None:
+    limit = length_limit(config, tokenizer)
     too_long = [n for n in lengths if limit is not None and n > limit]
     if too_long and not allow_longer:
         raise UserError(
@@ -76,6 +77,43 @@ def check_lengths(model, tokenizer, lengths: list[int], allow_longer: bool) -> i
             "tokens (max_position_embeddings or the tokenizer's model_max_length); pass --allow-longer to go past it"
         )
     return limit
+
+
+def plan(
+    suites: str | Iterable[str] = ("passkey",),
+    lengths: str | Iterable[int | str] = (1024,),
+    output_dir: str | Path | None = None,
+    limit: int = DEFAULT_LIMIT,
+    seed: int = 0,
+    depths: Iterable[float] = DEFAULT_DEPTHS,
+    batch_size: int = 1,
+    max_new_tokens: int | None = None,
+    exact: bool = False,
+) -> tuple[list[str], EvalContext]:
+    """Check every setting that needs no model: (suite names, a context without model and tokenizer)."""
+    suite_names, tasks = parse_suites(suites)
+    depths = [float(d) for d in depths]
+    if any(not 0.0 <= d <= 1.0 for d in depths) or not depths:
+        raise UserError(f"--depths: every depth must be within 0..1, got {depths}")
+    if limit < 1 or batch_size < 1:
+        raise UserError("--limit and --batch-size must be at least 1")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
+    if output_dir is not None:
+        check_output_dir(Path(output_dir))
+    ctx = EvalContext(parse_lengths(lengths), limit, seed, depths, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                      exact=exact, tasks=tasks)
+    return suite_names, ctx
+
+
+def check_model_fits(suite_names: list[str], ctx: EvalContext, config, tokenizer, allow_longer: bool) -> int | None:
+    """Check what needs the model's config and tokenizer but not its weights: the lengths against its limit and each
+    suite's prompts at the shortest length. Returns the model's length limit."""
+    limit_tokens = check_lengths(config, tokenizer, ctx.lengths, allow_longer)
+    with_tokenizer = replace(ctx, tokenizer=tokenizer, tokenizer_id=fingerprint(tokenizer))
+    for name in suite_names:
+        SUITES[name]().check(with_tokenizer)
+    return limit_tokens
 
 
 def run_suites(
@@ -99,50 +137,42 @@ def run_suites(
     """Run the suites on a loaded model; returns the results dict (the content of results.json).
 
     With output_dir, also writes results.json, samples.jsonl, the plots and report.md there, and skips the jobs
-    already in its samples.jsonl (resume). lm_eval: lm-evaluation-harness task names (needs the lm-eval extra)."""
+    already in its samples.jsonl for this model's weights and tokenizer (resume; reused samples are announced on
+    stderr). lm_eval: lm-evaluation-harness task names (needs the lm-eval extra). Every setting is checked before
+    the first sample runs."""
     started = time.perf_counter()
     if lm_eval:
         require_lm_eval()
-    suite_names, tasks = parse_suites(suites)
-    lengths = parse_lengths(lengths)
-    depths = [float(d) for d in depths]
-    if any(not 0.0 <= d <= 1.0 for d in depths) or not depths:
-        raise UserError(f"--depths: every depth must be within 0..1, got {depths}")
-    if limit < 1 or batch_size < 1:
-        raise UserError("--limit and --batch-size must be at least 1")
-    limit_tokens = check_lengths(model, tokenizer, lengths, allow_longer)
+    suite_names, planned = plan(suites, lengths, output_dir, limit, seed, depths, batch_size, max_new_tokens, exact)
+    limit_tokens = check_model_fits(suite_names, planned, model.config, tokenizer, allow_longer)
     out = Path(output_dir) if output_dir is not None else None
+    store = SampleStore(out)
+    if store.damaged:
+        _note(f"warning: ignoring {store.damaged} damaged record(s) in {store.path}; their samples run again")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    ctx = EvalContext(
+    ctx = replace(
+        planned,
         model=model,
         tokenizer=tokenizer,
         model_name=model_name,
+        model_id=weights_fingerprint(model),
         tokenizer_id=fingerprint(tokenizer),
-        lengths=lengths,
-        limit=limit,
-        seed=seed,
-        depths=depths,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        exact=exact,
         train_length=training_length(model),
         device=model_device(model),
-        tasks=tasks,
     )
-    store = SampleStore(out)
     results: dict = {
         "model": model_name,
         "results": {},
         "config": {
             **(config or {}),
             "suites": suite_names,
-            "tasks": tasks,
-            "lengths": lengths,
-            "depths": depths,
+            "tasks": ctx.tasks,
+            "lengths": ctx.lengths,
+            "depths": ctx.depths,
             "limit": limit,
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
@@ -151,6 +181,7 @@ def run_suites(
             "device": str(ctx.device),
             "dtype": str(_dtype(model)).replace("torch.", ""),
             "tokenizer": ctx.tokenizer_id,
+            "model_fingerprint": ctx.model_id,
         },
         "versions": versions(),
         "seed": seed,
@@ -166,6 +197,8 @@ def run_suites(
                 jobs = suite.jobs(ctx)
                 keys = [suite.key(ctx, job) for job in jobs]
                 todo = [(job, key) for job, key in zip(jobs, keys, strict=True) if key not in store]
+                if len(todo) < len(jobs):
+                    _note(f"{name}: reusing {len(jobs) - len(todo)} finished samples from {out} (same weights and tokenizer)")
                 task = bar.add_task(f"{name} ({len(jobs) - len(todo)} done before)", total=len(jobs),
                                     completed=len(jobs) - len(todo)) if bar else None
                 step = ctx.batch_size if suite.batched else 1
@@ -229,6 +262,10 @@ def versions() -> dict[str, str]:
         "python": sys.version.split()[0],
         "device": device,
     }
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _dtype(model) -> torch.dtype | None:

@@ -1,45 +1,82 @@
 """The output folder: samples.jsonl (one record per finished job, appended and flushed as it finishes, so a killed
 run loses at most the job in flight), results.json (written to a temporary file, then renamed into place).
-Rerunning into the same folder reads samples.jsonl back and skips every job whose key is already there; a damaged
-last line (a run killed mid-write) is ignored."""
+
+Rerunning into the same folder reads samples.jsonl back and skips every job whose key is already there. Each record
+carries a digest of its own content: a line that is not JSON (a run killed mid-write, random bytes) or whose digest
+does not match (a record edited or cut short, e.g. without its score) is not trusted; its job runs again and the
+store counts it in `damaged` for one warning line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+
+from lctk.errors import UserError
+
+OUTPUT_FILES = ("samples.jsonl", "results.json", "report.md")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """The eval output folder can be made (or is one) and none of the files lctk writes there is a folder."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"eval output folder {output_dir} is an existing file, not a folder")
+    for name in OUTPUT_FILES:
+        if (output_dir / name).is_dir():
+            raise UserError(f"{output_dir / name} is a folder; lctk writes its {name} file there (move the folder away)")
+    blocked = next((parent for parent in output_dir.parents if parent.exists() and not parent.is_dir()), None)
+    if blocked is not None:
+        raise UserError(f"eval output folder {output_dir}: {blocked} is a file, not a folder")
 
 
 class SampleStore:
     def __init__(self, output_dir: Path | None):
         self.path = output_dir / "samples.jsonl" if output_dir else None
         self.records: dict[str, dict] = {}
+        self.damaged = 0  # lines not trusted (see module doc)
         self._torn = False  # the file ends in a partial line: start on a fresh line
-        if self.path and self.path.exists():
-            with self.path.open("rb") as raw:
-                raw.seek(0, os.SEEK_END)
-                if raw.tell():
-                    raw.seek(-1, os.SEEK_END)
-                    self._torn = raw.read(1) != b"\n"
-            with self.path.open(encoding="utf-8") as lines:
-                for line in lines:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(record, dict) and "key" in record:
-                        self.records[record["key"]] = record
+        if not (self.path and self.path.exists()):
+            return
+        try:
+            data = self.path.read_bytes()
+        except OSError as error:
+            raise UserError(f"cannot read {self.path} ({error.strerror or error})") from None
+        self._torn = bool(data) and not data.endswith(b"\n")
+        for line in data.splitlines():
+            record = _trusted(line)
+            if record is None:
+                self.damaged += bool(line.strip())
+            else:
+                self.records[record["key"]] = record
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
 
     def add(self, record: dict) -> None:
+        record = json.loads(json.dumps(record))  # as it will read back (int dict keys become strings)
+        record["digest"] = _digest(record)
         self.records[record["key"]] = record
         if self.path:
             with self.path.open("a", encoding="utf-8") as out:
                 out.write(("\n" if self._torn else "") + json.dumps(record) + "\n")
             self._torn = False
+
+
+def _digest(record: dict) -> str:
+    content = {k: v for k, v in record.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _trusted(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # not UTF-8 or not JSON
+        return None
+    if isinstance(record, dict) and isinstance(record.get("key"), str) and record.get("digest") == _digest(record):
+        return record
+    return None
 
 
 def write_json(path: Path, data: dict) -> None:

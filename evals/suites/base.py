@@ -16,14 +16,15 @@ import torch
 
 @dataclass
 class EvalContext:
-    model: object
-    tokenizer: object
-    model_name: str
-    tokenizer_id: str
     lengths: list[int]
     limit: int
     seed: int
     depths: list[float]
+    model: object = None
+    tokenizer: object = None
+    model_name: str = "model"  # for people: report titles, records
+    model_id: str = ""  # for resume keys: evals.models.weights_fingerprint of the model
+    tokenizer_id: str = ""  # evals.tokens.fingerprint of the tokenizer
     batch_size: int = 1
     max_new_tokens: int | None = None  # None: each suite's default
     exact: bool = False  # check every prompt against a whole-text tokenisation
@@ -41,8 +42,10 @@ class Job:
     depth: float | None = None
 
     def key(self, ctx: EvalContext, **extra: object) -> str:
-        """What decides a record: the job, seed, tokenizer and model (and suite options); resume skips equal keys."""
-        parts = [self.suite, self.task, self.length, self.index, self.depth, ctx.seed, ctx.tokenizer_id, ctx.model_name]
+        """What decides a record: the job, seed, tokenizer and model weights (and suite options); resume skips equal
+        keys. The model enters by its fingerprint, never by its name or path: a changed model at the same path runs
+        anew."""
+        parts = [self.suite, self.task, self.length, self.index, self.depth, ctx.seed, ctx.tokenizer_id, ctx.model_id]
         parts.append(sorted(extra.items()))
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
@@ -56,6 +59,10 @@ class Suite:
 
     def key(self, ctx: EvalContext, job: Job) -> str:
         return job.key(ctx)
+
+    def check(self, ctx: EvalContext) -> None:
+        """Raise UserError for settings this suite cannot run with (ctx has the tokenizer, not yet the model), so a
+        run fails before its first sample rather than in the middle."""
 
     def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
         raise NotImplementedError

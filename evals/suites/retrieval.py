@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from lctk.evals import plots
@@ -35,6 +36,11 @@ class RetrievalSuite(Suite):
 
     def make(self, ctx: EvalContext, job: Job) -> Sample:
         raise NotImplementedError
+
+    def check(self, ctx: EvalContext) -> None:
+        """The first prompt of every task and depth must fit the shortest length (PromptTooShort otherwise)."""
+        for job in self.jobs(replace(ctx, lengths=[min(ctx.lengths)], limit=1)):
+            self.make(ctx, job)
 
     def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
         started = time.perf_counter()

@@ -6,15 +6,20 @@ from pathlib import Path
 
 import typer
 
+from lctk.models.loading import TRUST_REMOTE_CODE_HELP
+
 
 def distill(
     recipe: Path = typer.Argument(..., help="YAML recipe with a distill: section, e.g. recipes/distill-smollm2.yaml"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key: --set distill.stages.0.steps=50 (repeatable)"),
     resume: str = typer.Option(None, "--resume", help="'auto': continue the run stage by stage from its checkpoints"),
     overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run of the same name first"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Distil a transformer (Llama / Mistral / Qwen2) into a hybrid, replacing attention layers stage by stage."""
     from lctk.distill.run import distill_recipe
+    from lctk.models.loading import trusting_remote_code
     from lctk.recipe import load_recipe
 
-    distill_recipe(load_recipe(recipe, overrides, kind="distill"), resume=resume, overwrite=overwrite)
+    with trusting_remote_code(trust_remote_code):  # the teacher
+        distill_recipe(load_recipe(recipe, overrides, kind="distill"), resume=resume, overwrite=overwrite)

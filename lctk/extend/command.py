@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from lctk.errors import UserError
+from lctk.models.loading import TRUST_REMOTE_CODE_HELP
 
 
 def extend(
@@ -25,9 +26,11 @@ def extend(
     length: int | None = typer.Option(None, "--length", help="new length in tokens (instead of --factor)"),
     output: Path | None = typer.Option(None, "--output", help="run folder (default runs/<run.name>)"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set eval.limit=2 (repeatable)"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Extend a model's usable context: RoPE scaling, recurrent-state methods, optional training; before/after evals."""
     from lctk.extend.run import extend_recipe
+    from lctk.models.loading import trusting_remote_code
     from lctk.recipe import apply_override, load_recipe, validate_recipe
 
     flags_given = model is not None or method or factor is not None or length is not None
@@ -44,7 +47,8 @@ def extend(
         loaded = validate_recipe(raw, ExtendRecipe)
     if output is not None:
         loaded.run.output_dir, loaded.run.name = str(output), output.name
-    extend_recipe(loaded, log=typer.echo)
+    with trusting_remote_code(trust_remote_code):
+        extend_recipe(loaded, log=typer.echo)
 
 
 def recipe_from_flags(model: str | None, methods: list[str], factor: float | None, length: int | None) -> dict:

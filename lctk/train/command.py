@@ -6,15 +6,20 @@ from pathlib import Path
 
 import typer
 
+from lctk.models.loading import TRUST_REMOTE_CODE_HELP
+
 
 def train(
     recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/quickstart.yaml"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key: --set train.steps=100 (repeatable)"),
     resume: str = typer.Option(None, "--resume", help="'auto' (latest valid checkpoint of the run) or a checkpoint folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run of the same name first"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Train a hybrid model from a YAML recipe."""
+    from lctk.models.loading import trusting_remote_code
     from lctk.recipe import load_recipe
     from lctk.train.run import train_recipe
 
-    train_recipe(load_recipe(recipe, overrides, kind="train"), resume=resume, overwrite=overwrite)
+    with trusting_remote_code(trust_remote_code):  # model.init_from
+        train_recipe(load_recipe(recipe, overrides, kind="train"), resume=resume, overwrite=overwrite)

