@@ -355,9 +355,10 @@ def _final_eval(recipe: DistillRecipe, student, tokenizer, out_dir: Path) -> Non
 
 
 def _load_student(folder: Path, accelerator):
-    from transformers import AutoModelForCausalLM
+    from lctk.models.loading import load_causal_lm, open_model
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(accelerator.device)
+    where = f"resumed stage {folder.parent.name}"
+    return load_causal_lm(open_model(str(folder), where), where, dtype=torch.float32).to(accelerator.device)
 
 
 def _save_json(path: Path, record: dict, accelerator) -> None:

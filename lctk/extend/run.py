@@ -46,11 +46,17 @@ def current_length(config) -> int:
 
 def extend_recipe(recipe: ExtendRecipe, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run an extend recipe end to end; returns extend.json's content."""
-    from lctk.evals.models import load_model
+    from lctk.evals.models import load_weights
+    from lctk.models.loading import load_tokenizer, open_model
 
     ext, run_dir = recipe.extend, recipe.run.dir
     torch.manual_seed(recipe.run.seed)
-    model, tokenizer = load_model(ext.model, dtype="float32" if ext.stages else "auto")
+    files = open_model(ext.model, "extend.model")
+    users = tokenizer_users(recipe)
+    tokenizer = None  # a training-free change needs none; final/ gets the model's own tokenizer when it has one
+    if users or files.has_tokenizer():
+        tokenizer = load_tokenizer(files, "extend.model", hint=f"needed by {', '.join(users)}")
+    model = load_weights(files, dtype="float32" if ext.stages else "auto", where="extend.model")
     config = model.config
     original, reach = original_length(config), current_length(config)
     factor = ext.factor if ext.factor is not None else ext.length / reach
@@ -121,6 +127,13 @@ def extend_recipe(recipe: ExtendRecipe, log: Callable[[str], None] = print) -> d
     return results
 
 
+def tokenizer_users(recipe: ExtendRecipe) -> list[str]:
+    """The recipe keys whose work tokenizes text: evals, training stages, calibration of recurrent methods."""
+    calibrated = [s.method for s in recipe.extend.recurrent if s.method in NEEDS_IN_LENGTH_TEXT | NEEDS_LONG_TEXT]
+    return [key for key, used in (("eval.suites", recipe.eval.suites), ("extend.stages", recipe.extend.stages),
+                                  (f"extend.recurrent ({', '.join(calibrated)})", calibrated)) if used]
+
+
 def evaluate(recipe: ExtendRecipe, model, tokenizer, lengths: list[int], out_dir: Path, name: str) -> dict:
     """The recipe's eval suites on `model` at every length (beyond the model's limit too: that is the point)."""
     from lctk.evals.runner import run_suites
@@ -173,9 +186,10 @@ def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, num
     done = stage_dir / "final"
     if (done / "config.json").is_file():
         log(f"stage {number}: done before ({done})")
-        from lctk.evals.models import load_model
+        from lctk.evals.models import load_weights
+        from lctk.models.loading import open_model
 
-        return load_model(str(done), dtype="float32")[0]
+        return load_weights(open_model(str(done), f"stage {number}"), dtype="float32", where=f"stage {number}")
     settings = recipe.train.model_copy(update={"lr": stage.lr or recipe.train.lr, "steps": stage.steps or recipe.train.steps})
     steps = settings.steps or recipe.train.total_steps(seq_len, 1)
     long_share = stage.long_share if stage.long_share is not None else recipe.extend.long_share

@@ -10,7 +10,12 @@
 
 A checkpoint is written into `step-XXXXXXXX.tmp` and renamed into place once complete, so a killed run leaves at worst
 a .tmp folder, which is ignored. On resume every file is checked against the manifest; a damaged checkpoint is
-reported and the previous one used. Model and optimizer state go through torch.distributed.checkpoint's full state
+reported and the previous one used.
+
+Retention (`rotate`) runs once the newest checkpoint's weights have given a finite step (the Trainer confirms it), so
+the last good checkpoint outlives a divergence. Of the checkpoints up to the newest, the keep_last newest complete ones
+stay (complete: manifest and sizes match; checksums are verified on resume) and the rest go, damaged ones included;
+checkpoints after the newest, left by an earlier attempt of the run, stay until the run reaches their step. Model and optimizer state go through torch.distributed.checkpoint's full state
 dict helpers, so the same files serve one process, DDP and FSDP.
 """
 
@@ -32,8 +37,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lctk.errors import UserError
+
 PREFIX = "step-"
 MANIFEST = "manifest.json"
+REQUIRED = ("model.safetensors", "optimizer.pt", "trainer.json")
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -41,29 +49,54 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
     """Complete-looking checkpoints (no .tmp), oldest first."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    return sorted(found, key=step_of)
 
 
-def problem_with(path: Path) -> str | None:
-    """Why the checkpoint at `path` cannot be used, or None when every file matches its manifest."""
+def problem_with(path: Path, checksums: bool = True) -> str | None:
+    """Why the checkpoint at `path` cannot be used, or None when every file matches its manifest (sizes only, without
+    `checksums`)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         return "no readable manifest (interrupted while saving?)"
-    for name, expected in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    well_formed = isinstance(files, dict) and all(
+        isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+        for entry in files.values()
+    )
+    if not well_formed:
+        return f"{MANIFEST} does not list files with their bytes and sha256"
+    missing = [name for name in REQUIRED if name not in files]
+    if missing:
+        return f"{MANIFEST} does not list {missing[0]}"
+    for name, expected in files.items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != expected["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, expected {expected['bytes']}"
-        if _sha256(file) != expected["sha256"]:
+        if checksums and _sha256(file) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
+
+
+def usable_checkpoint(path: Path) -> Path:
+    """`path` as given to --resume, checked: a UserError when it is missing or damaged."""
+    if not path.is_dir():
+        raise UserError(f"--resume: checkpoint folder {path} not found")
+    problem = problem_with(path)
+    if problem is not None:
+        raise UserError(f"--resume: checkpoint {path} is damaged ({problem})")
+    return path
 
 
 def latest_valid(folder: Path, warn) -> Path | None:
@@ -76,7 +109,7 @@ def latest_valid(folder: Path, warn) -> Path | None:
     return None
 
 
-def save_checkpoint(accelerator, folder: Path, step: int, model, optimizer, trainer_state: dict, keep_last: int) -> Path:
+def save_checkpoint(accelerator, folder: Path, step: int, model, optimizer, trainer_state: dict) -> Path:
     """Write a checkpoint of all processes' state; returns its path. Every process must call this."""
     final = folder / checkpoint_name(step)
     temporary = folder / f"{final.name}.tmp"
@@ -100,10 +133,26 @@ def save_checkpoint(accelerator, folder: Path, step: int, model, optimizer, trai
         if final.exists():
             shutil.rmtree(final)
         temporary.rename(final)
-        for old in list_checkpoints(folder)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def rotate(folder: Path, newest: Path, keep_last: int) -> None:
+    """Delete the checkpoints that `newest` (whose weights proved good) supersedes; see the module doc."""
+    earlier = [path for path in list_checkpoints(folder) if step_of(path) <= step_of(newest)]
+    complete = [path for path in earlier if problem_with(path, checksums=False) is None]
+    kept = {newest, *complete[-keep_last:]}
+    for path in earlier:
+        if path not in kept:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a checkpoint out of the resumable ones (its weights diverged); kept for inspection."""
+    target = path.with_name(f"diverged-{path.name}")
+    if target.exists():
+        shutil.rmtree(target)
+    return path.rename(target)
 
 
 def trainer_state(path: Path) -> dict:

@@ -141,18 +141,14 @@ def _first_difference(saved, current, key: str) -> str | None:
 
 
 def _build_model(recipe: TrainRecipe, tokenizer):
-    from transformers import AutoModelForCausalLM
-
     from lctk.models import HybridForCausalLM
+    from lctk.models.loading import load_causal_lm, open_model
 
     if recipe.model.init_from:
         path = Path(recipe.model.init_from)
-        if not (path / "config.json").is_file():
-            raise UserError(f"model.init_from: no model folder at {path} (expected a config.json there)")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-        except (OSError, ValueError) as error:
-            raise UserError(f"model.init_from: cannot load {path} ({str(error).splitlines()[0]})") from None
+        if not path.is_dir():  # a local folder, never a hub name
+            raise UserError(f"model.init_from: model folder not found: {path}")
+        model = load_causal_lm(open_model(str(path), "model.init_from"), "model.init_from", dtype=torch.float32)
         if model.config.vocab_size < len(tokenizer):
             raise UserError(f"model.init_from: {path} has {model.config.vocab_size} tokens, the tokenizer {len(tokenizer)}")
         return model
@@ -179,7 +175,8 @@ def save_hf_folder(model, tokenizer, folder: Path, train_length: int | None = No
     if train_length is not None and getattr(model.config, "train_length", None) is None:
         model.config.train_length = train_length
     model.save_pretrained(temporary, safe_serialization=True)
-    tokenizer.save_pretrained(temporary)
+    if tokenizer is not None:  # lctk extend's training-free changes work on a folder without one
+        tokenizer.save_pretrained(temporary)
     shutil.rmtree(folder, ignore_errors=True)
     temporary.rename(folder)
 

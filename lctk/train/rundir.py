@@ -1,0 +1,213 @@
+"""Run folders: which ones lctk may write into and delete, and which run is using one (train, distill, extend).
+
+    <run dir>/.lctk-run     marker, JSON {kind, created, name}: written when a run starts in a new or empty folder
+    <run dir>/.lctk-lock    lock, JSON {host, pid, started}: present while a run uses the folder
+
+Rules:
+- A run writes only into a folder that is new, empty, or marked as an lctk run of the same kind (an unmarked folder
+  holding a run from before markers existed may still be resumed). Any other folder is refused before anything is
+  written, so lctk never mixes its files with a user's.
+- lctk deletes only inside marked folders: `--overwrite` empties one (keeping the marker and the lock), and a fresh
+  train run clears the metrics, results and evals of a marked run that was killed before its first checkpoint.
+- The lock is taken (main process only) before anything in the folder is deleted or written, and held until the run
+  ends. A second run gets one error line naming the first (host, pid). The lock file is also flock()ed, so a run that
+  died leaves no held lock: a lock naming a dead process on this host is stale and taken over; one naming another host
+  is refused (its process cannot be checked from here) and the message says which file to remove.
+- `check_same_recipe` compares the sections a continued run cannot change with the run's saved recipe.yaml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import yaml
+
+from lctk.errors import UserError
+
+MARKER = ".lctk-run"
+LOCK = ".lctk-lock"
+OWN_FILES = (MARKER, LOCK)
+
+
+def key_of(run) -> str:
+    """The recipe key that names a run's folder (a RunSection's), for messages."""
+    return "run.output_dir" if run.output_dir else "run.name"
+
+
+def marker(folder: Path) -> dict | None:
+    """The marker's content ({} when unreadable), or None when `folder` is not marked as an lctk run folder."""
+    path = folder / MARKER
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def check_folder(folder: Path, kind: str, where: str, *, overwrite: bool = False, legacy_run: bool = False) -> None:
+    """Before anything is written: may a `kind` run use `folder`? legacy_run: the folder holds an unmarked run (made
+    before markers) that is being resumed."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{where}: {folder} is a file, not a run folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    found = marker(folder)
+    if found is None:
+        if overwrite:
+            raise UserError(f"--overwrite: {folder} was not made by lctk (no {MARKER} file) and lctk deletes only its "
+                            "own run folders; remove it yourself or choose another run.name")
+        if not legacy_run:
+            raise UserError(f"{where}: {folder} already exists and was not made by lctk (no {MARKER} file); "
+                            "choose a new or empty folder")
+    elif found.get("kind", kind) != kind:
+        raise UserError(f"{where}: {folder} holds an lctk {found['kind']} run, not a {kind} run; choose another run.name")
+
+
+def check_same_recipe(folder: Path, recipe, sections: Iterable[str]) -> None:
+    """The run in `folder` continues only with the same `sections` as its saved recipe.yaml (if it has one)."""
+    saved_file = folder / "recipe.yaml"
+    if not saved_file.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"{saved_file}: not a readable recipe, so the run cannot be continued; use --overwrite")
+    current = recipe.model_dump(mode="json")
+    for section in sections:
+        key = first_difference(saved.get(section), current.get(section), section)
+        if key is not None:
+            raise UserError(f"{key}: differs from the run in {folder} that this command would continue; "
+                            "use --set run.name=<new name> for a new run (or --overwrite to start this one again)")
+
+
+def first_difference(saved, current, key: str) -> str | None:
+    """The dotted key of the first value that differs between two YAML trees, or None."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for name in sorted(set(saved) | set(current)):
+            found = first_difference(saved.get(name), current.get(name), f"{key}.{name}")
+            if found:
+                return found
+        return None
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        for index, (a, b) in enumerate(zip(saved, current, strict=True)):
+            found = first_difference(a, b, f"{key}.{index}")
+            if found:
+                return found
+        return None
+    return None if saved == current else key
+
+
+@contextlib.contextmanager
+def claim(folder: Path, kind: str, name: str, where: str) -> Iterator[None]:
+    """Create `folder` (marked as a `kind` run when it is new or empty) and hold its lock until the block ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if marker(folder) is None and not any(folder.iterdir()):
+        record = {"kind": kind, "created": _now(), "name": name}
+        scratch = folder / f"{MARKER}.tmp"
+        scratch.write_text(json.dumps(record) + "\n")
+        scratch.replace(folder / MARKER)
+    with _lock(folder, where):
+        yield
+
+
+def clear(folder: Path, names: Iterable[str] | None = None) -> None:
+    """Delete `names` (default: everything but the marker and the lock) inside a folder lctk marked as its own."""
+    if marker(folder) is None:
+        raise UserError(f"{folder}: not deleting anything in a folder lctk did not make (no {MARKER} file)")
+    paths = [folder / name for name in names] if names is not None else list(folder.iterdir())
+    for path in paths:
+        if path.name in OWN_FILES:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _lock(folder: Path, where: str) -> Iterator[None]:
+    path = folder / LOCK
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read(handle)
+            os.close(handle)
+            raise _in_use(folder, where, holder, path) from None
+        if _same_file(handle, path):
+            break
+        os.close(handle)  # the previous holder removed the file between our open and flock: open the new one
+    holder = _read(handle)
+    if holder is not None and not _stale(holder):
+        os.close(handle)
+        raise _in_use(folder, where, holder, path)
+    if holder is not None:
+        print(f"warning: {path}: taking over the lock of pid {holder.get('pid')}, which is no longer running", flush=True)
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, (json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": _now()}) + "\n").encode(), 0)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the flock goes: a run that opens the file after this makes a new one
+        os.close(handle)
+
+
+def _read(handle: int) -> dict | None:
+    """The lock file's holder record; None for an empty file; {} for one that is not lctk's JSON."""
+    text = os.pread(handle, 4096, 0).decode(errors="replace").strip()
+    if not text:
+        return None
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _stale(holder: dict) -> bool:
+    """A holder that is certainly gone: a dead process on this host (or a record lctk did not write). We hold the
+    flock here, so a record naming this very process is left from an earlier process with the same pid."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _in_use(folder: Path, where: str, holder: dict | None, path: Path) -> UserError:
+    holder = holder or {}
+    who = f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}"
+    here = holder.get("host") in (None, socket.gethostname())
+    hint = "wait for it to end" if here else f"if that run is gone, remove {path}"
+    return UserError(f"{where}: {folder} is in use by another lctk run ({who}); {hint} or choose another run.name")
+
+
+def _same_file(handle: int, path: Path) -> bool:
+    try:
+        return os.fstat(handle).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
