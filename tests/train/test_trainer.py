@@ -38,13 +38,13 @@ def rows(seq_len: int = 16) -> TextRows:
     return TextRows(cut_pieces(documents, seq_len, eos=63), seq_len, seed=0)
 
 
-def trainer(tmp_path, model, batch_size=4, grad_accum=1, steps=3, loss_fn=causal_lm_loss, **train) -> Trainer:
+def trainer(tmp_path, model, batch_size=4, grad_accum=1, steps=3, loss_fn=causal_lm_loss, keep_last=2, **train) -> Trainer:
     settings = TrainSection(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, precision="fp32", **train)
     return Trainer(
         model,
         StepBatches(rows(), batch_size, grad_accum),
         train=settings,
-        checkpoint=CheckpointSection(every=1, keep_last=2),
+        checkpoint=CheckpointSection(every=1, keep_last=keep_last),
         logging=LoggingSection(every=1, wandb={"mode": "disabled"}),
         run_dir=tmp_path,
         accelerator=make_accelerator(settings),
@@ -71,32 +71,63 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     assert first[-1]["tokens_seen"] == 3 * 4 * 16
 
 
-def test_non_finite_losses_skip_the_step_and_stop_the_run_after_a_checkpoint(tmp_path):
-    def poisoned(model, batch):
-        loss = causal_lm_loss(model, batch)
-        return loss * math.nan if poisoned.step_calls >= 1 else loss
+def poisoned_from(first_bad_call: int):
+    """A loss that turns NaN from the `first_bad_call`-th optimizer step on (0-based)."""
 
-    poisoned.step_calls = 0
-    model = tiny_model()
-    run = trainer(tmp_path, model, steps=20, loss_fn=poisoned, max_bad_steps=3)
-    original_step = run._step
+    def loss_fn(model, batch):
+        loss = causal_lm_loss(model, batch)
+        return loss * math.nan if loss_fn.step_calls >= first_bad_call else loss
+
+    loss_fn.step_calls = 0
+    return loss_fn
+
+
+def count_steps(run: Trainer, loss_fn) -> dict:
+    """Count run's optimizer steps into loss_fn.step_calls; returns the weights after the first step (filled in)."""
+    original_step, after_first = run._step, {}
 
     def counting_step(step):
         result = original_step(step)
-        poisoned.step_calls += 1
+        loss_fn.step_calls += 1
         if step == 0:
-            counting_step.after_first = weights(run.model)
+            after_first.update(weights(run.model))
         return result
 
     run._step = counting_step
-    with pytest.raises(UserError, match=r"training stopped at step 4: 3 non-finite losses .* train.lr"):
+    return after_first
+
+
+def test_non_finite_losses_skip_the_step_and_stop_the_run(tmp_path):
+    poisoned = poisoned_from(1)
+    run = trainer(tmp_path, tiny_model(), steps=20, loss_fn=poisoned, max_bad_steps=3)
+    after_first = count_steps(run, poisoned)
+    with pytest.raises(UserError, match=r"training stopped at step 4: 3 non-finite losses .* no checkpoint precedes .* train.lr"):
         run.fit()
     assert run.state.skipped_steps == 3
     for name, value in weights(run.model).items():  # skipped steps left the weights alone
-        assert torch.equal(value, counting_step.after_first[name])
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")][-1] == "step-00000004"
+        assert torch.equal(value, after_first[name])
+    # checkpoint 1 holds the weights the first bad step saw: not resumable, kept aside
+    assert list_checkpoints(tmp_path / "checkpoints") == [] and (tmp_path / "checkpoints" / "diverged-step-00000001").is_dir()
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[1]["loss"] is None and metrics[-1]["skipped_steps"] == 3
+
+
+def test_the_nan_stop_keeps_and_names_the_last_checkpoint_whose_next_step_was_finite(tmp_path):
+    poisoned = poisoned_from(3)
+    run = trainer(tmp_path, tiny_model(), steps=20, loss_fn=poisoned, max_bad_steps=3, keep_last=1)
+    count_steps(run, poisoned)
+    good = tmp_path / "checkpoints" / "step-00000002"
+    with pytest.raises(UserError, match=rf"stopped at step 6: .* from step 4, .* not saved; the last checkpoint before them is {good} "):
+        run.fit()
+    assert list_checkpoints(tmp_path / "checkpoints") == [good]  # the stop rotated nothing out
+    assert latest_valid(tmp_path / "checkpoints", print) == good
+
+
+def test_a_run_whose_every_step_is_skipped_fails(tmp_path):
+    run = trainer(tmp_path, tiny_model(), steps=3, loss_fn=poisoned_from(0), max_bad_steps=10)
+    with pytest.raises(UserError, match="stopped at step 3: 3 non-finite losses .* no checkpoint precedes them"):
+        run.fit()
+    assert list_checkpoints(tmp_path / "checkpoints") == []
 
 
 def test_checkpoints_round_trip_exactly_and_damaged_ones_are_skipped(tmp_path):
@@ -124,6 +155,27 @@ def test_checkpoints_round_trip_exactly_and_damaged_ones_are_skipped(tmp_path):
     assert "step-00000003" in warnings[0] and "model.safetensors" in warnings[0]
     with pytest.raises(UserError, match="damaged"):
         trainer(tmp_path, tiny_model(), steps=3)._resume(str(saved[-1]))
+
+
+def test_rotation_keeps_the_fresh_checkpoint_when_newer_ones_are_damaged(tmp_path):
+    trainer(tmp_path, tiny_model(), steps=6, keep_last=3).fit()
+    folder = tmp_path / "checkpoints"
+    for step in (5, 6):  # damaged, newer than the valid step 4 the next run resumes from
+        (folder / f"step-0000000{step}" / "model.safetensors").write_bytes(b"garbage")
+    again = trainer(tmp_path, tiny_model(), steps=5, keep_last=1)
+    again.fit("auto")
+    assert [p.name for p in list_checkpoints(folder)] == ["step-00000005", "step-00000006"]
+    assert latest_valid(folder, print) == folder / "step-00000005"
+
+
+@pytest.mark.parametrize("manifest", ["{}", "[]", '{"step": 3}', '{"files": {"model.safetensors": 12}}', '{"files": {}}'])
+def test_a_manifest_of_the_wrong_shape_is_damaged(tmp_path, manifest):
+    trainer(tmp_path, tiny_model(), steps=3).fit()
+    folder = tmp_path / "checkpoints"
+    (folder / "step-00000003" / "manifest.json").write_text(manifest)
+    warnings = []
+    assert latest_valid(folder, warnings.append) == folder / "step-00000002"
+    assert "step-00000003 is damaged (manifest.json does not list" in warnings[0]
 
 
 def test_activation_checkpointing_changes_memory_not_results(tmp_path):
