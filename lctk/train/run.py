@@ -9,31 +9,43 @@ Run dir (run.output_dir, default runs/<run.name>):
     eval/before, eval/after   eval suite outputs; results.json   before/after figures
 A run dir that already holds a run is resumed with --resume auto and otherwise refused, so nothing is overwritten by
 accident; resuming checks that the recipe's model, tokenizer and data sections are those the run was started with.
+The run dir is marked as lctk's and locked while the run uses it (lctk.train.rundir): --overwrite empties only a
+marked run dir, and a fresh run into a marked dir that holds no run (one killed before its first checkpoint) clears
+that run's metrics, results and evals, which lctk wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
 from lctk.errors import UserError
 from lctk.recipe import TrainRecipe
+from lctk.train import rundir
 
 SECTIONS_FIXED_ON_RESUME = ("model", "tokenizer", "data")
 SUITE_UNITS = {"passkey": "%", "niah": "%"}
+LEFT_BY_A_KILLED_RUN = ("eval", "results.json", "metrics.jsonl")
 
 
 def train_recipe(recipe: TrainRecipe, resume: str | None = None, overwrite: bool = False) -> dict:
     """Run a train recipe end to end; returns the run's results (also in <run_dir>/results.json)."""
+    with contextlib.ExitStack() as held:  # the run dir's lock, until the run ends
+        return _train(recipe, resume, overwrite, held)
+
+
+def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: contextlib.ExitStack) -> dict:
     from accelerate.utils import set_seed
 
     from lctk.data.packing import StepBatches
     from lctk.data.pipeline import load_tokenizer, prepare_data
-    from lctk.train.trainer import Trainer, make_accelerator, summary_line
+    from lctk.parallel import make_accelerator
+    from lctk.train.checkpoint import usable_checkpoint
+    from lctk.train.trainer import Trainer, summary_line
 
     accelerator = make_accelerator(recipe.train)
     main = accelerator.is_main_process
@@ -41,6 +53,8 @@ def train_recipe(recipe: TrainRecipe, resume: str | None = None, overwrite: bool
     run_dir = recipe.run.dir
     if main:
         _check_run_dir(run_dir, recipe, resume, overwrite)
+        if resume not in (None, "auto"):
+            usable_checkpoint(Path(resume))
     accelerator.wait_for_everyone()
     set_seed(recipe.run.seed)
 
@@ -49,7 +63,9 @@ def train_recipe(recipe: TrainRecipe, resume: str | None = None, overwrite: bool
         data = prepare_data(recipe.data, tokenizer, recipe.run.seed)
     model = _build_model(recipe, tokenizer)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(rundir.claim(run_dir, "train", recipe.run.name, rundir.key_of(recipe.run)))
+        _check_run_dir(run_dir, recipe, resume, overwrite)  # again: another run may have used it meanwhile
+        _start_over(run_dir, resume, overwrite)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         tokenizer.save_pretrained(run_dir / "tokenizer")
     world = accelerator.num_processes
@@ -98,46 +114,31 @@ def train_recipe(recipe: TrainRecipe, resume: str | None = None, overwrite: bool
 
 
 def _check_run_dir(run_dir: Path, recipe: TrainRecipe, resume: str | None, overwrite: bool) -> None:
-    holds_run = (run_dir / "checkpoints").exists() or (run_dir / "final").exists()
-    if overwrite and holds_run:
-        shutil.rmtree(run_dir)
-        return
-    if holds_run and resume is None:
+    """Everything about the run dir that can be checked before anything is written."""
+    if overwrite and resume is not None:
+        raise UserError("--overwrite: starts the run again, so it cannot go with --resume")
+    holds_run = _holds_run(run_dir)
+    key = rundir.key_of(recipe.run)
+    rundir.check_folder(run_dir, "train", key, overwrite=overwrite, legacy_run=holds_run and resume is not None)
+    if holds_run and resume is None and not overwrite:
         raise UserError(
-            f"run.name: {run_dir} already holds a run; pass --resume auto to continue it, --overwrite to start "
+            f"{key}: {run_dir} already holds a run; pass --resume auto to continue it, --overwrite to start "
             "again, or --set run.name=<new name>"
         )
-    if resume is None:  # what a run killed before its first checkpoint left behind
-        for leftover in ("eval", "results.json", "metrics.jsonl"):
-            path = run_dir / leftover
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    saved_file = run_dir / "recipe.yaml"
-    if resume is not None and saved_file.exists():
-        saved = yaml.safe_load(saved_file.read_text()) or {}
-        current = recipe.model_dump(mode="json")
-        for section in SECTIONS_FIXED_ON_RESUME:
-            key = _first_difference(saved.get(section), current.get(section), section)
-            if key is not None:
-                raise UserError(
-                    f"{key}: differs from the run in {run_dir} that --resume would continue; "
-                    "use --set run.name=<new name> for a new run"
-                )
+    if resume is not None:
+        rundir.check_same_recipe(run_dir, recipe, SECTIONS_FIXED_ON_RESUME)
 
 
-def _first_difference(saved, current, key: str) -> str | None:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        for name in sorted(set(saved) | set(current)):
-            found = _first_difference(saved.get(name), current.get(name), f"{key}.{name}")
-            if found:
-                return found
-        return None
-    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        for index, (a, b) in enumerate(zip(saved, current, strict=True)):
-            found = _first_difference(a, b, f"{key}.{index}")
-            if found:
-                return found
-        return None
-    return None if saved == current else key
+def _start_over(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """With the run dir locked: empty it for --overwrite, or clear what a run killed before its first checkpoint left."""
+    if overwrite:
+        rundir.clear(run_dir)
+    elif resume is None:
+        rundir.clear(run_dir, LEFT_BY_A_KILLED_RUN)
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints").exists() or (run_dir / "final").exists()
 
 
 def _build_model(recipe: TrainRecipe, tokenizer):
