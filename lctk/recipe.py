@@ -55,6 +55,15 @@ class RunSection(Section):
     output_dir: str | None = None  # default runs/<name>
     seed: int = 0
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # a name that is a path could put the run (and what --overwrite deletes) anywhere: paths go in run.output_dir
+        if name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"must be a plain folder name (no '/', '..' or absolute path; put paths in "
+                             f"run.output_dir), got {name!r}")
+        return name
+
     @property
     def dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
