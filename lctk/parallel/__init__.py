@@ -2,6 +2,6 @@
 and how a sharded model is gathered back into a plain one. Mixers and the training loop reach these helpers; they
 hold no collectives of their own."""
 
-from lctk.parallel.fsdp import is_sharded, make_accelerator, unsharded_model
+from lctk.parallel.fsdp import describe_parallelism, is_sharded, make_accelerator, unsharded_model
 
-__all__ = ["is_sharded", "make_accelerator", "unsharded_model"]
+__all__ = ["describe_parallelism", "is_sharded", "make_accelerator", "unsharded_model"]
