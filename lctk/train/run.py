@@ -115,16 +115,8 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
 
 def _check_run_dir(run_dir: Path, recipe: TrainRecipe, resume: str | None, overwrite: bool) -> None:
     """Everything about the run dir that can be checked before anything is written."""
-    if overwrite and resume is not None:
-        raise UserError("--overwrite: starts the run again, so it cannot go with --resume")
-    holds_run = _holds_run(run_dir)
-    key = rundir.key_of(recipe.run)
-    rundir.check_folder(run_dir, "train", key, overwrite=overwrite, legacy_run=holds_run and resume is not None)
-    if holds_run and resume is None and not overwrite:
-        raise UserError(
-            f"{key}: {run_dir} already holds a run; pass --resume auto to continue it, --overwrite to start "
-            "again, or --set run.name=<new name>"
-        )
+    rundir.check_folder(run_dir, "train", rundir.key_of(recipe.run), holds_run=_holds_run(run_dir),
+                        resuming=resume is not None, overwrite=overwrite)
     if resume is not None:
         rundir.check_same_recipe(run_dir, recipe, SECTIONS_FIXED_ON_RESUME)
 

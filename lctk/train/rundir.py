@@ -54,9 +54,13 @@ def marker(folder: Path) -> dict | None:
     return found if isinstance(found, dict) else {}
 
 
-def check_folder(folder: Path, kind: str, where: str, *, overwrite: bool = False, legacy_run: bool = False) -> None:
-    """Before anything is written: may a `kind` run use `folder`? legacy_run: the folder holds an unmarked run (made
-    before markers) that is being resumed."""
+def check_folder(folder: Path, kind: str, where: str, *, holds_run: bool = False, resuming: bool = False,
+                 overwrite: bool = False) -> None:
+    """Before anything is written: may a `kind` run use `folder`? holds_run: it holds a run (a fresh start then needs
+    --overwrite); resuming: the run continues what the folder holds (an unmarked run made before markers existed may
+    be resumed too)."""
+    if overwrite and resuming:
+        raise UserError("--overwrite: starts the run again, so it cannot go with --resume")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{where}: {folder} is a file, not a run folder")
     if not folder.is_dir() or not any(folder.iterdir()):
@@ -66,11 +70,14 @@ def check_folder(folder: Path, kind: str, where: str, *, overwrite: bool = False
         if overwrite:
             raise UserError(f"--overwrite: {folder} was not made by lctk (no {MARKER} file) and lctk deletes only its "
                             "own run folders; remove it yourself or choose another run.name")
-        if not legacy_run:
+        if not (resuming and holds_run):
             raise UserError(f"{where}: {folder} already exists and was not made by lctk (no {MARKER} file); "
                             "choose a new or empty folder")
     elif found.get("kind", kind) != kind:
         raise UserError(f"{where}: {folder} holds an lctk {found['kind']} run, not a {kind} run; choose another run.name")
+    if holds_run and not resuming and not overwrite:
+        raise UserError(f"{where}: {folder} already holds a run; pass --resume auto to continue it, --overwrite to start "
+                        "again, or --set run.name=<new name>")
 
 
 def check_same_recipe(folder: Path, recipe, sections: Iterable[str]) -> None:
