@@ -49,11 +49,13 @@ def build_tokenizer(spec: str, training_text: Callable[[], Sequence[str]], cache
 def load_local_tokenizer(path: str, key: str = "tokenizer"):
     from transformers import AutoTokenizer
 
+    from lctk.models.loading import remote_code_trusted
+
     if not Path(path).is_dir():
         raise UserError(f"{key}: tokenizer folder {path} not found (or use 'bytes' / 'bpe:<vocab size>')")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as error:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=remote_code_trusted())
+    except Exception as error:  # a damaged tokenizer.json fails inside the tokenizers library in its own ways
         raise UserError(f"{key}: cannot load a tokenizer from {path} ({str(error).splitlines()[0]})") from None
     if tokenizer.eos_token_id is None:
         tokenizer.add_special_tokens({"eos_token": END_OF_TEXT})
