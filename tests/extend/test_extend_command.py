@@ -2,6 +2,7 @@
 writes, resuming, and bad input (one line, exit code 2)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,38 @@ def test_recurrent_method_on_an_attention_only_model(llama_dir, tmp_path):
     with pytest.raises(UserError, match=r"extend\.recurrent\.0\.method: the model has no Mamba-2 layers"):
         invoke("--model", llama_dir, "--method", "state_window", "--factor", 2, "--output", tmp_path / "o",
                "--set", "eval.suites=[]")
+
+
+def weights_only(llama_dir, folder):
+    """The model folder without its tokenizer."""
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(llama_dir / name, folder / name)
+    return folder
+
+
+def test_a_training_free_change_needs_no_tokenizer(llama_dir, tmp_path):
+    model = weights_only(llama_dir, tmp_path / "weights-only")
+    invoke("--model", model, "--method", "yarn", "--factor", 2, "--output", tmp_path / "o", "--set", "eval.suites=[]")
+    assert AutoConfig.from_pretrained(tmp_path / "o" / "final").rope_parameters["rope_type"] == "yarn"
+    with pytest.raises(UserError, match=rf"^extend.model: no tokenizer in {model} \(needed by eval.suites\)$"):
+        invoke("--model", model, "--method", "yarn", "--factor", 2, "--output", tmp_path / "o2")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "config.json").write_text("{garbage"), "config.json is not valid JSON"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 7), "model.safetensors is truncated: 7 bytes"),
+    ],
+)
+def test_a_damaged_model_is_reported_as_such_not_as_a_tokenizer_problem(llama_dir, tmp_path, damage, message):
+    model = weights_only(llama_dir, tmp_path / "damaged")
+    damage(model)
+    with pytest.raises(UserError, match="^extend.model: ") as error:
+        invoke("--model", model, "--method", "yarn", "--factor", 2, "--output", tmp_path / "o")
+    assert message in str(error.value) and "tokenizer" not in str(error.value)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(

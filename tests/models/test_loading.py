@@ -146,3 +146,15 @@ def test_a_model_folders_own_code_runs_only_when_trusted(model_dir, tmp_path):
         except UserError:
             pass  # the custom config need not build a model; that its code ran is the point
     assert ran.exists()
+
+
+def test_train_init_from_a_damaged_folder_is_one_line(model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from lctk.train.run import _build_model
+
+    folder = copy(model_dir, tmp_path)
+    os.truncate(folder / "model.safetensors", 500)
+    recipe = SimpleNamespace(model=SimpleNamespace(init_from=str(folder)))
+    with pytest.raises(UserError, match=f"^model.init_from: {folder}/model.safetensors is truncated"):
+        _build_model(recipe, tokenizer=None)

@@ -1,0 +1,98 @@
+"""The eval store and resume keys: a damaged samples.jsonl never raises and never hands back a damaged record; the
+weights fingerprint follows the weights and the config, not the path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lctk.errors import UserError
+from lctk.evals.models import load_model, weights_fingerprint
+from lctk.evals.store import SampleStore
+
+RECORDS = [
+    {"key": f"k{i}", "suite": "passkey", "length": 128 * (i + 1), "score": float(i), "buckets": {512: [1.5, 2], 64: [0, 1]}}
+    for i in range(4)
+]
+
+
+def written_store(folder) -> SampleStore:
+    store = SampleStore(folder)
+    for record in RECORDS:
+        store.add(record)
+    return store
+
+
+def test_records_read_back_as_written(tmp_path):
+    written = written_store(tmp_path).records
+    assert SampleStore(tmp_path).records == written and set(written) == {r["key"] for r in RECORDS}
+
+
+_edits = st.lists(
+    st.one_of(
+        st.tuples(st.just("cut"), st.floats(0, 1)),
+        st.tuples(st.just("flip"), st.floats(0, 1), st.binary(min_size=1, max_size=8)),
+        st.tuples(st.just("insert"), st.floats(0, 1), st.binary(max_size=40)),
+        st.tuples(st.just("replace"), st.binary(max_size=200)),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_edits)
+def test_a_damaged_store_loads_and_keeps_only_intact_records(tmp_path, edits):
+    written = written_store(tmp_path).records
+    path = tmp_path / "samples.jsonl"
+    data = path.read_bytes()
+    for kind, *args in edits:
+        at = int(args[0] * len(data)) if kind != "replace" else 0
+        if kind == "cut":
+            data = data[:at]
+        elif kind == "flip":
+            data = data[:at] + args[1] + data[at + len(args[1]) :]
+        elif kind == "insert":
+            data = data[:at] + args[1] + data[at:]
+        else:
+            data = args[0]
+    path.write_bytes(data)
+    store = SampleStore(tmp_path)
+    assert all(written.get(key) == record for key, record in store.records.items())
+    store.add({"key": "new", "score": 1.0})  # appending after damage starts a fresh line
+    assert "new" in SampleStore(tmp_path).records
+
+
+def test_an_unreadable_store_is_one_user_error(tmp_path):
+    (tmp_path / "samples.jsonl").mkdir()
+    with pytest.raises(UserError, match="samples.jsonl"):
+        SampleStore(tmp_path)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1))
+
+
+def test_the_fingerprint_follows_weights_and_config_not_the_path(tmp_path, bpe_tokenizer):
+    model = tiny_llama()
+    same = weights_fingerprint(model)
+    assert weights_fingerprint(copy.deepcopy(model)) == same
+    for folder in ("a", "b"):
+        model.save_pretrained(tmp_path / folder)
+        bpe_tokenizer.save_pretrained(tmp_path / folder)
+        assert weights_fingerprint(load_model(str(tmp_path / folder), device="cpu", dtype="float32")[0]) == same
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.up_proj.weight[3, 5] += 1e-3  # one value, most likely not among the sampled ones
+    assert weights_fingerprint(changed) != same
+    rescaled = copy.deepcopy(model)
+    rescaled.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert weights_fingerprint(rescaled) != same
+    assert weights_fingerprint(model.to(torch.bfloat16)) != same
