@@ -9,6 +9,10 @@ other a train recipe (`kind:` may say it explicitly). A kind is a `Recipe` subcl
 "module:Class"; distill and extend add their own sections by subclassing `Recipe` and reuse the shared ones below.
 Sections are strict (`Section`): unknown keys are errors and values are not coerced across types (YAML already
 gives typed values), except where a field says otherwise.
+
+No run starts from defaults alone: a train recipe needs `model:` and `train:` (steps or tokens), a distill recipe
+`distill:` and `train:`, an extend recipe `extend:` (and `train:` when a stage takes its steps from it). The other
+sections have defaults: `data` is the builtin text at seq_len 512, `tokenizer` bpe:8192, no eval suites.
 """
 
 from __future__ import annotations
@@ -48,12 +52,13 @@ def _yaml_float(value: Any) -> Any:
 
 
 Float = Annotated[float, BeforeValidator(_yaml_float)]
+Beta = Annotated[Float, Field(ge=0, lt=1)]  # an Adam moment's decay
 
 
 class RunSection(Section):
     name: str = "run"
     output_dir: str | None = None  # default runs/<name>
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seed range (accelerate's set_seed seeds numpy too)
 
     @field_validator("name")
     @classmethod
@@ -114,7 +119,7 @@ class TrainSection(Section):
     schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     decay_fraction: Float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
     weight_decay: Float = Field(0.1, ge=0)
-    betas: tuple[Float, Float] = Field((0.9, 0.95), strict=False)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), strict=False)
     eps: Float = Field(1e-8, gt=0)
     clip: Float | None = Field(1.0, gt=0, description="max grad norm; null disables clipping")
     precision: Literal["fp32", "bf16"] = "bf16"
@@ -172,6 +177,15 @@ class DataSection(Section):
     sources: list[Source] = Field(default_factory=lambda: [Source(text="builtin")], min_length=1)
     held_out: Float = Field(0.01, ge=0, lt=0.5, description="share of text documents kept for the held-out loss")
     cache_dir: str | None = None  # default: lctk's cache folder
+
+    @model_validator(mode="after")
+    def _task_lengths(self) -> DataSection:
+        for index, source in enumerate(self.sources):
+            for key in ("min_length", "max_length") if source.task else ():
+                length = source.options.get(key)
+                if length is not None and length > self.seq_len:
+                    raise ValueError(f"sources.{index}.options.{key}: {length} tokens do not fit data.seq_len {self.seq_len}")
+        return self
 
 
 class CheckpointSection(Section):
@@ -258,10 +272,10 @@ def _length_in_tokens(value: Any, seq_len: int) -> int:
 class Recipe(Section):
     """Sections every kind shares."""
 
-    kind: str | None = None
+    kind: str | None = None  # each kind's class narrows it to its own name
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
-    train: TrainSection = Field(default_factory=lambda: TrainSection(steps=1000))
+    train: TrainSection
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     eval: EvalSection = Field(default_factory=EvalSection)
@@ -271,7 +285,8 @@ class Recipe(Section):
 
 
 class TrainRecipe(Recipe):
-    model: ModelSection = Field(default_factory=ModelSection)
+    kind: Literal["train"] = "train"
+    model: ModelSection
     tokenizer: str = Field("bpe:8192", description="'bytes', 'bpe:<vocab size>' or a local tokenizer folder")
 
     @field_validator("tokenizer")
@@ -285,7 +300,8 @@ class TrainRecipe(Recipe):
     @model_validator(mode="after")
     def _model_shape(self) -> TrainRecipe:
         if self.model.init_from is None:
-            self.hybrid_config(vocab_size=self.model.vocab_size or 256)  # raises on an impossible shape
+            # raises on an impossible shape; the vocabulary is a lower bound until the tokenizer is known
+            _check_fits(self.hybrid_config(vocab_size=self.model.vocab_size or 256))
         return self
 
     def hybrid_config(self, vocab_size: int, **token_ids: Any):
@@ -300,6 +316,20 @@ class TrainRecipe(Recipe):
             raise UserError(f"model.{error}") from None
 
 
+def _check_fits(config) -> None:
+    """A model too large for this machine fails here in one line, not in the allocator (or the OOM killer) mid-run:
+    the model is first built on the CPU in fp32, so its weights alone must fit in the machine's memory."""
+    import psutil
+
+    count = config.num_parameters()
+    memory = psutil.virtual_memory().total
+    if 4 * count > memory:
+        raise UserError(
+            f"model: {count:.3g} parameters need {4 * count / 2**30:.3g} GiB in fp32, more than this machine's "
+            f"{memory / 2**30:.3g} GiB of memory (see hidden_size, intermediate_size, vocab_size and the pattern)"
+        )
+
+
 RECIPE_KINDS: dict[str, str] = {
     "train": "lctk.recipe:TrainRecipe",
     "distill": "lctk.distill.recipe:DistillRecipe",
@@ -310,7 +340,7 @@ RECIPE_KINDS: dict[str, str] = {
 def recipe_kind(raw: dict[str, Any]) -> str:
     if raw.get("kind") is not None:
         kind = raw["kind"]
-        if kind not in RECIPE_KINDS:
+        if not isinstance(kind, str) or kind not in RECIPE_KINDS:
             raise UserError(f"kind: unknown recipe kind {kind!r}{suggest(str(kind), RECIPE_KINDS)}; known: {', '.join(RECIPE_KINDS)}")
         return kind
     return next((kind for kind in RECIPE_KINDS if kind != "train" and kind in raw), "train")
@@ -329,7 +359,10 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), kind: st
     raw = read_yaml(path)
     for override in overrides:
         apply_override(raw, override)
-    kind = kind or recipe_kind(raw)
+    found = recipe_kind(raw)  # an explicit `kind:` must be known even where the command forces the kind
+    if kind is not None and raw.get("kind") not in (None, kind):
+        raise UserError(f"kind: {path} is a recipe of kind {found}; run it with `lctk {found}`")
+    kind = kind or found
     raw.setdefault("kind", kind)
     return validate_recipe(raw, recipe_class(kind))
 

@@ -151,23 +151,8 @@ def replace_layers(
     if init not in INITS:
         raise UserError(f"distill.student.init: {init!r} is not one of {', '.join(INITS)}")
     letter = STUDENT_MIXERS[mixer]
-    old = student.config
     layers = sorted(set(layers))
-    for index in layers:
-        if not 0 <= index < len(old.pattern) or old.pattern[index] not in ATTENTION_LETTERS:
-            raise ValueError(f"layer {index} is not an attention layer of pattern {old.pattern!r}")
-    pattern = "".join(letter if i in layers else p for i, p in enumerate(old.pattern))
-    section = section_of(letter)
-    values = old.to_dict()
-    values["pattern"] = pattern
-    if getattr(old, section) is None or letter not in old.pattern:
-        values[section] = mixer_section(old, letter, settings)
-    for name in ("model_type", "transformers_version", "architectures", "num_hidden_layers"):
-        values.pop(name, None)
-    try:
-        config = HybridConfig(**values)
-    except ValueError as error:
-        raise UserError(f"distill.student.settings: {error}") from None
+    config = student_config(student.config, layers, mixer, settings)
 
     dtype = next(student.parameters()).dtype
     with torch.random.fork_rng(devices=[]):
@@ -189,6 +174,26 @@ def replace_layers(
                 init_lact_from_attention(target, attention)
     new.generation_config = copy.deepcopy(student.generation_config)
     return new.train(student.training)
+
+
+def student_config(old: HybridConfig, layers: list[int], mixer: str, settings: dict | None = None) -> HybridConfig:
+    """The config of `old` with the attention layers `layers` replaced by `mixer` layers (`settings` override the
+    mixer's config section); a bad setting is a UserError naming it."""
+    letter = STUDENT_MIXERS[mixer]
+    for index in layers:
+        if not 0 <= index < len(old.pattern) or old.pattern[index] not in ATTENTION_LETTERS:
+            raise ValueError(f"layer {index} is not an attention layer of pattern {old.pattern!r}")
+    values = old.to_dict()
+    values["pattern"] = "".join(letter if i in layers else p for i, p in enumerate(old.pattern))
+    section = section_of(letter)
+    if getattr(old, section) is None or letter not in old.pattern:
+        values[section] = mixer_section(old, letter, settings)
+    for name in ("model_type", "transformers_version", "architectures", "num_hidden_layers"):
+        values.pop(name, None)
+    try:
+        return HybridConfig(**values)
+    except ValueError as error:
+        raise UserError(f"distill.student.settings: {error}") from None
 
 
 def init_mamba2_from_attention(mamba: nn.Module, attention: nn.Module, attention_like: bool = True) -> None:

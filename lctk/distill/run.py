@@ -16,11 +16,15 @@ Run dir (run.output_dir, default runs/<run.name>):
     final -> stage-N/model       the last student
     report.md, stages.json, quality.png      the stage table and the quality-vs-replaced-layers plot
 A killed run continues with --resume auto: finished stages are loaded from their folders, the current one resumes
-from its Trainer checkpoint.
+from its Trainer checkpoint; the recipe's data and distill sections must be those the run was started with. The run
+dir is marked as lctk's and locked while the run uses it, and --overwrite empties only a marked one
+(lctk.train.rundir). Everything that can be checked (the schedule, the student settings) is checked before the first
+write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -32,12 +36,19 @@ from lctk.distill.losses import distill_loss_fn
 from lctk.distill.recipe import DistillRecipe, StageSection
 from lctk.distill.teacher import load_teacher
 from lctk.errors import UserError
+from lctk.train import rundir
 
 PROBE_WANDB = {"mode": "disabled"}
+SECTIONS_FIXED_ON_RESUME = ("data", "distill")
 
 
 def distill_recipe(recipe: DistillRecipe, resume: str | None = None, overwrite: bool = False) -> list[dict]:
     """Run a distill recipe end to end; returns the stage table (also in <run_dir>/stages.json)."""
+    with contextlib.ExitStack() as held:  # the run dir's lock, until the run ends
+        return _distill(recipe, resume, overwrite, held)
+
+
+def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: contextlib.ExitStack) -> list[dict]:
     from accelerate.utils import set_seed
 
     from lctk.data.pipeline import prepare_data
@@ -48,7 +59,7 @@ def distill_recipe(recipe: DistillRecipe, resume: str | None = None, overwrite: 
     say = (lambda text: print(text, flush=True)) if main else (lambda _: None)
     run_dir = recipe.run.dir
     if main:
-        _check_run_dir(run_dir, resume, overwrite)
+        _check_run_dir(run_dir, recipe, resume, overwrite)
     accelerator.wait_for_everyone()
     set_seed(recipe.run.seed)
     spec = recipe.distill
@@ -59,6 +70,8 @@ def distill_recipe(recipe: DistillRecipe, resume: str | None = None, overwrite: 
     check_schedule(spec.stages, convert.hybrid_config_from(teacher_hf.config).pattern)
     teacher = convert.student_from_teacher(teacher_hf).requires_grad_(False).to(accelerator.device)
     student = convert.student_from_teacher(teacher_hf)
+    convert.student_config(student.config, convert.attention_layers(student)[:1], spec.student.mixer,
+                           spec.student.settings)  # a bad setting fails here, not after stage 0
     del teacher_hf
     seq_len = recipe.data.seq_len
     for model in (teacher, student):
@@ -69,7 +82,10 @@ def distill_recipe(recipe: DistillRecipe, resume: str | None = None, overwrite: 
     total_layers = len(student.config.pattern)
 
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(rundir.claim(run_dir, "distill", recipe.run.name, rundir.key_of(recipe.run)))
+        _check_run_dir(run_dir, recipe, resume, overwrite)  # again: another run may have used it meanwhile
+        if overwrite:
+            rundir.clear(run_dir)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     say(f"teacher: {spec.teacher} -> {total_layers} layers, pattern {teacher.config.pattern}, "
         f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters")
@@ -159,17 +175,13 @@ def check_schedule(stages: list[StageSection], pattern: str) -> None:
         replaced |= set(stage.layers) if stage.layers is not None else set(free[:count])
 
 
-def _check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    holds_run = any(run_dir.glob("stage-*"))
-    if overwrite and holds_run:
-        shutil.rmtree(run_dir)
-    elif holds_run and resume is None:
-        raise UserError(
-            f"run.name: {run_dir} already holds a run; pass --resume auto to continue it, --overwrite to start "
-            "again, or --set run.name=<new name>"
-        )
-    elif resume not in (None, "auto"):
+def _check_run_dir(run_dir: Path, recipe: DistillRecipe, resume: str | None, overwrite: bool) -> None:
+    if resume not in (None, "auto"):
         raise UserError(f"--resume: distill runs resume with 'auto' (stage by stage), got {resume!r}")
+    rundir.check_folder(run_dir, "distill", rundir.key_of(recipe.run), holds_run=any(run_dir.glob("stage-*")),
+                        resuming=resume is not None, overwrite=overwrite)
+    if resume is not None:
+        rundir.check_same_recipe(run_dir, recipe, SECTIONS_FIXED_ON_RESUME)
 
 
 def _held_out_batches(rows: list, batch_size: int, count: int) -> list[dict]:

@@ -1,5 +1,5 @@
-"""`lctk extend RECIPE [--set key=value ...]` or the flag form
-`lctk extend --model PATH --method yarn[,state_norm] --factor 4 [--output DIR] [--set key=value ...]`.
+"""`lctk extend RECIPE [--set key=value ...] [--overwrite]` or the flag form
+`lctk extend --model PATH --method yarn[,state_norm] --factor 4 [--output DIR] [--set key=value ...] [--overwrite]`.
 
 The flag form builds the same recipe (an `extend:` section from the flags, the rest defaults), so both forms are
 validated, run and reported alike; `--set` overrides any key of either, e.g. `--set extend.rope.beta_fast=16`.
@@ -25,6 +25,8 @@ def extend(
     factor: float | None = typer.Option(None, "--factor", help="new length = factor x the model's current length"),
     length: int | None = typer.Option(None, "--length", help="new length in tokens (instead of --factor)"),
     output: Path | None = typer.Option(None, "--output", help="run folder (default runs/<run.name>)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run of the same name first (a rerun "
+                                   "otherwise continues it)"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set eval.limit=2 (repeatable)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
@@ -48,7 +50,7 @@ def extend(
     if output is not None:
         loaded.run.output_dir, loaded.run.name = str(output), output.name
     with trusting_remote_code(trust_remote_code):
-        extend_recipe(loaded, log=typer.echo)
+        extend_recipe(loaded, log=typer.echo, overwrite=overwrite)
 
 
 def recipe_from_flags(model: str | None, methods: list[str], factor: float | None, length: int | None) -> dict:

@@ -14,13 +14,17 @@ Run dir (run.output_dir, default runs/<run.name>):
     extend.json               what was done and the before/after figures
     report.md + PNGs          both curves on one plot per figure
 A stage whose final/ exists is not redone, and a stage in progress resumes from its latest checkpoint, so a killed
-run picks up where it stopped when rerun with the same recipe.
+run picks up where it stopped when rerun with the same recipe: a rerun whose data or extend section differs from the
+saved recipe.yaml is refused (--overwrite starts again). The run dir is marked as lctk's and locked while the run
+uses it (lctk.train.rundir); the model, the tokenizer and the calibration text are checked before the first write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,9 @@ from lctk.errors import UserError
 from lctk.extend.recipe import ExtendRecipe, StageSection, tokens_at
 from lctk.extend.recurrent import NEEDS_IN_LENGTH_TEXT, NEEDS_LONG_TEXT, apply_recurrent
 from lctk.extend.rope import RECORD, extension_record, original_length, scale_rope, write_legacy_rope_keys
+from lctk.train import rundir
+
+SECTIONS_FIXED_ON_RERUN = ("data", "extend")
 
 
 def current_length(config) -> int:
@@ -44,12 +51,18 @@ def current_length(config) -> int:
     return original_length(config)
 
 
-def extend_recipe(recipe: ExtendRecipe, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run an extend recipe end to end; returns extend.json's content."""
+def extend_recipe(recipe: ExtendRecipe, log: Callable[[str], None] = print, overwrite: bool = False) -> dict[str, Any]:
+    """Run an extend recipe end to end (overwrite: empty the run dir first); returns extend.json's content."""
+    with contextlib.ExitStack() as held:  # the run dir's lock, until the run ends
+        return _extend(recipe, log, overwrite, held)
+
+
+def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, held: contextlib.ExitStack) -> dict:
     from lctk.evals.models import load_weights
     from lctk.models.loading import load_tokenizer, open_model
 
     ext, run_dir = recipe.extend, recipe.run.dir
+    _check_run_dir(run_dir, recipe, overwrite)
     torch.manual_seed(recipe.run.seed)
     files = open_model(ext.model, "extend.model")
     users = tokenizer_users(recipe)
@@ -64,8 +77,17 @@ def extend_recipe(recipe: ExtendRecipe, log: Callable[[str], None] = print) -> d
         raise UserError(f"extend.length: {ext.length} is below the model's current length {reach}")
     target = int(round(reach * factor))
     lengths = recipe.eval.token_lengths(original)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    methods = {step.method for step in ext.recurrent}  # their calibration text is read (and checked) before any write
+    in_length = (calibration_ids(tokenizer, ext.calibration.text, ext.calibration.rows, original)
+                 if methods & NEEDS_IN_LENGTH_TEXT else None)
+    long = (calibration_ids(tokenizer, ext.calibration.text, ext.calibration.rows, target)
+            if methods & NEEDS_LONG_TEXT else None)
+    if os.environ.get("RANK", "0") == "0":  # the main process under a launcher (stages train on accelerate)
+        held.enter_context(rundir.claim(run_dir, "extend", recipe.run.name, rundir.key_of(recipe.run)))
+        _check_run_dir(run_dir, recipe, overwrite)  # again: another run may have used it meanwhile
+        if overwrite:
+            rundir.clear(run_dir)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     log(f"extend: {ext.model} ({type(model).__name__}, trained at {original} tokens, reaches {reach}) -> {target} tokens")
 
     results: dict[str, Any] = {"model": ext.model, "original_length": original, "target_length": target}
@@ -93,13 +115,11 @@ def extend_recipe(recipe: ExtendRecipe, log: Callable[[str], None] = print) -> d
         rebuild_rotary(model)
 
     applied = []
-    in_length = _lazy(lambda: calibration_ids(tokenizer, ext.calibration.text, ext.calibration.rows, original))
-    long = _lazy(lambda: calibration_ids(tokenizer, ext.calibration.text, ext.calibration.rows, target))
     for index, step in enumerate(ext.recurrent):
         setting = apply_recurrent(
             model, step.method, step.params(), original,
-            in_length_ids=in_length if step.method in NEEDS_IN_LENGTH_TEXT else None,
-            long_ids=long if step.method in NEEDS_LONG_TEXT else None,
+            in_length_ids=(lambda: in_length) if step.method in NEEDS_IN_LENGTH_TEXT else None,
+            long_ids=(lambda: long) if step.method in NEEDS_LONG_TEXT else None,
             log=log, where=f"extend.recurrent.{index}",
         )
         applied.append({"method": step.method, **step.params(), "set": setting})
@@ -125,6 +145,13 @@ def extend_recipe(recipe: ExtendRecipe, log: Callable[[str], None] = print) -> d
         write_report(results, run_dir, lengths)
         log(f"report: {run_dir / 'report.md'}")
     return results
+
+
+def _check_run_dir(run_dir: Path, recipe: ExtendRecipe, overwrite: bool) -> None:
+    """A rerun continues the run in run_dir, so it needs the same data and extend sections."""
+    rundir.check_folder(run_dir, "extend", rundir.key_of(recipe.run), resuming=not overwrite, overwrite=overwrite)
+    if not overwrite:
+        rundir.check_same_recipe(run_dir, recipe, SECTIONS_FIXED_ON_RERUN)
 
 
 def tokenizer_users(recipe: ExtendRecipe) -> list[str]:
@@ -260,11 +287,6 @@ def _stage_record(stage: StageSection, recipe: ExtendRecipe, original: int) -> d
         "lr": stage.lr or recipe.train.lr,
         "rope": stage.rope.model_dump(exclude_none=True) if stage.rope else None,
     }
-
-
-def _lazy(make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    cached: list[torch.Tensor] = []
-    return lambda: cached[0] if cached else cached.append(make()) or cached[0]
 
 
 def _short(setting: dict) -> str:

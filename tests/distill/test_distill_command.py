@@ -142,6 +142,7 @@ def test_an_unsupported_teacher_architecture_is_one_line_and_exit_code_2(tmp_pat
         ({"student": {"mixer": "rwkv"}}, "distill.student.mixer: input should be"),
         ({"stages": [{"replace": "half"}]}, "distill.stages.0.replace: expected N, '+N' or 'P%'"),
         ({"stages": [{"replace": 1, "layers": [0]}]}, "distill.stages.0.replace: give exactly one of replace or layers"),
+        ({"student": {"settings": {"state_sizee": 8}}}, "distill.student.settings: mamba2.state_sizee: unknown setting"),
     ],
 )
 def test_bad_distill_settings_name_the_key(tmp_path, change, message):
@@ -152,3 +153,25 @@ def test_bad_distill_settings_name_the_key(tmp_path, change, message):
         distill_recipe(load_recipe(recipe, kind="distill"))
     assert message in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("teacher", "change", "key"),
+    [
+        ("other-teacher", {}, "distill.teacher"),
+        ("teacher", {"stages": [{"replace": 1, "by": "loo"}]}, "distill.stages"),
+        ("teacher", {"stages": [{"replace": 2}, {"replace": "+1", "by": "mmr", "probe_steps": 2, "steps": 4}]},
+         "distill.stages.0.replace"),
+    ],
+)
+def test_resuming_with_a_changed_recipe_names_the_key(tmp_path, teacher, change, key):
+    from lctk.train import rundir
+
+    started = load_recipe(write_recipe(tmp_path, tmp_path / "teacher"), kind="distill")
+    run_dir = tmp_path / "run"
+    with rundir.claim(run_dir, "distill", "tiny", "run.output_dir"):  # a run stopped after its first stage
+        (run_dir / "recipe.yaml").write_text(started.to_yaml())
+        (run_dir / "stage-1").mkdir()
+    changed = load_recipe(write_recipe(tmp_path, tmp_path / teacher, **change), kind="distill")
+    with pytest.raises(UserError, match=rf"^{key}: differs from the run in {run_dir} that this command would continue"):
+        distill_recipe(changed, resume="auto")

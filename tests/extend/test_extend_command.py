@@ -223,3 +223,36 @@ def test_rebuilt_rotary_follows_the_new_config(build):
     fresh = type(model)(model.config)
     assert torch.equal(model.model.rotary_emb.inv_freq, fresh.model.rotary_emb.inv_freq)
     assert model.model.rotary_emb.attention_scaling == fresh.model.rotary_emb.attention_scaling > 1
+
+
+def test_a_rerun_with_another_model_is_refused_until_overwrite(tiny_model_dir, llama_dir, tmp_path):
+    out = tmp_path / "run"
+    quick = ["--method", "yarn", "--factor", 2, "--output", out, "--set", "eval.suites=[]"]
+    invoke("--model", tiny_model_dir, *quick)
+    with pytest.raises(UserError, match=rf"^extend\.model: differs from the run in {out} .*--overwrite"):
+        invoke("--model", llama_dir, *quick)
+    assert AutoConfig.from_pretrained(out / "final").model_type == "lctk_hybrid"
+    invoke("--model", llama_dir, *quick, "--overwrite")
+    assert AutoConfig.from_pretrained(out / "final").model_type == "llama"
+
+
+def test_an_output_lctk_did_not_make_is_refused_and_left_alone(tiny_model_dir, tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "final").mkdir(parents=True)
+    (mine / "final" / "notes.txt").write_text("mine")
+    (tmp_path / "file.txt").write_text("mine")
+    quick = ["--model", tiny_model_dir, "--method", "yarn", "--factor", 2, "--set", "eval.suites=[]"]
+    with pytest.raises(UserError, match="already exists and was not made by lctk"):
+        invoke(*quick, "--output", mine)
+    with pytest.raises(UserError, match="--overwrite: .* was not made by lctk"):
+        invoke(*quick, "--output", mine, "--overwrite")
+    with pytest.raises(UserError, match="file.txt is a file, not a run folder"):
+        invoke(*quick, "--output", tmp_path / "file.txt")
+    assert [p.name for p in mine.rglob("*")] == ["final", "notes.txt"] and (tmp_path / "file.txt").read_text() == "mine"
+
+
+def test_a_missing_calibration_text_fails_before_anything_is_written(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match=r"^extend\.calibration\.text: no file at .*nope\.txt"):
+        invoke("--model", tiny_model_dir, "--method", "state_norm", "--factor", 2, "--output", tmp_path / "run",
+               "--set", "eval.suites=[]", "--set", f"extend.calibration.text={tmp_path / 'nope.txt'}")
+    assert not (tmp_path / "run").exists()
