@@ -41,7 +41,8 @@ from lctk.errors import UserError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=False)
+    # inf and nan are never a sensible rate, weight, length or scale: every float of every section must be finite
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=False, allow_inf_nan=False)
 
 
 def _yaml_float(value: Any) -> Any:

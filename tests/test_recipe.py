@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -11,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lctk.errors import UserError
-from lctk.recipe import TrainRecipe, apply_override, load_recipe
+from lctk.recipe import TrainRecipe, apply_override, load_recipe, validate_recipe
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("**/*.yaml"))
+RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").glob("**/*.yaml") if p.parent.name != "accelerate")
 
 BASE = {
     "run": {"name": "t"},
@@ -91,10 +92,74 @@ def test_tokens_budget_accepts_suffixes_and_gives_steps(tmp_path):
         ("kind=trian", "kind: unknown recipe kind 'trian' (did you mean 'train'?)"),
         ("eval.suites=[pasky]", "eval.suites: unknown suite 'pasky'"),
         ("eval.options={batch_sise: 2}", "eval.options.batch_sise: unknown eval option (did you mean 'batch_size'?)"),
+        # accepted nonsense until issue 12
+        ("kind=[1]", "kind: unknown recipe kind [1]"),
+        ("train.lr=.inf", "train.lr: input should be a finite number, got inf"),
+        ("data.sources.1.weight=.nan", "data.sources.1.weight: input should be a finite number"),
+        ("train.betas=[0.9, 1.5]", "train.betas.1: input should be less than 1"),
+        ("run.seed=-1", "run.seed: input should be greater than or equal to 0"),
+        ("model.num_key_value_heads=0", "model.num_key_value_heads: must be a positive integer, got 0"),
+        ("model.head_dim=0", "model.head_dim: must be a positive integer, got 0"),
+        ("model.intermediate_size=-4", "model.intermediate_size: must be a positive integer, got -4"),
+        ("model.initializer_range=-0.02", "model.initializer_range: must be a positive finite number"),
+        ("model.rms_norm_eps=-1", "model.rms_norm_eps: must be a positive finite number, got -1"),
+        ("model.mamba2.dt_max=0", "model.mamba2.dt_max: must be a positive finite number, got 0"),
+        ("model.hidden_size=10000000", "model: 2.61e+15 parameters need"),
+        ("data.sources.1.options={min_length: 40, max_length: 10}",
+         "data.sources.1.options.min_length: 40 is more than max_length 10"),
+        ("data.sources.1.options={max_length: 65}", "data.sources.1.options.max_length: 65 tokens do not fit data.seq_len 64"),
+        ("data.sources.1.options={min_length: 100}", "data.sources.1.options.min_length: 100 tokens do not fit"),
     ],
 )
 def test_bad_values_name_their_key_in_one_line(tmp_path, override, expected):
     assert error_of(tmp_path, BASE, [override]).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("content", "kind", "expected"),
+    [
+        ("", "train", "train: required key missing"),  # an empty file does not start a default run
+        ({"train": {"steps": 5}}, None, "model: required key missing"),
+        ({**BASE, "kind": "extend"}, "train", "is a recipe of kind extend; run it with `lctk extend`"),
+        ({**BASE, "kind": "foo"}, "distill", "kind: unknown recipe kind 'foo'"),
+        ({**BASE, "kind": "train"}, "distill", "is a recipe of kind train; run it with `lctk train`"),
+    ],
+)
+def test_a_run_needs_its_sections_and_its_own_kind(tmp_path, content, kind, expected):
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_recipe(write(tmp_path, content), kind=kind)
+
+
+EXTEND = {"extend": {"model": "m", "factor": 2, "rope": {"method": "yarn"}}}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["extend.factor=1e12"], "extend.factor: must be at most 1024"),
+        (["extend.factor=.inf"], "extend.factor: input should be a finite number"),
+        (["extend.stages=[{seq_len: 2x}]"], "extend.stages.0.steps: give the stage's steps, or train.steps"),
+        (["kind=foo"], "kind: unknown recipe kind 'foo'"),
+    ],
+)
+def test_extend_recipes_refuse_nonsense(tmp_path, overrides, expected):
+    assert error_of(tmp_path, EXTEND, overrides).startswith(expected)
+
+
+def test_a_training_free_extend_recipe_needs_no_train_section_and_stages_take_train_steps(tmp_path):
+    assert load_recipe(write(tmp_path, EXTEND)).kind == "extend"
+    recipe = load_recipe(write(tmp_path, EXTEND), ["extend.stages=[{seq_len: 2x}]", "train.steps=3"])
+    assert recipe.train.steps == 3
+
+
+def test_the_extend_flag_form_refuses_a_foreign_kind():
+    from lctk.extend.command import recipe_from_flags
+    from lctk.extend.recipe import ExtendRecipe
+
+    raw = recipe_from_flags("m", ["yarn"], 4.0, None)
+    apply_override(raw, "kind=foo")
+    with pytest.raises(UserError, match=r"^kind: input should be 'extend', got 'foo'"):
+        validate_recipe(raw, ExtendRecipe)
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

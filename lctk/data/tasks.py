@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from lctk.errors import UserError
 from lctk.recipe import Section, describe_error, suggest
@@ -33,6 +33,12 @@ class Document:
 class LengthOptions(Section):
     min_length: int | None = Field(None, gt=1)
     max_length: int | None = Field(None, gt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LengthOptions:
+        if self.min_length is not None and self.max_length is not None and self.min_length > self.max_length:
+            raise ValueError(f"min_length: {self.min_length} is more than max_length {self.max_length}")
+        return self
 
 
 class TextTaskOptions(LengthOptions):
@@ -86,7 +92,10 @@ class Task:
         self.options = check_task(name, options)
         self.max_length = min(self.options.max_length or seq_len, seq_len)
         self.min_length = min(self.options.min_length or max(self.max_length // 2, 2), self.max_length)
-        self.vocab_size = min(getattr(self.options, "vocab_size", None) or len(tokenizer), len(tokenizer), 8192)
+        asked = getattr(self.options, "vocab_size", None)
+        if asked is not None and asked > len(tokenizer):
+            raise UserError(f"{key}.options.vocab_size: {asked} is more than the tokenizer's {len(tokenizer)} tokens")
+        self.vocab_size = asked or min(len(tokenizer), 8192)
         self.eos = tokenizer.eos_token_id
         for length in {self.min_length, self.max_length}:  # fail now, not mid-run, when a length cannot work
             self.document(random.Random(0), length)

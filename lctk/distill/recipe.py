@@ -97,4 +97,5 @@ class DistillSection(Section):
 
 
 class DistillRecipe(Recipe):
+    kind: Literal["distill"] = "distill"
     distill: DistillSection

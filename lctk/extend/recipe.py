@@ -23,13 +23,13 @@ boundaries kept) in the share long_share : 1 - long_share, so the model keeps it
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from lctk.extend.recurrent import check_recurrent
 from lctk.extend.rope import check_factor, check_rope
-from lctk.recipe import EvalSection, Recipe, Section
+from lctk.recipe import EvalSection, Recipe, Section, TrainSection
 
 _TIMES = re.compile(r"^\s*([0-9.]+)\s*[xX]\s*$")
 
@@ -150,5 +150,15 @@ class ExtendEvalSection(EvalSection):
 
 
 class ExtendRecipe(Recipe):
+    kind: Literal["extend"] = "extend"
     extend: ExtendSection
     eval: ExtendEvalSection = Field(default_factory=ExtendEvalSection)
+    # optimiser settings of the stages: a training-free extension needs no train section
+    train: TrainSection = Field(default_factory=lambda: TrainSection(steps=1000))
+
+    @model_validator(mode="after")
+    def _stage_steps(self) -> ExtendRecipe:
+        for index, stage in enumerate(self.extend.stages):
+            if stage.steps is None and "train" not in self.model_fields_set:
+                raise ValueError(f"extend.stages.{index}.steps: give the stage's steps, or train.steps for every stage")
+        return self

@@ -76,10 +76,18 @@ def check_rope(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+# The largest extension factor accepted. Published RoPE extensions stop well below it (YaRN and LongRoPE report
+# 16-512x, LongRoPE's largest is 4K -> 2M tokens) and the recurrent-state methods are studied at 2-16x: a larger
+# factor is a typo, not a context any method reaches.
+MAX_FACTOR = 1024
+
+
 def check_factor(factor: Any) -> float:
     factor = _positive_number("factor", factor)
     if factor < 1:
         raise ValueError(f"factor: must be >= 1 (the new length over the original), got {factor:g}")
+    if factor > MAX_FACTOR:
+        raise ValueError(f"factor: must be at most {MAX_FACTOR} (the new length over the original), got {factor:g}")
     return factor
 
 

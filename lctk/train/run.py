@@ -146,6 +146,11 @@ def _build_model(recipe: TrainRecipe, tokenizer):
             raise UserError(f"model.init_from: {path} has {model.config.vocab_size} tokens, the tokenizer {len(tokenizer)}")
         return model
     vocab = -(-len(tokenizer) // 64) * 64  # a multiple of 64 keeps the embedding and LM-head matmuls aligned
+    if recipe.model.vocab_size is not None and recipe.model.vocab_size < len(tokenizer):
+        raise UserError(
+            f"model.vocab_size: {recipe.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens "
+            "(leave it unset to fit the tokenizer)"
+        )
     config = recipe.hybrid_config(
         vocab, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

@@ -61,3 +61,22 @@ def test_option_errors_name_the_option():
         check_task("mqar", {"num_kv_pair": 4})
     with pytest.raises(ValueError, match=r"^options.tasks: unknown NIAH task 'niah_single'"):
         check_task("niah", {"tasks": ["niah_single"]})
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "expected"),
+    [
+        ("copy", {"min_length": 40, "max_length": 10}, r"^options.min_length: 40 is more than max_length 10"),
+        ("mqar", {"power_a": float("inf")}, r"^options.power_a: input should be a finite number"),
+        ("mqar", {"power_a": float("nan")}, r"^options.power_a: input should be a finite number"),
+        ("passkey", {"max_length": 0}, r"^options.max_length: input should be greater than 1"),
+    ],
+)
+def test_nonsense_options_are_refused_not_clamped(name, options, expected):
+    with pytest.raises(ValueError, match=expected):
+        check_task(name, options)
+
+
+def test_a_vocabulary_beyond_the_tokenizer_is_refused(tokenizer):
+    with pytest.raises(UserError, match=r"^data.sources.1.options.vocab_size: 1000 is more than the tokenizer's 257"):
+        Task("copy", {"vocab_size": 1000}, tokenizer, seq_len=64, key="data.sources.1")
