@@ -3,7 +3,8 @@
 Suites (`lctk eval --suite ...`): passkey, niah (RULER tasks + the classic depth x length grid), state-collapse,
 recall-throughput, perplexity. Each suite = seeded sample generator (exact token budgets) + scorer + plots; results
 follow one schema (results.json: {"model", "results": {suite: {"score", "by_length", ...}}, "config", "versions",
-"seed", "timings", "files"}; samples.jsonl: one record per finished job) and a rerun into the same folder resumes.
+"seed", "timings", "files"}; samples.jsonl: one record per finished job) and a rerun into the same folder resumes
+the samples of the same weights and tokenizer (models.weights_fingerprint, tokens.fingerprint).
 Evals never import training code.
 
 Python API

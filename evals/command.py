@@ -36,7 +36,7 @@ def eval_command(
     """Run evaluation suites on any Hugging Face causal LM and write results.json, samples.jsonl, plots, report.md."""
     from lctk.evals.lm_eval_bridge import require_lm_eval
     from lctk.evals.models import load_weights, open_model_and_tokenizer, resolve_device, resolve_dtype
-    from lctk.evals.runner import check_model_fits, compare, plan, run_suites
+    from lctk.evals.runner import check_model_fits, compare, eval_plan, run_suites
     from lctk.models.loading import trusting_remote_code
 
     paths = [p.strip() for p in model.split(",") if p.strip()]
@@ -58,7 +58,7 @@ def eval_command(
         # config and tokenizer, and whether the prompts fit its lengths
         opened = []
         for path, out in zip(paths, outputs, strict=True):
-            suite_names, ctx = plan(output_dir=out, **settings)
+            suite_names, ctx = eval_plan(output_dir=out, **settings)
             files, loaded_tokenizer = open_model_and_tokenizer(path, tokenizer)
             check_model_fits(suite_names, ctx, files.config, loaded_tokenizer, allow_longer)
             opened.append((files, loaded_tokenizer))

@@ -79,7 +79,7 @@ def check_lengths(config, tokenizer, lengths: list[int], allow_longer: bool) -> 
     return limit
 
 
-def plan(
+def eval_plan(
     suites: str | Iterable[str] = ("passkey",),
     lengths: str | Iterable[int | str] = (1024,),
     output_dir: str | Path | None = None,
@@ -107,8 +107,11 @@ def plan(
 
 
 def check_model_fits(suite_names: list[str], ctx: EvalContext, config, tokenizer, allow_longer: bool) -> int | None:
-    """Check what needs the model's config and tokenizer but not its weights: the lengths against its limit and each
-    suite's prompts at the shortest length. Returns the model's length limit."""
+    """Check what needs the model's config and tokenizer but not its weights: the vocabulary, the lengths against the
+    model's limit and each suite's prompts at the shortest length. Returns the model's length limit."""
+    vocab_size = getattr(config, "vocab_size", None)
+    if isinstance(vocab_size, int) and vocab_size < len(tokenizer):  # its ids past the embedding would crash the model
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {vocab_size}")
     limit_tokens = check_lengths(config, tokenizer, ctx.lengths, allow_longer)
     with_tokenizer = replace(ctx, tokenizer=tokenizer, tokenizer_id=fingerprint(tokenizer))
     for name in suite_names:
@@ -143,7 +146,7 @@ def run_suites(
     started = time.perf_counter()
     if lm_eval:
         require_lm_eval()
-    suite_names, planned = plan(suites, lengths, output_dir, limit, seed, depths, batch_size, max_new_tokens, exact)
+    suite_names, planned = eval_plan(suites, lengths, output_dir, limit, seed, depths, batch_size, max_new_tokens, exact)
     limit_tokens = check_model_fits(suite_names, planned, model.config, tokenizer, allow_longer)
     out = Path(output_dir) if output_dir is not None else None
     store = SampleStore(out)

@@ -87,7 +87,7 @@ def _gguf_to_folder(path: Path) -> str:
     # a model loaded from GGUF refuses save_pretrained; its dequantised weights go into a plain model of that config
     plain_config = copy.deepcopy(quantized.config)
     del plain_config.quantization_config
-    plain = AutoModelForCausalLM.from_config(plain_config)
+    plain = AutoModelForCausalLM.from_config(plain_config, trust_remote_code=False)  # llama, mistral or qwen2
     plain.load_state_dict(quantized.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))

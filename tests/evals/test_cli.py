@@ -147,3 +147,13 @@ def test_a_folder_in_place_of_samples_jsonl_is_one_line(monkeypatch, capsys, lla
     (tmp_path / "samples.jsonl").mkdir()
     code, _, err = lctk(monkeypatch, capsys, "--model", llama_dir, *PASSKEY_RUN, "--output", tmp_path)
     assert code == 2 and err.strip().startswith(f"error: {tmp_path / 'samples.jsonl'} is a folder")
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_one_line(monkeypatch, capsys, bpe_tokenizer, tmp_path):
+    save_llama(tmp_path / "model", bpe_tokenizer, seed=0)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    small = LlamaConfig(**{**config, "vocab_size": 100})
+    LlamaForCausalLM(small).save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    code, _, err = lctk(monkeypatch, capsys, "--model", tmp_path / "model", *PASSKEY_RUN, "--output", tmp_path / "o")
+    assert code == 2 and err.strip() == f"error: the tokenizer has {len(bpe_tokenizer)} tokens, more than the model's vocab_size 100"
