@@ -52,7 +52,7 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
     from accelerate.utils import set_seed
 
     from lctk.data.pipeline import prepare_data
-    from lctk.train.trainer import make_accelerator
+    from lctk.parallel import make_accelerator
 
     accelerator = make_accelerator(recipe.train)
     main = accelerator.is_main_process
@@ -234,10 +234,7 @@ def _fit(student, loss_fn, batches, steps: int, train, recipe: DistillRecipe, ac
     result = trainer.fit("auto" if resume else None)
     if accelerator.is_main_process and logging is None:
         print(summary_line(result, run_dir), flush=True)
-    # without the autocast wrapper that prepare() put on forward: evidence is measured in the model's own dtype
-    trained = accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    accelerator.free_memory()  # accelerate keeps every prepared model and optimizer otherwise
-    return trained
+    return trainer.trained_model()
 
 
 def _choose_layers(number: int, stage: StageSection, student, teacher, held_out, data, recipe: DistillRecipe,

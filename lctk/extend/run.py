@@ -205,8 +205,9 @@ def calibration_ids(tokenizer, text: str, rows: int, length: int) -> torch.Tenso
 def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, number: int, original: int, log):
     """Continued training of one stage through the shared Trainer; returns the stage's model (resumable)."""
     from lctk.data.packing import StepBatches
+    from lctk.parallel import make_accelerator
     from lctk.train.run import save_hf_folder
-    from lctk.train.trainer import Trainer, make_accelerator, summary_line
+    from lctk.train.trainer import Trainer, summary_line
 
     stage_dir = recipe.run.dir / "stages" / str(number)
     seq_len = tokens_at(stage.seq_len, original)
@@ -231,7 +232,7 @@ def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, num
         run_name=f"{recipe.run.name}-stage{number}",
     )
     result = trainer.fit("auto")
-    model = accelerator.unwrap_model(trainer.model)
+    model = trainer.trained_model()
     if accelerator.is_main_process:
         save_hf_folder(model, tokenizer, done)
     log(summary_line(result, stage_dir))

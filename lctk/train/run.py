@@ -96,9 +96,7 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
         run_name=recipe.run.name,
     )
     result = trainer.fit(resume)
-    # without the autocast wrapper: "after" must be evaluated the way from_pretrained will load the model
-    final = accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    accelerator.free_memory()
+    final = trainer.trained_model()
     if main:
         save_hf_folder(final, tokenizer, run_dir / "final", recipe.data.seq_len)
         results["train"] = dict(result.__dict__)

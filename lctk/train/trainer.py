@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import resource
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lctk.errors import UserError
+from lctk.parallel import describe_parallelism, unsharded_model
 from lctk.train.checkpoint import (
     latest_valid,
     list_checkpoints,
@@ -61,15 +61,6 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> Tensor:
 
 def count_targets(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def make_accelerator(train):
-    """One Accelerator per process. Processes started by a launcher (accelerate launch --multi_gpu, torchrun) on a
-    machine without GPUs train on CPU over gloo, which accelerate only does when told `cpu=True`."""
-    from accelerate import Accelerator
-
-    launched_on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision="bf16" if train.precision == "bf16" else "no", cpu=launched_on_cpu)
 
 
 @dataclass
@@ -121,6 +112,7 @@ class Trainer:
         if train.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         optimizer = make_optimizer(model, train)
+        self.plain_class = type(model)  # FSDP2 swaps the class in prepare(); trained_model() rebuilds the plain one
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if train.compile:
             self.model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
@@ -141,6 +133,8 @@ class Trainer:
             wandb_id=self.state.wandb_id,
         )
         self.state.wandb_id = reporter.wandb_id
+        if accelerator.num_processes > 1:
+            reporter.message(describe_parallelism(accelerator, self.model))
         if resumed_from:
             reporter.message(f"resumed from {resumed_from} at step {self.state.step}")
         started, throughput = time.perf_counter(), Throughput()
@@ -211,6 +205,13 @@ class Trainer:
             self.state.bad_in_a_row += 1
         self.optimizer.zero_grad(set_to_none=True)
         return (mean_loss if math.isfinite(mean_loss) else None), (grad_norm if math.isfinite(grad_norm) else None), int(tokens)
+
+    def trained_model(self) -> nn.Module:
+        """The model without accelerate's wrappers (autocast included: evaluate it as from_pretrained will load it),
+        with full weights on every process. Collective under FSDP: every process must call it."""
+        model = unsharded_model(self.accelerator, self.model, self.plain_class)
+        self.accelerator.free_memory()  # accelerate keeps every prepared model and optimizer otherwise
+        return model
 
     def _metrics(self, losses: list[float], grad_norm: float | None, tokens_per_s: float) -> dict:
         step = self.state.step

@@ -13,9 +13,10 @@ from accelerate.state import AcceleratorState
 from lctk.data.packing import StepBatches, TextRows, cut_pieces
 from lctk.errors import UserError
 from lctk.models import HybridConfig, HybridForCausalLM
+from lctk.parallel import make_accelerator
 from lctk.recipe import CheckpointSection, LoggingSection, TrainSection
 from lctk.train.checkpoint import latest_valid, list_checkpoints, tied_aliases
-from lctk.train.trainer import Trainer, causal_lm_loss, make_accelerator
+from lctk.train.trainer import Trainer, causal_lm_loss
 
 
 @pytest.fixture(autouse=True)
