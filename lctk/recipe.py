@@ -17,19 +17,15 @@ sections have defaults: `data` is the builtin text at seq_len 512, `tokenizer` b
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import re
-import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     ValidationError,
     create_model,
@@ -37,12 +33,9 @@ from pydantic import (
     model_validator,
 )
 
+from lctk.data.tasks import check_task
 from lctk.errors import UserError
-
-
-class Section(BaseModel):
-    # inf and nan are never a sensible rate, weight, length or scale: every float of every section must be finite
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=False, allow_inf_nan=False)
+from lctk.schema import Section, describe_error, suggest
 
 
 def _yaml_float(value: Any) -> Any:
@@ -144,8 +137,9 @@ class TrainSection(Section):
 
 
 class Source(Section):
-    """One data source: exactly one of `text` (builtin or a local txt/jsonl/parquet file or folder), `hub` (a
-    dataset name for `datasets.load_dataset`) or `task` (a synthetic task, see lctk.data.tasks)."""
+    """One data source: exactly one of `text` (builtin, a local txt/jsonl/parquet/csv file, a folder of them or a
+    `datasets.save_to_disk` folder), `hub` (a dataset name, streamed by `datasets.load_dataset`) or `task` (a
+    synthetic task, see lctk.data.tasks). Text sources are tokenised once into a token store (lctk.data.store)."""
 
     text: str | None = None
     hub: str | None = None
@@ -154,8 +148,12 @@ class Source(Section):
     field: str = "text"  # the column holding the text (jsonl, parquet, hub)
     config: str | None = None  # hub dataset configuration
     split: str = "train"
+    revision: str | None = None  # hub dataset revision (branch, tag or commit); pin it to rebuild when it changes
     max_documents: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0, description="stop reading the source after this many tokens")
     options: dict[str, Any] = Field(default_factory=dict)  # task settings, see lctk.data.tasks
+
+    _tokens_count = field_validator("max_tokens", mode="before")(_count)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Source:
@@ -163,8 +161,6 @@ class Source(Section):
         if len(given) != 1:
             raise ValueError("a source needs exactly one of text, hub or task")
         if self.task is not None:
-            from lctk.data.tasks import check_task
-
             check_task(self.task, self.options)
         return self
 
@@ -425,49 +421,3 @@ def validate_recipe(raw: dict[str, Any], schema: type[Recipe]) -> Recipe:
         return schema.model_validate(raw)
     except ValidationError as error:
         raise UserError(describe_error(error, schema)) from None
-
-
-def describe_error(error: ValidationError, schema: type[BaseModel]) -> str:
-    """The first validation problem as one line naming the key."""
-    first = error.errors()[0]
-    loc = [str(part) for part in first["loc"]]
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        return f"{'.'.join(loc)}: unknown key{suggest(loc[-1], _fields_at(schema, first['loc'][:-1]))}"
-    if first["type"] == "missing":
-        return f"{'.'.join(loc)}: required key missing"
-    named = re.match(r"^([\w.]+): (.*)$", message)
-    if first["type"] == "value_error" and named:  # a validator naming a key inside its section: "steps: ..."
-        return f"{'.'.join([*loc, named.group(1)])}: {named.group(2)}"
-    got = first.get("input")
-    shown = f", got {got!r}" if not isinstance(got, dict | list) and first["type"] != "value_error" else ""
-    return f"{'.'.join(loc) or 'recipe'}: {message[:1].lower()}{message[1:]}{shown}"
-
-
-def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the section at `loc` (for did-you-mean), following nested models, lists and optionals."""
-    node: Any = schema
-    for part in loc:
-        node = _unwrap(node)
-        if isinstance(part, int) and typing.get_origin(node) is list:
-            node = typing.get_args(node)[0]
-        elif isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
-            node = node.model_fields[part].annotation
-        else:
-            return []
-    node = _unwrap(node)
-    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
-
-
-def _unwrap(annotation: Any) -> Any:
-    """X | None -> X (the one model among the union's members)."""
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        members = [a for a in typing.get_args(annotation) if a is not type(None)]
-        models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
-        return (models or members)[0]
-    return annotation
-
-
-def suggest(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""

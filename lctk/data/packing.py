@@ -9,7 +9,10 @@ Every row source is addressable: `row(i)` is a pure function of i and the seed, 
 number, and each of N processes takes its own slice of every global batch:
 
 - TextRows: documents (end-of-text appended) cut into pieces of at most seq_len tokens, each a document of its own;
-  per epoch the pieces are shuffled (seeded by epoch), concatenated and cut into rows: no padding.
+  per epoch the pieces are shuffled (seeded by epoch), concatenated and cut into rows: no padding. Pieces are integer
+  arrays over a token store (lctk.data.store: document, start and length per piece, 12 bytes), and an epoch is its
+  order and the cumulative lengths in that order (16 bytes per piece): a row is found by binary search and read from
+  the memory maps, so no process holds a copy of the corpus.
 - TaskRows: row i holds task documents drawn from a random source seeded by (seed, source, i), each of a random
   length in [min_length, min(max_length, space left)], stretched to fill the row when no other document would fit
   after it; what is left (only when max_length < seq_len) is padding (labels -100). A document may come out a few
@@ -28,6 +31,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from lctk.data.store import TokenStore
 from lctk.evals.tasks.sample import sample_rng
 
 IGNORE = -100
@@ -54,33 +58,61 @@ def make_row(ids: np.ndarray, starts: np.ndarray, trained: np.ndarray) -> Row:
     return Row(ids.astype(np.int64), position_ids.astype(np.int64), labels.astype(np.int64))
 
 
-def cut_pieces(documents: list[np.ndarray], seq_len: int, eos: int | None) -> list[np.ndarray]:
-    """Documents (end-of-text appended) cut into pieces of at most seq_len tokens."""
-    pieces = []
-    for document in documents:
-        tokens = np.asarray(document, dtype=np.int64)
-        if eos is not None:
-            tokens = np.append(tokens, eos)
-        pieces.extend(tokens[start : start + seq_len] for start in range(0, len(tokens), seq_len))
-    return pieces
+class Pieces:
+    """Pieces of at most seq_len tokens cut from the documents of a token store, end-of-text appended to each
+    document: piece k is `lengths[k]` tokens of document `document[k]` from `start[k]` (small integer arrays)."""
+
+    def __init__(self, store: TokenStore, document: np.ndarray, start: np.ndarray, lengths: np.ndarray, eos: int | None):
+        self.store, self.document, self.start, self.lengths, self.eos = store, document, start, lengths, eos
+
+    @classmethod
+    def cut(cls, store: TokenStore, seq_len: int, eos: int | None) -> Pieces:
+        sizes = store.lengths() + (eos is not None)
+        counts = -(-sizes // seq_len)
+        document = np.repeat(np.arange(len(sizes)), counts)
+        start = (np.arange(len(document)) - np.repeat(np.cumsum(counts) - counts, counts)) * seq_len
+        lengths = np.minimum(seq_len, sizes[document] - start)
+        return cls(store, document.astype(np.uint32), start.astype(np.uint32), lengths.astype(np.uint32), eos)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        document = self.store.document(int(self.document[index]))
+        start, length = int(self.start[index]), int(self.lengths[index])
+        tokens = np.asarray(document[start : start + length], dtype=np.int64)
+        return np.append(tokens, self.eos) if start + length > len(document) else tokens
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum(dtype=np.int64))
+
+    def take(self, index: np.ndarray) -> Pieces:
+        return Pieces(self.store, self.document[index], self.start[index], self.lengths[index], self.eos)
 
 
-def split_held_out(pieces: list[np.ndarray], fraction: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def cut_pieces(documents: list[np.ndarray], seq_len: int, eos: int | None) -> Pieces:
+    """Pieces of documents given in memory."""
+    return Pieces.cut(TokenStore.from_documents(documents), seq_len, eos)
+
+
+def split_held_out(pieces: Pieces, fraction: float) -> tuple[Pieces, Pieces]:
     """(training pieces, held-out pieces): a fixed random share, independent of the run's seed so that runs with
     different seeds are scored on the same text."""
     count = round(fraction * len(pieces))
     if fraction > 0 and len(pieces) > 1:
         count = min(max(count, 1), len(pieces) - 1)
-    held = set(np.random.default_rng(0).permutation(len(pieces))[:count].tolist())
-    return [p for i, p in enumerate(pieces) if i not in held], [p for i, p in enumerate(pieces) if i in held]
+    held = np.zeros(len(pieces), dtype=bool)
+    held[np.random.default_rng(0).permutation(len(pieces))[:count]] = True
+    return pieces.take(np.flatnonzero(~held)), pieces.take(np.flatnonzero(held))
 
 
 class TextRows:
-    def __init__(self, pieces: list[np.ndarray], seq_len: int, seed: int, shuffle: bool = True):
-        if sum(map(len, pieces)) < seq_len:
-            raise ValueError(f"{sum(map(len, pieces))} tokens do not fill one row of {seq_len}")
+    def __init__(self, pieces: Pieces, seq_len: int, seed: int, shuffle: bool = True):
+        if pieces.tokens < seq_len:
+            raise ValueError(f"{pieces.tokens} tokens do not fill one row of {seq_len}")
         self.pieces, self.seq_len, self.seed, self.shuffle = pieces, seq_len, seed, shuffle
-        self.rows_per_epoch = sum(map(len, pieces)) // seq_len
+        self.rows_per_epoch = pieces.tokens // seq_len
         self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -88,20 +120,27 @@ class TextRows:
 
     def row(self, index: int) -> Row:
         epoch, offset = divmod(index, self.rows_per_epoch)
-        tokens, starts = self._stream(epoch)
-        window = slice(offset * self.seq_len, (offset + 1) * self.seq_len)
-        return make_row(tokens[window], starts[window], np.ones(self.seq_len, dtype=bool))
+        order, ends = self._order(epoch)
+        position, end = offset * self.seq_len, (offset + 1) * self.seq_len
+        k = int(np.searchsorted(ends, position, side="right"))  # the piece holding the row's first token
+        ids, starts = [], []
+        while position < end:
+            piece = self.pieces[order[k]]
+            piece_start = int(ends[k]) - len(piece)
+            taken = piece[position - piece_start : end - piece_start]
+            ids.append(taken)
+            starts.append(np.arange(len(taken)) == piece_start - position)
+            position += len(taken)
+            k += 1
+        return make_row(np.concatenate(ids), np.concatenate(starts), np.ones(self.seq_len, dtype=bool))
 
-    def _stream(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's piece order and the end of each piece in the epoch's token stream."""
         if self._epoch is None or self._epoch[0] != epoch:
             order = np.arange(len(self.pieces))
             if self.shuffle:
                 order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pieces))
-            pieces = [self.pieces[i] for i in order]
-            tokens = np.concatenate(pieces)
-            starts = np.zeros(len(tokens), dtype=bool)
-            starts[np.cumsum([0, *map(len, pieces[:-1])])] = True
-            self._epoch = (epoch, tokens, starts)
+            self._epoch = (epoch, order, np.cumsum(self.pieces.lengths[order], dtype=np.int64))
         return self._epoch[1], self._epoch[2]
 
 

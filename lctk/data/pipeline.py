@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lctk.data.corpus import cache_dir as default_cache_dir
-from lctk.data.packing import Mixture, Row, RowSource, TaskRows, TextRows, cut_pieces, split_held_out
+from lctk.data.packing import Mixture, Pieces, Row, RowSource, TaskRows, TextRows, split_held_out
+from lctk.data.store import token_store
 from lctk.data.tasks import Task
-from lctk.data.text import read_documents, tokenized_documents
+from lctk.data.text import TextSource
 from lctk.data.tokenizer import build_tokenizer
 from lctk.errors import UserError
 
@@ -34,7 +35,7 @@ def load_tokenizer(spec: str, data):
         documents, chars = [], 0
         for index, source in enumerate(data.sources):
             if source.task is None:
-                for document in read_documents(source, f"data.sources.{index}"):
+                for document in TextSource(source, f"data.sources.{index}").documents():
                     documents.append(document)
                     chars += len(document)
                     if chars > BPE_TRAINING_CHARS:
@@ -47,8 +48,9 @@ def load_tokenizer(spec: str, data):
 
 
 def prepare_data(data, tokenizer, seed: int) -> TrainingData:
-    """Rows mixing every source of `data` by weight, and held-out rows of its text sources."""
-    sources, weights, summary, held_pieces = [], [], [], []
+    """Rows mixing every source of `data` by weight, and held-out rows of its text sources (each text source is read
+    from its token store, built on first use)."""
+    sources, weights, summary, held_out = [], [], [], []
     eos = tokenizer.eos_token_id
     for index, source in enumerate(data.sources):
         key = f"data.sources.{index}"
@@ -57,18 +59,16 @@ def prepare_data(data, tokenizer, seed: int) -> TrainingData:
             sources.append(TaskRows(task, data.seq_len, seed, salt=index, pad_id=eos))
             summary.append(f"{source.task} (synthetic, {task.min_length}-{task.max_length} tokens), weight {source.weight:g}")
         else:
-            documents = tokenized_documents(source, key, tokenizer, cache_folder(data))
-            train, held = split_held_out(cut_pieces(documents, data.seq_len, eos), data.held_out)
-            if sum(map(len, train)) < data.seq_len:
+            store = token_store(source, key, tokenizer, cache_folder(data))
+            train, held = split_held_out(Pieces.cut(store, data.seq_len, eos), data.held_out)
+            if train.tokens < data.seq_len:
                 raise UserError(f"{key}: {source.label} has fewer than data.seq_len = {data.seq_len} tokens")
             sources.append(TextRows(train, data.seq_len, seed + index))
-            held_pieces.extend(held)
-            tokens = sum(map(len, train))
-            summary.append(f"{source.label}: {tokens / 1e6:.2f}M tokens in {len(documents)} documents, weight {source.weight:g}")
+            if held.tokens >= data.seq_len:  # the first rows of each source's held-out pieces, in order
+                held_rows = TextRows(held, data.seq_len, seed=0, shuffle=False)
+                held_out += [held_rows.row(i) for i in range(min(len(held_rows), HELD_OUT_ROWS - len(held_out)))]
+            summary.append(f"{source.label}: {train.tokens / 1e6:.2f}M training tokens in {len(store)} documents, "
+                           f"weight {source.weight:g} (token store {store.path})")
         weights.append(source.weight)
-    held_out = []
-    if sum(map(len, held_pieces)) >= data.seq_len:
-        held_rows = TextRows(held_pieces, data.seq_len, seed=0, shuffle=False)
-        held_out = [held_rows.row(i) for i in range(min(len(held_rows), HELD_OUT_ROWS))]
     rows = sources[0] if len(sources) == 1 else Mixture(sources, weights, seed)
     return TrainingData(rows=rows, held_out=held_out, summary=summary)

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
 from lctk.errors import UserError
-from lctk.recipe import Section, describe_error, suggest
+from lctk.schema import Section, describe_error, suggest
 
 
 @dataclass

@@ -242,9 +242,9 @@ def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, num
 def stage_rows(recipe: ExtendRecipe, tokenizer, seq_len: int, short_len: int, long_share: float):
     """Rows of seq_len tokens: the recipe's data sources as they are (documents cut at seq_len), mixed with their text
     documents cut at the original length and packed with their boundaries (short contexts in long rows)."""
-    from lctk.data.packing import Mixture, TextRows, cut_pieces, split_held_out
+    from lctk.data.packing import Mixture, Pieces, TextRows, split_held_out
     from lctk.data.pipeline import cache_folder, prepare_data
-    from lctk.data.text import tokenized_documents
+    from lctk.data.store import token_store
 
     data = recipe.data.model_copy(update={"seq_len": seq_len})
     long_rows = prepare_data(data, tokenizer, recipe.run.seed).rows
@@ -253,8 +253,8 @@ def stage_rows(recipe: ExtendRecipe, tokenizer, seq_len: int, short_len: int, lo
         return long_rows
     short_sources, weights = [], []
     for index, source in text_sources:
-        documents = tokenized_documents(source, f"data.sources.{index}", tokenizer, cache_folder(data))
-        pieces, _ = split_held_out(cut_pieces(documents, short_len, tokenizer.eos_token_id), data.held_out)
+        store = token_store(source, f"data.sources.{index}", tokenizer, cache_folder(data))
+        pieces, _ = split_held_out(Pieces.cut(store, short_len, tokenizer.eos_token_id), data.held_out)
         short_sources.append(TextRows(pieces, seq_len, recipe.run.seed + 1000 + index))
         weights.append(source.weight)
     short_rows = short_sources[0] if len(short_sources) == 1 else Mixture(short_sources, weights, recipe.run.seed + 1)

@@ -37,15 +37,18 @@ def test_make_row_restarts_positions_and_masks_document_starts():
 
 def test_pieces_append_end_of_text_and_respect_seq_len():
     pieces = cut_pieces([np.arange(10), np.arange(3)], seq_len=4, eos=99)
-    assert [p.tolist() for p in pieces] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 99], [0, 1, 2, 99]]
+    assert [pieces[i].tolist() for i in range(len(pieces))] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 99], [0, 1, 2, 99]]
 
 
 def test_held_out_split_is_disjoint_and_independent_of_the_run_seed():
     pieces = cut_pieces(documents(200), seq_len=16, eos=255)
     train, held = split_held_out(pieces, 0.1)
     assert len(held) == round(0.1 * len(pieces)) and len(train) + len(held) == len(pieces)
-    assert {id(p) for p in train}.isdisjoint(id(p) for p in held)
-    assert [p.tolist() for p in split_held_out(pieces, 0.1)[1]] == [p.tolist() for p in held]
+    places = {(d, s) for d, s in zip(train.document.tolist(), train.start.tolist())}
+    assert places.isdisjoint(zip(held.document.tolist(), held.start.tolist()))
+    assert train.tokens + held.tokens == pieces.tokens
+    again = split_held_out(pieces, 0.1)[1]
+    assert np.array_equal(again.document, held.document) and np.array_equal(again.start, held.start)
 
 
 def test_text_rows_are_the_shuffled_pieces_without_padding():

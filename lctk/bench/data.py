@@ -1,0 +1,169 @@
+"""The token store at growing corpus sizes: `python -m lctk.bench data` (10M and 100M tokens), or
+`python -m lctk.bench.data --sizes 10M,100M,1B` (the 1B corpus takes about 4 GB of disk for its jsonl and 2 GB for
+the store).
+
+For each size N, a local corpus of N tokens is written as jsonl shards of spans of the builtin text (random spans of
+random documents, shuffled; no network), with a byte-level BPE of 32K tokens trained on the builtin text. Then, each
+in a fresh process:
+  1. build: `token_store` from the folder (streaming, encode_batch on all cores, shards written to disk): tokens/s
+     and peak RSS;
+  2. tokenizers alone: the same documents in the same batches through the tokenizers library's own `encode_batch`
+     and `encode_batch_fast` (which the store uses: no character offsets), alternating batch by batch; only the
+     encode calls are timed, reading is not. The ratios show what the pipeline adds (or saves);
+  3. read: reopen the store as a training process does (rows of 4096 tokens, 1% held out) and read ROWS random rows:
+     time to the first row, peak RSS.
+Throughput is given per second of wall time and per second of CPU time (all threads of the process): on a machine
+shared with other jobs the CPU-time ratio is the steadier one. Peak RSS comes from getrusage and includes the
+imports (torch and transformers, through `import lctk`); the peak right after the imports is shown beside it, so what
+the data adds is the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SIZES = ("10M", "100M")
+VOCAB = 32000
+SEQ_LEN = 4096
+ROWS = 1000
+SHARD_CHARS = 1 << 28  # characters per generated jsonl shard
+SPAN_CHARS = (400, 20000)
+
+
+def run(sizes: tuple[str, ...] = SIZES) -> None:
+    from lctk.recipe import _count
+
+    work = Path(tempfile.mkdtemp(prefix="lctk-bench-data-"))
+    try:
+        tokenizer_dir = work / "tokenizer"
+        chars_per_token = _tokenizer(tokenizer_dir)
+        print(f"byte-level BPE, {VOCAB} tokens, {chars_per_token:.2f} characters per token on the builtin text; "
+              f"rows of {SEQ_LEN} tokens", flush=True)
+        print(f"{'N':>6} | {'build tok/s':>11} | {'encode_batch':>12} | {'_fast':>6} | {'ratio':>5} | {'ratio _fast':>11} | "
+              f"{'CPU ratio':>9} | {'CPU _fast':>9} | {'build peak RSS':>14} | {'reader peak RSS':>15} | "
+              f"{'(at imports)':>12} | {'first row':>9} | {'row':>7} | {'disk B/token':>12}")
+        for size in sizes:
+            corpus, cache = work / "corpus", work / "cache"
+            _write_corpus(corpus, int(_count(size) * chars_per_token))
+            build = _child("build", corpus, tokenizer_dir, cache)
+            alone = _child("tokenizers", corpus, tokenizer_dir, cache)
+            read = _child("read", corpus, tokenizer_dir, cache)
+            rates = {name: build["tokens"] / build[name] for name in ("seconds", "cpu_seconds")}
+            wall = [alone["tokens"] / alone[f"{name}_seconds"] for name in ("encode_batch", "encode_batch_fast")]
+            cpu = [alone["tokens"] / alone[f"{name}_cpu_seconds"] for name in ("encode_batch", "encode_batch_fast")]
+            print(f"{size:>6} | {rates['seconds'] / 1e6:>10.2f}M | {wall[0] / 1e6:>11.2f}M | {wall[1] / 1e6:>5.2f}M | "
+                  f"{rates['seconds'] / wall[0]:>5.2f} | {rates['seconds'] / wall[1]:>11.2f} | "
+                  f"{rates['cpu_seconds'] / cpu[0]:>9.2f} | {rates['cpu_seconds'] / cpu[1]:>9.2f} | "
+                  f"{_mib(build['peak_rss']):>14} | {_mib(read['peak_rss']):>15} | {_mib(read['peak_rss_at_imports']):>12} | "
+                  f"{read['first_row_s']:>8.3f}s | {read['row_ms']:>5.2f}ms | {build['disk_bytes'] / build['tokens']:>12.3f}",
+                  flush=True)
+            shutil.rmtree(corpus)
+            shutil.rmtree(cache)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def _tokenizer(folder: Path) -> float:
+    """Trains and saves the benchmark's tokenizer; returns the characters per token of the builtin text."""
+    from lctk.data.corpus import builtin_documents
+    from lctk.data.tokenizer import build_tokenizer
+
+    documents = builtin_documents()
+    tokenizer = build_tokenizer(f"bpe:{VOCAB}", lambda: documents, folder.parent / "tokenizers")
+    tokenizer.save_pretrained(folder)
+    tokens = sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch_fast(list(documents)))
+    return sum(map(len, documents)) / tokens
+
+
+def _write_corpus(folder: Path, chars: int) -> None:
+    """jsonl shards of random spans of the builtin documents, `chars` characters in all."""
+    from lctk.data.corpus import builtin_documents
+
+    documents = builtin_documents()
+    rng = random.Random(0)
+    folder.mkdir(parents=True)
+    written, shard = 0, None
+    while written < chars:
+        if shard is None or shard.tell() > SHARD_CHARS:
+            shard = open(folder / f"shard-{written // SHARD_CHARS:05d}.jsonl", "w")
+        document = rng.choice(documents)
+        start = rng.randrange(len(document))
+        span = document[start : start + rng.randint(*SPAN_CHARS)]
+        shard.write(json.dumps({"text": span}) + "\n")
+        written += len(span)
+    shard.close()
+
+
+def _child(stage: str, corpus: Path, tokenizer_dir: Path, cache: Path) -> dict:
+    """Runs one stage in a fresh process; its figures are the last line it prints."""
+    command = [sys.executable, "-m", "lctk.bench.data", "--stage", stage, str(corpus), str(tokenizer_dir), str(cache)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{stage} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _stage(stage: str, corpus: Path, tokenizer_dir: Path, cache: Path) -> dict:
+    import numpy as np
+
+    from lctk.data.packing import Pieces, TextRows, split_held_out
+    from lctk.data.store import _char_batches, token_store
+    from lctk.data.text import TextSource
+    from lctk.data.tokenizer import load_local_tokenizer
+    from lctk.recipe import Source
+
+    tokenizer = load_local_tokenizer(str(tokenizer_dir))
+    source = Source(text=str(corpus))
+    figures = {"peak_rss_at_imports": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if stage == "build":
+        store = token_store(source, "bench", tokenizer, cache)
+        figures |= {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+                    "tokens": store.tokens, "disk_bytes": sum(p.stat().st_size for p in store.path.iterdir())}
+    elif stage == "tokenizers":
+        figures["tokens"] = 0
+        for batch in _char_batches(TextSource(source, "bench").batches()):
+            for name in ("encode_batch", "encode_batch_fast"):
+                started, cpu_started = time.perf_counter(), time.process_time()
+                encodings = getattr(tokenizer.backend_tokenizer, name)(batch, add_special_tokens=False)
+                figures[f"{name}_seconds"] = figures.get(f"{name}_seconds", 0) + time.perf_counter() - started
+                figures[f"{name}_cpu_seconds"] = figures.get(f"{name}_cpu_seconds", 0) + time.process_time() - cpu_started
+            figures["tokens"] += sum(len(e) for e in encodings)
+    else:
+        store = token_store(source, "bench", tokenizer, cache)
+        train, _ = split_held_out(Pieces.cut(store, SEQ_LEN, tokenizer.eos_token_id), 0.01)
+        rows = TextRows(train, SEQ_LEN, seed=0)
+        indices = np.random.default_rng(0).integers(0, len(rows), ROWS)
+        rows.row(int(indices[0]))
+        figures["first_row_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        for index in indices[1:]:
+            rows.row(int(index))
+        figures["row_ms"] = (time.perf_counter() - started) / (ROWS - 1) * 1e3
+    figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return figures
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(SIZES), help="corpus sizes in tokens, e.g. 10M,100M,1B")
+    parser.add_argument("--stage", choices=("build", "tokenizers", "read"), help=argparse.SUPPRESS)
+    parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.stage:
+        print(json.dumps(_stage(arguments.stage, *arguments.paths)))
+    else:
+        run(tuple(arguments.sizes.split(",")))
