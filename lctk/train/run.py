@@ -162,7 +162,9 @@ def _count_parameters(model) -> int:
 
 
 def save_hf_folder(model, tokenizer, folder: Path, train_length: int | None = None) -> None:
-    """The model and its tokenizer as a Hugging Face folder, written next to `folder` and renamed into place."""
+    """The model and its tokenizer as a Hugging Face folder, written next to `folder` and renamed into place. `folder`
+    and its `.tmp` sibling are replaced, so they must lie in a run folder lctk made (train, distill, extend check that
+    before their first write, lctk.train.rundir)."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
