@@ -160,6 +160,8 @@ class Source(Section):
         given = [k for k in ("text", "hub", "task") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("a source needs exactly one of text, hub or task")
+        if self.task is None and self.options:
+            raise ValueError("options: only a task source takes options")
         if self.task is not None:
             check_task(self.task, self.options)
         return self

@@ -109,6 +109,7 @@ def test_tokens_budget_accepts_suffixes_and_gives_steps(tmp_path):
          "data.sources.1.options.min_length: 40 is more than max_length 10"),
         ("data.sources.1.options={max_length: 65}", "data.sources.1.options.max_length: 65 tokens do not fit data.seq_len 64"),
         ("data.sources.1.options={min_length: 100}", "data.sources.1.options.min_length: 100 tokens do not fit"),
+        ("data.sources.0.options={min_length: 3}", "data.sources.0.options: only a task source takes options"),
     ],
 )
 def test_bad_values_name_their_key_in_one_line(tmp_path, override, expected):
@@ -144,6 +145,25 @@ EXTEND = {"extend": {"model": "m", "factor": 2, "rope": {"method": "yarn"}}}
 )
 def test_extend_recipes_refuse_nonsense(tmp_path, overrides, expected):
     assert error_of(tmp_path, EXTEND, overrides).startswith(expected)
+
+
+DISTILL = {"train": {"steps": 2}, "distill": {"teacher": "t", "stages": [{"replace": 1}]}}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("distill.stages.0={layers: [-1]}", "distill.stages.0.layers.0: input should be greater than or equal to 0"),
+        ("distill.stages.0={layers: []}", "distill.stages.0.layers: list should have at least 1 item"),
+        ("distill.evidence.passkey_depths=[1.5]", "distill.evidence.passkey_depths.0: input should be less than or equal to 1"),
+        ("distill.evidence.cache_lengths=[0]", "distill.evidence.cache_lengths.0: input should be greater than 0"),
+        ("distill.evidence.passkey_lengths=[abc]", "distill.evidence.passkey_lengths: expected a length"),
+        ("distill.loss.temperature=.inf", "distill.loss.temperature: input should be a finite number"),
+        ("train=null", "train: input should be"),
+    ],
+)
+def test_distill_recipes_refuse_nonsense(tmp_path, override, expected):
+    assert error_of(tmp_path, DISTILL, [override]).startswith(expected)
 
 
 def test_a_training_free_extend_recipe_needs_no_train_section_and_stages_take_train_steps(tmp_path):

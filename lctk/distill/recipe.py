@@ -19,13 +19,13 @@ teacher's layers, rounded). A stage's `lr`, `steps` and `freeze` default to trai
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from lctk.distill.convert import INITS, STUDENT_MIXERS
 from lctk.distill.losses import KINDS
-from lctk.recipe import Recipe, Section
+from lctk.recipe import EvalSection, Recipe, Section
 
 _REPLACE = re.compile(r"^\s*(\+?)\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
 
@@ -47,7 +47,7 @@ class LossSection(Section):
 
 class StageSection(Section):
     replace: int | str | None = None
-    layers: list[int] | None = None
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
     by: Literal["loo", "mmr"] = "loo"
     steps: int | None = Field(None, ge=0)
     probe_steps: int = Field(10, gt=0)
@@ -80,10 +80,18 @@ class EvidenceSection(Section):
     held_out_batches: int = Field(4, gt=0, description="held-out batches (train.batch_size rows) for KL, ppl, top-1")
     passkey_samples: int = Field(1, ge=0, description="passkey samples per length and depth (0: skip passkey)")
     passkey_lengths: list[str | int] = Field(default_factory=lambda: ["1x", "2x"])
-    passkey_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], strict=False)
+    passkey_depths: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], strict=False
+    )
     speed_prefill: int = Field(256, gt=0)
     speed_decode: int = Field(16, gt=0)
-    cache_lengths: list[int] = Field(default_factory=lambda: [8192, 32768])
+    cache_lengths: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [8192, 32768])
+
+    @field_validator("passkey_lengths")
+    @classmethod
+    def _lengths(cls, lengths: list[str | int]) -> list[str | int]:
+        EvalSection.model_construct(lengths=lengths).token_lengths(1)  # eval.lengths' forms; ValueError naming a bad one
+        return lengths
 
 
 class DistillSection(Section):
