@@ -119,7 +119,10 @@ def first_difference(saved, current, key: str) -> str | None:
 @contextlib.contextmanager
 def claim(folder: Path, kind: str, name: str, where: str) -> Iterator[None]:
     """Create `folder` (marked as a `kind` run when it is new or empty) and hold its lock until the block ends."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file on the way, no permission, a read-only disk
+        raise UserError(f"{where}: cannot create {folder} ({error.strerror})") from None
     if marker(folder) is None and not any(folder.iterdir()):
         record = {"kind": kind, "created": _now(), "name": name}
         scratch = folder / f"{MARKER}.tmp"

@@ -134,3 +134,6 @@ def test_a_folder_of_another_kind_or_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("mine")
     with pytest.raises(UserError, match="is a file, not a run folder"):
         rundir.check_folder(tmp_path / "file", "extend", "run.output_dir")
+    with pytest.raises(UserError, match=r"^run\.output_dir: cannot create .*file/run \(Not a directory\)$"):
+        with rundir.claim(tmp_path / "file" / "run", "extend", "e", "run.output_dir"):
+            pass
