@@ -158,3 +158,12 @@ def test_train_init_from_a_damaged_folder_is_one_line(model_dir, tmp_path):
     recipe = SimpleNamespace(model=SimpleNamespace(init_from=str(folder)))
     with pytest.raises(UserError, match=f"^model.init_from: {folder}/model.safetensors is truncated"):
         _build_model(recipe, tokenizer=None)
+
+
+@pytest.mark.parametrize("command", ["eval", "train", "distill", "extend"])
+def test_every_command_that_loads_a_model_has_the_trust_flag(command):
+    from typer.testing import CliRunner
+
+    from lctk.cli import app
+
+    assert "--trust-remote-code" in CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
