@@ -50,6 +50,8 @@ def test_every_numeric_mixer_setting_rejects_zero_negative_and_non_numbers(lette
         ({"pad_token_id": 64}, "pad_token_id"),
         ({"attention": {"qkv_bias": "yes"}}, "attention.qkv_bias"),
         ({"attention": {"backend": 3}}, "attention.backend"),
+        ({"pattern": "T", "titans": {"max_inner_lr": math.inf}}, "titans.max_inner_lr"),  # settings defaulting to null
+        ({"mamba2": {"xb_heads": 0}}, "mamba2.xb_heads"),
     ],
 )
 def test_nonsense_values_name_their_field(overrides, field):

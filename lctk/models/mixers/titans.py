@@ -61,7 +61,7 @@ from transformers import initialization as init
 
 from lctk.models.layers import RMSNorm, apply_rotary, causal_depthwise_conv, conv_tail, silu_grad
 from lctk.models.mixers.attention import window_attention
-from lctk.models.mixers.base import Mixer, MixerState
+from lctk.models.mixers.base import Mixer, MixerState, require_positive
 from lctk.models.sequence import ChunkGrid, SequenceInfo, pack, unpack
 
 VARIANTS = ("MAC", "MAG", "MAL")
@@ -283,9 +283,8 @@ class Titans(Mixer):
         tokens = settings["persistent_tokens"]
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
             raise ValueError(f"titans.persistent_tokens: must be a non-negative integer, got {tokens!r}")
-        bound = settings["max_inner_lr"]
-        if bound is not None and (not isinstance(bound, (int, float)) or isinstance(bound, bool) or not bound > 0):
-            raise ValueError(f"titans.max_inner_lr: must be positive (or null for 0.25 / chunk_size), got {bound!r}")
+        if settings["max_inner_lr"] is not None:  # null: 0.25 / chunk_size
+            require_positive("titans.max_inner_lr", settings["max_inner_lr"], integer=False)
 
     @torch.no_grad()
     def init_special_parameters(self) -> None:
