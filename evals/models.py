@@ -75,8 +75,9 @@ def open_model_and_tokenizer(path: str, tokenizer_path: str | None = None, where
     """(ModelFiles with config and checked weight files, tokenizer): everything but the weights, so that every model
     of a run can be checked before the first one is evaluated."""
     files = open_model(path, where)
-    tokenizer_files = resolve(tokenizer_path, "--tokenizer") if tokenizer_path else files
-    return files, load_tokenizer(tokenizer_files, where, hint="pass --tokenizer FOLDER")
+    if tokenizer_path:
+        return files, load_tokenizer(resolve(tokenizer_path, "--tokenizer"), "--tokenizer")
+    return files, load_tokenizer(files, where, hint="pass --tokenizer FOLDER")
 
 
 def load_weights(files: ModelFiles, device: str = "auto", dtype: str = "auto", where: str = "--model"):
@@ -87,10 +88,11 @@ def load_weights(files: ModelFiles, device: str = "auto", dtype: str = "auto", w
 
 def weights_fingerprint(model) -> str:
     """A short hash of what decides a model's outputs, for resume keys: its config (less NOT_FINGERPRINTED: where
-    it was loaded from and what saving adds) and, for every parameter and buffer, its name, shape, dtype, the float64 sum
-    of all its values and SAMPLED_VALUES values at evenly spaced positions. One reduction pass over the weights on
-    their own device plus a few thousand values copied to the host: well under a second per billion parameters on a
-    GPU, a few seconds on a CPU. Loading the same folder at another dtype gives another fingerprint."""
+    it was loaded from and what saving adds) and, for every parameter and buffer, its name, shape, dtype, the
+    float64 sum of all its values and SAMPLED_VALUES values at evenly spaced positions. One reduction pass over the
+    weights on their own device plus a few thousand values copied to the host: well under a second per billion
+    parameters on a GPU, a few seconds on a CPU. The same folder loaded at another dtype gives another fingerprint;
+    a model trained in memory (the trainer's evals) gets one like any other."""
     config = getattr(model, "config", None)
     described = config.to_dict() if hasattr(config, "to_dict") else {}
     for bookkeeping in NOT_FINGERPRINTED:

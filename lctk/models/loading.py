@@ -3,10 +3,11 @@ naming the file and the problem, never a traceback. Used wherever lctk loads a m
 the distillation teacher and `model.init_from`.
 
 Before any weights are read, `open_model` checks what is cheap to check: config.json is a JSON object with a
-`model_type`, and every safetensors file has a readable header whose tensors cover the file exactly (an empty,
-truncated or random-bytes file fails here, naming the file). `load_causal_lm` then loads the weights and refuses
-a model whose weights do not match its config (missing, unexpected or differently shaped tensors) instead of
-letting transformers initialise them at random.
+`model_type`, every safetensors file has a readable header whose tensors cover the file exactly (an empty,
+truncated or random-bytes file fails here, naming the file), and the model the config describes, built on the meta
+device, has the shapes the headers list (a config whose sizes do not match the weights fails before anything is
+allocated). `load_causal_lm` then loads the weights and refuses a model with missing, unexpected or differently
+shaped tensors instead of letting transformers initialise them at random.
 
 Paths: a path that looks local (starts with `.`, `/` or `~`, has more than one `/`, or whose first part exists) and
 is not there fails at once with "model folder not found"; only an `org/name` with nothing of it on disk goes to the
@@ -16,7 +17,7 @@ Remote code: every from_pretrained passes `trust_remote_code=remote_code_trusted
 inside `trusting_remote_code(True)` (the `--trust-remote-code` flag), so a model folder's Python never runs
 unasked (transformers would otherwise prompt, and a `y` would run it).
 
-Imports only torch, transformers and safetensors (no datasets, wandb or pydantic), so evals may use it.
+Needs only torch and transformers, imported when used (no datasets, wandb or pydantic), so evals may use it.
 """
 
 from __future__ import annotations
