@@ -264,10 +264,12 @@ def load_causal_lm(files: ModelFiles, where: str, dtype=None):
         f"{name} is {tuple(stored)} in the weights but {tuple(expected)} in the config"
         for name, stored, expected in sorted(info.get("mismatched_keys", []))[:1]
     ]
-    for kind in ("missing", "unexpected"):
-        names = sorted(info.get(f"{kind}_keys", []))
+    # older checkpoints store buffers the model computes itself (rotary inv_freq): not a mismatch
+    computed = {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()}
+    unexpected = [name for name in info.get("unexpected_keys", []) if name.rsplit(".", 1)[-1] not in computed]
+    for kind, names in (("missing", info.get("missing_keys", [])), ("unexpected", unexpected)):
         if names:
-            problems.append(f"{len(names)} {kind} tensor(s), e.g. {names[0]}")
+            problems.append(f"{len(names)} {kind} tensor(s), e.g. {sorted(names)[0]}")
     if problems:
         raise UserError(f"{where}: the weights in {files.path} do not match its config.json: {'; '.join(problems)}")
     return model
