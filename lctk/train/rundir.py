@@ -93,23 +93,23 @@ def check_same_recipe(folder: Path, recipe, sections: Iterable[str]) -> None:
         raise UserError(f"{saved_file}: not a readable recipe, so the run cannot be continued; use --overwrite")
     current = recipe.model_dump(mode="json")
     for section in sections:
-        key = first_difference(saved.get(section), current.get(section), section)
+        key = _first_difference(saved.get(section), current.get(section), section)
         if key is not None:
             raise UserError(f"{key}: differs from the run in {folder} that this command would continue; "
                             "use --set run.name=<new name> for a new run (or --overwrite to start this one again)")
 
 
-def first_difference(saved, current, key: str) -> str | None:
+def _first_difference(saved, current, key: str) -> str | None:
     """The dotted key of the first value that differs between two YAML trees, or None."""
     if isinstance(saved, dict) and isinstance(current, dict):
         for name in sorted(set(saved) | set(current)):
-            found = first_difference(saved.get(name), current.get(name), f"{key}.{name}")
+            found = _first_difference(saved.get(name), current.get(name), f"{key}.{name}")
             if found:
                 return found
         return None
     if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
         for index, (a, b) in enumerate(zip(saved, current, strict=True)):
-            found = first_difference(a, b, f"{key}.{index}")
+            found = _first_difference(a, b, f"{key}.{index}")
             if found:
                 return found
         return None
