@@ -39,6 +39,7 @@ LIMIT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_leng
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 SAMPLED_VALUES = 1024  # per tensor, in weights_fingerprint
+BITS_AS_INTEGERS = {1: torch.int8, 2: torch.int16, 4: torch.int32}  # element size -> integer dtype (else int64)
 # config keys that do not change outputs (the dtype is fingerprinted from the tensors themselves)
 NOT_FINGERPRINTED = ("_name_or_path", "_commit_hash", "transformers_version", "architectures", "dtype", "torch_dtype")
 
@@ -88,11 +89,12 @@ def load_weights(files: ModelFiles, device: str = "auto", dtype: str = "auto", w
 
 def weights_fingerprint(model) -> str:
     """A short hash of what decides a model's outputs, for resume keys: its config (less NOT_FINGERPRINTED: where
-    it was loaded from and what saving adds) and, for every parameter and buffer, its name, shape, dtype, the
-    float64 sum of all its values and SAMPLED_VALUES values at evenly spaced positions. One reduction pass over the
-    weights on their own device plus a few thousand values copied to the host: well under a second per billion
-    parameters on a GPU, a few seconds on a CPU. The same folder loaded at another dtype gives another fingerprint;
-    a model trained in memory (the trainer's evals) gets one like any other."""
+    it was loaded from and what saving adds) and, for every parameter and buffer, its name, shape, dtype, the sum of
+    all its values' bits read as integers (exact, so the same on any device and thread count, and changed by any
+    single edit) and SAMPLED_VALUES values at evenly spaced positions. One reduction pass over the weights on their
+    own device plus a few thousand values copied to the host: well under a second per billion parameters on a GPU, a
+    few seconds on a CPU. The same folder loaded at another dtype gives another fingerprint; a model trained in
+    memory (the trainer's evals) gets one like any other."""
     config = getattr(model, "config", None)
     described = config.to_dict() if hasattr(config, "to_dict") else {}
     for bookkeeping in NOT_FINGERPRINTED:
@@ -102,10 +104,11 @@ def weights_fingerprint(model) -> str:
     with torch.no_grad():
         for name, tensor in tensors:
             flat = tensor.detach().reshape(-1)
-            positions = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), SAMPLED_VALUES), device=flat.device)
-            total = flat.sum(dtype=torch.float64).item() if flat.numel() else 0.0
-            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{total!r}|".encode())
-            digest.update(flat[positions.long()].to(torch.float64).cpu().numpy().tobytes())
+            bits = flat.view(BITS_AS_INTEGERS.get(flat.element_size(), torch.int64))
+            positions = torch.linspace(0, max(bits.numel() - 1, 0), min(bits.numel(), SAMPLED_VALUES), device=bits.device)
+            total = int(bits.sum(dtype=torch.int64)) if bits.numel() else 0  # wraps around: still exact
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{total}|".encode())
+            digest.update(bits[positions.long()].cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
