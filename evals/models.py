@@ -105,10 +105,11 @@ def weights_fingerprint(model) -> str:
         for name, tensor in tensors:
             flat = tensor.detach().reshape(-1)
             bits = flat.view(BITS_AS_INTEGERS.get(flat.element_size(), torch.int64))
-            positions = torch.linspace(0, max(bits.numel() - 1, 0), min(bits.numel(), SAMPLED_VALUES), device=bits.device)
+            count = min(bits.numel(), SAMPLED_VALUES)
+            positions = torch.arange(count, device=bits.device) * max(bits.numel() - 1, 0) // max(count - 1, 1)
             total = int(bits.sum(dtype=torch.int64)) if bits.numel() else 0  # wraps around: still exact
             digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{total}|".encode())
-            digest.update(bits[positions.long()].cpu().numpy().tobytes())
+            digest.update(bits[positions].cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
