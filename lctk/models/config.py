@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 class HybridConfig(PretrainedConfig):
@@ -91,8 +92,18 @@ class HybridConfig(PretrainedConfig):
             mixer.check_kinds(settings, defaults)
             mixer.check_settings(settings, self)
             setattr(self, name, settings)
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            raise ValueError(f"rope_parameters: must be a mapping (rope_type, rope_theta, ...), got {self.rope_parameters!r}")
         super().__post_init__(**kwargs)
-        require_positive("rope_parameters.rope_theta", (self.rope_parameters or {}).get("rope_theta"), integer=False)
+        rope = self.rope_parameters or {}
+        require_positive("rope_parameters.rope_theta", rope.get("rope_theta"), integer=False)
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default":  # a scaled RoPE, as transformers computes it: every such type reads a factor
+            if rope_type not in ROPE_INIT_FUNCTIONS:
+                raise ValueError(
+                    f"rope_parameters.rope_type: unknown {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}"
+                )
+            require_positive("rope_parameters.factor", rope.get("factor"), integer=False)
 
     def num_parameters(self) -> int:
         """Parameters of the model this config describes, counted on the meta device (nothing is allocated)."""

@@ -52,6 +52,9 @@ def test_every_numeric_mixer_setting_rejects_zero_negative_and_non_numbers(lette
         ({"attention": {"backend": 3}}, "attention.backend"),
         ({"pattern": "T", "titans": {"max_inner_lr": math.inf}}, "titans.max_inner_lr"),  # settings defaulting to null
         ({"mamba2": {"xb_heads": 0}}, "mamba2.xb_heads"),
+        ({"rope_parameters": {"rope_type": "fancy", "rope_theta": 1e4}}, "rope_parameters.rope_type"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "rope_parameters.factor"),
+        ({"rope_parameters": "yarn"}, "rope_parameters"),
     ],
 )
 def test_nonsense_values_name_their_field(overrides, field):
@@ -77,8 +80,8 @@ numbers = st.one_of(st.integers(-1, 8), junk)
 
 @st.composite
 def mostly(draw, valid):
-    """A value from `valid` three times in four, else junk: most examples get past validation to the model."""
-    return draw(numbers if draw(st.integers(0, 3)) == 3 else valid)
+    """A value from `valid` seven times in eight, else junk: many examples get past validation to the model."""
+    return draw(numbers if draw(st.integers(0, 7)) == 7 else valid)
 
 
 @st.composite
@@ -97,6 +100,10 @@ def config_dicts(draw):
         ("initializer_range", st.floats(1e-3, 0.1)),
         ("rope_theta", st.floats(1, 1e6)),
         ("pad_token_id", st.integers(0, 63)),
+        ("rope_parameters", st.fixed_dictionaries(
+            {"rope_type": st.sampled_from(["default", "linear", "yarn", "dynamic", "fancy"]), "rope_theta": st.just(1e4)},
+            optional={"factor": mostly(st.floats(1, 8))},
+        )),
     ]:
         if draw(st.booleans()):
             kwargs[name] = draw(mostly(valid))
