@@ -57,8 +57,8 @@ def marker(folder: Path) -> dict | None:
 def check_folder(folder: Path, kind: str, where: str, *, holds_run: bool = False, resuming: bool = False,
                  overwrite: bool = False) -> None:
     """Before anything is written: may a `kind` run use `folder`? holds_run: it holds a run (a fresh start then needs
-    --overwrite); resuming: the run continues what the folder holds (an unmarked run made before markers existed may
-    be resumed too)."""
+    --overwrite); resuming: the run continues what the folder holds. An unmarked folder holding a run and its
+    recipe.yaml is an lctk run from before markers existed: it may be resumed, not deleted."""
     if overwrite and resuming:
         raise UserError("--overwrite: starts the run again, so it cannot go with --resume")
     if folder.exists() and not folder.is_dir():
@@ -70,7 +70,7 @@ def check_folder(folder: Path, kind: str, where: str, *, holds_run: bool = False
         if overwrite:
             raise UserError(f"--overwrite: {folder} was not made by lctk (no {MARKER} file) and lctk deletes only its "
                             "own run folders; remove it yourself or choose another run.name")
-        if not (resuming and holds_run):
+        if not (holds_run and (folder / "recipe.yaml").is_file()):
             raise UserError(f"{where}: {folder} already exists and was not made by lctk (no {MARKER} file); "
                             "choose a new or empty folder")
     elif found.get("kind", kind) != kind:

@@ -137,3 +137,17 @@ def test_a_folder_of_another_kind_or_a_file_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"^run\.output_dir: cannot create .*file/run \(Not a directory\)$"):
         with rundir.claim(tmp_path / "file" / "run", "extend", "e", "run.output_dir"):
             pass
+
+
+def test_a_run_from_before_markers_may_be_resumed_not_deleted(tmp_path):
+    legacy = tmp_path / "run"
+    (legacy / "checkpoints").mkdir(parents=True)
+    (legacy / "recipe.yaml").write_text("run: {name: run}\n")
+    rundir.check_folder(legacy, "train", "run.name", holds_run=True, resuming=True)
+    with pytest.raises(UserError, match="already holds a run; pass --resume auto"):
+        rundir.check_folder(legacy, "train", "run.name", holds_run=True)
+    with pytest.raises(UserError, match="^--overwrite: .* was not made by lctk"):
+        rundir.check_folder(legacy, "train", "run.name", holds_run=True, overwrite=True)
+    (legacy / "recipe.yaml").unlink()  # without its recipe it is not recognisably lctk's
+    with pytest.raises(UserError, match="was not made by lctk"):
+        rundir.check_folder(legacy, "train", "run.name", holds_run=True, resuming=True)
