@@ -362,8 +362,12 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), kind: st
     if kind is not None and raw.get("kind") not in (None, kind):
         raise UserError(f"kind: {path} is a recipe of kind {found}; run it with `lctk {found}`")
     kind = kind or found
+    schema = recipe_class(kind)
+    if not raw:  # an empty file starts no run on defaults
+        required = [name for name, field in schema.model_fields.items() if field.is_required()]
+        raise UserError(f"{path}: the recipe is empty; {kind} recipes need at least {' and '.join(required)}")
     raw.setdefault("kind", kind)
-    return validate_recipe(raw, recipe_class(kind))
+    return validate_recipe(raw, schema)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

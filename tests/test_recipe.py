@@ -119,7 +119,8 @@ def test_bad_values_name_their_key_in_one_line(tmp_path, override, expected):
 @pytest.mark.parametrize(
     ("content", "kind", "expected"),
     [
-        ("", "train", "train: required key missing"),  # an empty file does not start a default run
+        ("", "train", "the recipe is empty; train recipes need at least train and model"),  # no default run
+        ("# nothing yet\n", "distill", "the recipe is empty; distill recipes need at least train and distill"),
         ({"train": {"steps": 5}}, None, "model: required key missing"),
         ({**BASE, "kind": "extend"}, "train", "is a recipe of kind extend; run it with `lctk extend`"),
         ({**BASE, "kind": "foo"}, "distill", "kind: unknown recipe kind 'foo'"),
