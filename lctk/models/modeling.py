@@ -2,7 +2,9 @@
 
 Each block: h = h + mixer(RMSNorm(h)); h = h + SwiGLU(RMSNorm(h)). The forward pass takes, besides the usual HF
 arguments, document boundaries of packed rows (position_ids restarting at 0, or `cu_seqlens` for a batch of one
-row); see `lctk.models.sequence`. Generation keeps one state per layer in a `HybridCache`.
+row); see `lctk.models.sequence`. Generation keeps one state per layer in a `HybridCache`. `context_shard`
+(lctk.parallel.context.ContextShard) runs this process's shard of rows split across processes: input_ids and
+position_ids are the shard's tokens, positions those of the full rows.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class HybridModel(HybridPreTrainedModel):
         cu_seqlens: Tensor | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: HybridCache | None = None,
+        context_shard=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -94,13 +97,15 @@ class HybridModel(HybridPreTrainedModel):
         batch, length = hidden_states.shape[:2]
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+            use_cache = self.config.use_cache and not self.training and context_shard is None
         if use_cache and cache is None:
             cache = HybridCache.for_model(self, batch, hidden_states.device, hidden_states.dtype)
         past_length = cache.seen_tokens if cache is not None else 0
+        if context_shard is not None:
+            self._check_context_shard(context_shard, cache, attention_mask, cu_seqlens, length)
 
         seq = build_sequence_info(
-            batch, length, past_length, hidden_states.device, position_ids, attention_mask, cu_seqlens
+            batch, length, past_length, hidden_states.device, position_ids, attention_mask, cu_seqlens, context_shard
         )
         seq.rotary = self.rotary_emb(hidden_states, seq.position_ids)
 
@@ -117,6 +122,15 @@ class HybridModel(HybridPreTrainedModel):
             cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
+
+
+    def _check_context_shard(self, shard, cache, attention_mask, cu_seqlens, length: int) -> None:
+        if cache is not None or attention_mask is not None or cu_seqlens is not None:
+            raise ValueError("context_shard: split rows take no cache, attention_mask or cu_seqlens (use position_ids)")
+        for letter in dict.fromkeys(self.config.pattern):
+            problem = MIXERS[letter].context_parallel_problem(self.config, length)
+            if problem:
+                raise ValueError(f"context_shard: {problem}")
 
 
 @dataclass
@@ -166,6 +180,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         logits_to_keep: int | Tensor = 0,
         past_key_values: HybridCache | None = None,
         return_dict: bool | None = None,
+        context_shard=None,
         **kwargs,
     ) -> HybridCausalLMOutput:
         outputs = self.model(
@@ -177,6 +192,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             cu_seqlens=cu_seqlens,
             output_hidden_states=output_hidden_states,
+            context_shard=context_shard,
         )
         hidden_states = last_hidden_state = outputs.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:

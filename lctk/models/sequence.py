@@ -5,17 +5,24 @@ Documents: position_ids that restart at 0 inside a row start a new document (the
 DataCollatorWithFlattening), or `cu_seqlens` over a batch of one row. A forward call that continues a cache
 continues the cached document with its first tokens: a cache holds one document per row.
 Padding: a 2D attention_mask (1 = token, 0 = pad) covering the cached tokens and the new ones, as generate() passes.
+Context parallelism: `shard` (lctk.parallel.context.ContextShard) says which part of the full rows this call holds;
+position_ids are those of the full rows, so a shard whose first position is not 0 continues the previous shard's
+document. Mixers ask the shard for what they need from the other ranks.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lctk.kernels.ssd import ssd
+
+if TYPE_CHECKING:
+    from lctk.parallel.context import ContextShard
 
 
 @dataclass
@@ -28,6 +35,7 @@ class SequenceInfo:
     first_doc: Tensor | None = None  # [B] index (among the N documents) of each row's first document
     last_doc: Tensor | None = None  # [B] index of each row's last document
     rotary: tuple[Tensor, Tensor] | None = None  # cos, sin [B, T, head_dim], computed once per forward
+    shard: ContextShard | None = None  # this call's shard of rows split across processes; None: whole rows
 
     @property
     def has_documents(self) -> bool:
@@ -47,6 +55,15 @@ class SequenceInfo:
         return doc_states[self.last_doc]
 
 
+def document_index(position_ids: Tensor) -> Tensor | None:
+    """[B, T] index of each token's document inside its row (a position 0 after the first token starts one), or None
+    when no row has a restart."""
+    restarts = position_ids[:, 1:] == 0
+    if not bool(restarts.any()):
+        return None
+    return torch.cat([torch.zeros_like(position_ids[:, :1]), restarts.long().cumsum(1)], dim=1)
+
+
 def build_sequence_info(
     batch: int,
     length: int,
@@ -55,6 +72,7 @@ def build_sequence_info(
     position_ids: Tensor | None = None,
     attention_mask: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
+    shard: ContextShard | None = None,
 ) -> SequenceInfo:
     key_mask = token_mask = None
     if attention_mask is not None:
@@ -76,10 +94,8 @@ def build_sequence_info(
         if position_ids is None:
             offsets = torch.arange(length, device=device) - cu_seqlens.long()[seq_idx[0]]
             position_ids = offsets.unsqueeze(0)
-    elif position_ids is not None and length > 1:
-        restarts = position_ids[:, 1:] == 0
-        if bool(restarts.any()):
-            seq_idx = torch.cat([torch.zeros_like(position_ids[:, :1]), restarts.long().cumsum(1)], dim=1)
+    elif position_ids is not None:
+        seq_idx = document_index(position_ids)
 
     if position_ids is None:
         if attention_mask is not None:
@@ -88,7 +104,8 @@ def build_sequence_info(
         else:
             position_ids = torch.arange(past_length, past_length + length, device=device).expand(batch, -1)
 
-    info = SequenceInfo(position_ids=position_ids, seq_idx=seq_idx, token_mask=token_mask, key_mask=key_mask)
+    info = SequenceInfo(position_ids=position_ids, seq_idx=seq_idx, token_mask=token_mask, key_mask=key_mask,
+                        shard=shard)
     if seq_idx is not None:
         docs_per_row = seq_idx[:, -1] + 1
         info.last_doc = docs_per_row.cumsum(0) - 1
@@ -107,10 +124,17 @@ def ssd_rows(
     seq: SequenceInfo,
     initial: Tensor | None,
     chunk_size: int,
+    tag: str = "ssd state",
 ) -> tuple[Tensor, Tensor | None]:
     """`ssd` over the rows of one forward call; packed documents run as one flat row restarting at each
     boundary.
-    initial: the per-row state to continue, or None (then no final state is returned)."""
+    initial: the per-row state to continue, or None (then no final state is returned).
+    A shard of split rows runs from a zero state and gets the earlier shards' state from the group
+    (ContextShard.carry_ssd_states)."""
+    if seq.shard is not None:
+        zero = v.new_zeros(v.shape[0], v.shape[2], k.shape[-1], v.shape[-1], dtype=torch.float32)
+        out, final = ssd_rows(q, k, v, g, replace(seq, shard=None), zero, chunk_size)
+        return seq.shard.carry_ssd_states(out, q, g, final, seq.seq_idx, tag), None
     want_final = initial is not None
     if not seq.has_documents:
         return ssd(q, k, v, g, initial_state=initial, output_final_state=want_final, chunk_size=chunk_size)

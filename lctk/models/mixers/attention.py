@@ -5,21 +5,27 @@
 Backends: torch SDPA (default), flash-attn when installed and the tensors are on CUDA (otherwise SDPA is used),
 and eager (plain softmax, for tests). Keys never cross document boundaries or padding. The sliding-window cache
 keeps only the last window - 1 keys, so `S` has a bounded state like the recurrent mixers.
+
+Rows split across processes (lctk.parallel.context): `A` all-gathers the keys and values of the group (the Llama 3
+paper's choice: one collective per layer, T/N x 2 H_kv D elements from each rank, no ring schedule) and its queries
+see the keys of the shards up to their own, causally shifted by the shard's start; `S` receives only the previous
+shard's last window - 1 keys and values.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from lctk.models.layers import apply_rotary
-from lctk.models.mixers.base import Mixer, MixerState
+from lctk.models.mixers.base import Mixer, MixerState, short_shard
 from lctk.models.sequence import SequenceInfo
 
 BACKENDS = ("sdpa", "flash", "eager")
@@ -60,6 +66,12 @@ class Attention(Mixer):
         if settings["backend"] not in BACKENDS:
             raise ValueError(f"attention.backend: {settings['backend']!r} is not one of {', '.join(BACKENDS)}")
 
+    @classmethod
+    def context_parallel_problem(cls, config, shard_length: int) -> str | None:
+        if "S" not in config.pattern:
+            return None
+        return short_shard("S", config.attention["window"] - 1, "attention.window - 1", shard_length)
+
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
         empty = torch.zeros(batch_size, 0, self.num_kv_heads, self.head_dim, device=device, dtype=dtype)
         visible = torch.ones(batch_size, 0, dtype=torch.bool, device=device)
@@ -76,6 +88,8 @@ class Attention(Mixer):
         v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
         cos, sin = seq.rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if seq.shard is not None:
+            return self.o_proj(self._attend_shard(q, k, v, seq).reshape(batch, length, -1))
         if state is None and self.window is not None and length > self.window and self.backend == "sdpa":
             # queries in blocks: O(T x window) time and memory instead of a T x T mask
             out, _ = window_attention(q, k, v, seq, self.window)
@@ -133,8 +147,31 @@ class Attention(Mixer):
         allowed = allowed | (distance == 0).unsqueeze(0)
         return allowed.unsqueeze(1)
 
+    def _attend_shard(self, q: Tensor, k: Tensor, v: Tensor, seq: SequenceInfo) -> Tensor:
+        """This shard's queries [B, T/N, H, D] over the keys they see in the whole rows."""
+        shard = seq.shard
+        batch, length = q.shape[:2]
+        if self.window is not None:
+            kept = self.window - 1
+            halo = shard.from_previous(torch.cat([k[:, -kept:], v[:, -kept:]], dim=-1), tag="S kv")
+            past_keys, past_values = halo.split(self.head_dim, dim=-1)
+            ones = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+            visible = replace(seq, key_mask=torch.cat([shard.previous_visible(kept), ones], dim=1))
+            out, _ = window_attention(q, k, v, visible, self.window, past=(past_keys, past_values, 0))
+            return out
+        gathered = shard.all_gather(torch.cat([k, v], dim=-1), tag="A kv")  # [N, B, T/N, H_kv, 2 D]
+        keys, values = gathered[: shard.rank + 1].transpose(0, 1).flatten(1, 2).split(self.head_dim, dim=-1)
+        mask = None
+        if shard.documents is not None:
+            queries_at = torch.arange(shard.start, shard.stop, device=q.device)
+            causal = queries_at[:, None] >= torch.arange(shard.stop, device=q.device)
+            docs = shard.documents
+            mask = (causal & (docs[:, shard.start : shard.stop, None] == docs[:, None, : shard.stop])).unsqueeze(1)
+        return self._attend(q, keys, values, mask, causal=True, seq=seq)
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, seq: SequenceInfo) -> Tensor:
-        """q [B, T, H, D], k/v [B, S, H_kv, D] -> [B, T, H, D]."""
+        """q [B, T, H, D], k/v [B, S, H_kv, D] -> [B, T, H, D]. causal: the queries are the last T of the S
+        positions (lower-right alignment, as flash-attn's)."""
         if self.backend == "flash" and FLASH_ATTN_INSTALLED and q.is_cuda and mask is None and self.window is None:
             from flash_attn import flash_attn_func
 
@@ -145,11 +182,13 @@ class Attention(Mixer):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(self.head_dim)
             if mask is None and causal:
-                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             out = scores.softmax(-1).to(v.dtype) @ v
         else:
+            if causal and mask is None and q.shape[2] != k.shape[2]:
+                mask = causal_lower_right(q.shape[2], k.shape[2])  # SDPA's is_causal aligns top-left
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=True)
         return out.transpose(1, 2)
 

@@ -58,6 +58,12 @@ class Mixer(nn.Module):
     def check_settings(cls, settings: dict[str, Any], config) -> None:
         """Raise ValueError naming `section.key` for an impossible setting (check_kinds has run)."""
 
+    @classmethod
+    def context_parallel_problem(cls, config, shard_length: int) -> str | None:
+        """Why this mixer cannot run on rows split into shards of shard_length tokens (lctk.parallel.context), or
+        None when it can."""
+        return None
+
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixerState:
         raise NotImplementedError
 
@@ -67,6 +73,13 @@ class Mixer(nn.Module):
 
     def forward(self, hidden_states: Tensor, seq: SequenceInfo, state: MixerState | None = None) -> Tensor:
         raise NotImplementedError
+
+
+def short_shard(letter: str, needed: int, what: str, shard_length: int) -> str | None:
+    """The problem of shards shorter than the `needed` tokens a mixer takes from the previous shard, or None."""
+    if needed <= shard_length:
+        return None
+    return f"`{letter}` takes {what} = {needed} tokens from the previous shard, more than a shard's {shard_length}"
 
 
 def require_positive(name: str, value: Any, integer: bool) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers import initialization as init
 
 from lctk.models.layers import causal_depthwise_conv, conv_tail
-from lctk.models.mixers.base import Mixer, MixerState
+from lctk.models.mixers.base import Mixer, MixerState, short_shard
 from lctk.models.sequence import SequenceInfo
 
 
@@ -60,6 +60,10 @@ class BaseConv(Mixer):
         init.uniform_(self.conv_weight, -bound, bound)
         init.uniform_(self.conv_bias, -bound, bound)
 
+    @classmethod
+    def context_parallel_problem(cls, config, shard_length: int) -> str | None:
+        return short_shard("C", config.baseconv["conv_kernel"] - 1, "baseconv.conv_kernel - 1", shard_length)
+
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> BaseConvState:
         return BaseConvState(
             conv=torch.zeros(batch_size, self.conv_kernel - 1, self.inner, device=device, dtype=dtype)
@@ -73,6 +77,8 @@ class BaseConv(Mixer):
         if seq.token_mask is not None:
             u = u * seq.token_mask.unsqueeze(-1).to(u.dtype)
         past = state.conv if state is not None else None
+        if seq.shard is not None:  # the previous shard's last inputs continue this shard's convolution
+            past = seq.shard.conv_halo(u, self.conv_kernel, seq.seq_idx, tag="C conv")
         if state is not None:
             state.conv = conv_tail(u, past, self.conv_kernel, seq.seq_idx)
         u = F.silu(causal_depthwise_conv(u, self.conv_weight, self.conv_bias, past, seq.seq_idx))

@@ -89,7 +89,7 @@ class Based(Mixer):
             out, state.kv = ssd_step(q[:, 0], k[:, 0], v[:, 0], None, state.kv)
             out = out.unsqueeze(1)
         else:
-            out, final = ssd_rows(q, k, v, None, seq, None if state is None else state.kv, self.chunk_size)
+            out, final = ssd_rows(q, k, v, None, seq, None if state is None else state.kv, self.chunk_size, "B state")
             if state is not None:
                 state.kv = final
         out = out.float()

@@ -71,6 +71,10 @@ class LaCT(Mixer):
     section = "lact"
     rotary = True
 
+    @classmethod
+    def context_parallel_problem(cls, config, shard_length: int) -> str | None:
+        return "`L` (LaCT) does not run context-parallel yet: its fast weights are not passed from shard to shard"
+
     def __init__(self, config, letter: str):
         super().__init__(config, letter)
         s = self.settings

@@ -49,7 +49,7 @@ from transformers import initialization as init
 
 from lctk.kernels.ssd import ssd_step
 from lctk.models.layers import GatedRMSNorm, causal_depthwise_conv, conv_tail
-from lctk.models.mixers.base import Mixer, MixerState, require_positive
+from lctk.models.mixers.base import Mixer, MixerState, require_positive, short_shard
 from lctk.models.sequence import SequenceInfo, ssd_rows
 
 
@@ -155,6 +155,15 @@ class Mamba2(Mixer):
         init.uniform_(self.conv_weight, -bound, bound)
         init.uniform_(self.conv_bias, -bound, bound)
 
+    @classmethod
+    def context_parallel_problem(cls, config, shard_length: int) -> str | None:
+        settings = config.mamba2
+        for key in ("state_window", "state_norm_cap"):
+            values = settings[key] if isinstance(settings[key], list) else [settings[key]]
+            if any(value is not None for value in values):
+                return f"`M` with mamba2.{key} does not run context-parallel"
+        return short_shard("M", settings["conv_kernel"] - 1, "mamba2.conv_kernel - 1", shard_length)
+
     def length_setting(self, key: str):
         """This layer's value of a length-generalisation setting (resolving a per-layer list)."""
         value = self.settings[key]
@@ -194,6 +203,8 @@ class Mamba2(Mixer):
             xbc = xbc * seq.token_mask.unsqueeze(-1).to(xbc.dtype)
 
         past_conv = state.conv if state is not None else None
+        if seq.shard is not None:  # the previous shard's last inputs continue this shard's convolution
+            past_conv = seq.shard.conv_halo(xbc, self.conv_kernel, seq.seq_idx, tag="M conv")
         if state is not None:
             state.conv = conv_tail(xbc, past_conv, self.conv_kernel, seq.seq_idx)
         xbc = F.silu(causal_depthwise_conv(xbc, self.conv_weight, self.conv_bias, past_conv, seq.seq_idx))
@@ -226,7 +237,7 @@ class Mamba2(Mixer):
             y, state.ssm = ssd_step(c[:, 0], b[:, 0], v[:, 0], g[:, 0], state.ssm)
             y = y.unsqueeze(1)
         else:
-            y, final = ssd_rows(c, b, v, g, seq, None if state is None else state.ssm, self.chunk_size)
+            y, final = ssd_rows(c, b, v, g, seq, None if state is None else state.ssm, self.chunk_size, "M state")
             if state is not None:
                 state.ssm = final
         y = y + x * self.D.to(x.dtype).unsqueeze(-1)

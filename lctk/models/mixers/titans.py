@@ -220,6 +220,10 @@ class Titans(Mixer):
     rotary = True
     special_settings = ("persistent_tokens",)  # may be 0
 
+    @classmethod
+    def context_parallel_problem(cls, config, shard_length: int) -> str | None:
+        return "`T` (Titans) does not run context-parallel yet: its memory is not passed from shard to shard"
+
     def __init__(self, config, letter: str):
         super().__init__(config, letter)
         s = self.settings
