@@ -301,6 +301,10 @@ class TrainRecipe(Recipe):
         if self.model.init_from is None:
             # raises on an impossible shape; the vocabulary is a lower bound until the tokenizer is known
             _check_fits(self.hybrid_config(vocab_size=self.model.vocab_size or 256))
+            return self
+        ignored = [name for name, value in self.model if value is not None and name != "init_from"]
+        if ignored:  # the loaded model keeps its own config: a setting next to init_from would silently do nothing
+            raise ValueError(f"model.{ignored[0]}: init_from keeps the loaded model's config; remove {ignored[0]}")
         return self
 
     def hybrid_config(self, vocab_size: int, **token_ids: Any):

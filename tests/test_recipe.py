@@ -110,6 +110,7 @@ def test_tokens_budget_accepts_suffixes_and_gives_steps(tmp_path):
         ("data.sources.1.options={max_length: 65}", "data.sources.1.options.max_length: 65 tokens do not fit data.seq_len 64"),
         ("data.sources.1.options={min_length: 100}", "data.sources.1.options.min_length: 100 tokens do not fit"),
         ("data.sources.0.options={min_length: 3}", "data.sources.0.options: only a task source takes options"),
+        ("model.init_from=runs/x/final", "model.pattern: init_from keeps the loaded model's config; remove pattern"),
     ],
 )
 def test_bad_values_name_their_key_in_one_line(tmp_path, override, expected):
