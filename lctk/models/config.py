@@ -105,6 +105,20 @@ class HybridConfig(PretrainedConfig):
                 )
             require_positive("rope_parameters.factor", rope.get("factor"), integer=False)
 
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """config.json with `auto_map`, next to the code files it names (lctk.models.remote_code): the folder loads
+        without `import lctk` through trust_remote_code."""
+        from lctk.models.remote_code import AUTO_MAP, write_code_files
+
+        self.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, **kwargs)
+        write_code_files(save_directory)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
+        """Nothing to register: save_pretrained writes lctk's own auto_map. transformers calls this after loading
+        through trust_remote_code; its default would make later saves copy lctk's source files into the folder."""
+
     def num_parameters(self) -> int:
         """Parameters of the model this config describes, counted on the meta device (nothing is allocated)."""
         import torch

@@ -54,6 +54,10 @@ class HybridPreTrainedModel(PreTrainedModel):
         if isinstance(module, Mixer) and hasattr(module, "init_special_parameters"):
             module.init_special_parameters()
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel") -> None:
+        """Nothing to register: the config writes lctk's auto_map and code files (see HybridConfig's)."""
+
     def state_size(self, seq_len: int) -> list[int]:
         """Per-layer inference state in elements per sequence after seq_len tokens: attention grows with seq_len,
         recurrent mixers do not."""
