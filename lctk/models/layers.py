@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 
@@ -23,7 +24,11 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(x * silu(z)) per group of channels (Mamba-2's norm before out_proj, norm_before_gate=False)."""
+    """RMSNorm(x * silu(z)) per group of channels (Mamba-2's norm before out_proj, norm_before_gate=False).
+
+    In training it is recomputed in backward: autograd would keep five [T, dim] tensors, four of them fp32 copies
+    (28 KB per token at dim 1536, half of a Mamba-2 layer's saved activations); recomputed, it keeps x (z is a view
+    of in_proj's output, which is kept anyway)."""
 
     def __init__(self, dim: int, n_groups: int = 1, eps: float = 1e-5):
         super().__init__()
@@ -32,6 +37,11 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or z.requires_grad):
+            return checkpoint(self._norm, x, z, use_reentrant=False, preserve_rng_state=False)
+        return self._norm(x, z)
+
+    def _norm(self, x: Tensor, z: Tensor) -> Tensor:
         dtype = x.dtype
         x = (x.float() * F.silu(z.float())).unflatten(-1, (self.n_groups, -1))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CHUNK_LOGITS = 2**22  # logits per chunk: 128 rows of a 32K vocabulary, 16 MiB per fp32 copy
+CHUNK_LOGITS = 2**23  # logits per chunk: 256 rows of a 32K vocabulary, 32 MiB per fp32 copy
 
 ChunkLoss = Callable[[Tensor, slice], Tensor]  # (logits [rows, vocab], the rows' slice of [B*T]) -> summed loss
 
@@ -87,9 +87,12 @@ def token_ce(logits: Tensor, targets: Tensor) -> Tensor:
                            reduction="none").view_as(targets)
 
 
-def cross_entropy_sum(hidden: Tensor, head: LMHead, labels: Tensor, chunk: int | None = None) -> Tensor:
-    """Summed next-token cross-entropy from final hidden states [B, T, D] and unshifted labels [B, T] (-100: none)."""
-    targets = shifted_targets(labels).flatten()
+def cross_entropy_sum(hidden: Tensor, head: LMHead, labels: Tensor, chunk: int | None = None,
+                      shifted: bool = False) -> Tensor:
+    """Summed next-token cross-entropy from final hidden states [B, T, D] and unshifted labels [B, T] (-100: none).
+    shifted: labels are already each position's target (a shard of rows split across processes, shifted on the full
+    rows: its last position predicts the next shard's first token)."""
+    targets = (labels if shifted else shifted_targets(labels)).flatten()
     liger = _liger_cross_entropy() if hidden.is_cuda and head.scale == 1.0 else None
     if liger is not None:
         kwargs = {"softcap": head.softcap} if head.softcap else {}
@@ -109,14 +112,19 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, finish, loss, chunk, grad_enabled):
         wants = [grad_enabled and needed for needed in ctx.needs_input_grad[:3]]
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         grad_hidden = torch.empty_like(hidden) if wants[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and wants[2] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # the head in the matmul dtype once (autocast would cast it again for every chunk)
+        if torch.is_autocast_enabled(hidden.device.type):
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h = hidden[rows]
-            raw = F.linear(h, weight, bias)
+            raw = F.linear(h.to(weight.dtype), weight, bias)
             if not any(wants):
                 total += loss(finish(raw), rows)
                 continue
@@ -127,13 +135,12 @@ class _HeadLoss(torch.autograd.Function):
             total += value.detach()
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_raw @ weight
-            if grad_weight is not None:
-                grad_weight += grad_raw.t() @ h
+            if grad_weight is not None:  # in place, in fp32: no [vocab, D] temporary per chunk
+                grad_weight.addmm_(grad_raw.t().float(), h.float())
             if grad_bias is not None:
                 grad_bias += grad_raw.sum(0)
         # kept on ctx, not save_for_backward: they are results, not inputs, and backward frees them
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod

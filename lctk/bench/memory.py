@@ -1,0 +1,300 @@
+"""Peak memory of one training step (forward, backward, AdamW) against the sequence length T.
+
+    python -m lctk.bench memory                  # the table (CPU: peak RSS; CUDA: peak allocated)
+    python -m lctk.bench.memory --json PATH      # the same, figures also written as JSON (`make gpu-check`)
+
+The model is the hybrid-150m recipe's shape at reduced depth: one block of its pattern (MMMA, 4 layers), width 768,
+vocabulary 32,768, batch 1, bf16 autocast, against a transformers LlamaForCausalLM of the same width, depth, heads,
+MLP and vocabulary (SDPA attention). Variants:
+
+    hybrid full loss      the loss as it was: every logit, then cross-entropy in fp32 ([T, vocab] tensors)
+    hybrid chunked        lctk.train.losses: cross-entropy from the final hidden states, chunk by chunk
+    hybrid chunked+ckpt   the same with activation checkpointing of every block
+    llama full loss       Llama as transformers trains it (logits, then cross-entropy)
+    llama chunked+ckpt    Llama with lctk's chunked loss and activation checkpointing: the best Llama gets here
+
+Each (variant, T) runs in a fresh process, one thread; on a CPU its figure is the process's peak RSS
+(getrusage ru_maxrss) minus the RSS it had before building the model, so weights, gradients and AdamW state are
+included. A straight line through the measured points gives bytes per token (per layer: divided by the depth) and
+the longest T whose predicted peak fits in the machine's memory. Every variant runs at one T before any runs at the
+next; a point is not run but extrapolated from that line (the table marks it) when its predicted peak passes
+MAX_RUN_BYTES (the box is shared), or its predicted run time passes MAX_RUN_SECONDS or what is left of
+BUDGET_SECONDS (one CPU thread: the LM head and attention's T^2 make long rows slow).
+
+`loss alone` runs the chunked loss by itself on random final hidden states at each T (its peak minus its inputs,
+gradients of the hidden states and of the LM head included): the share of the step's peak that the loss takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "hybrid-150m.yaml"
+PATTERN = "MMMA"
+VOCAB = 32768
+LENGTHS = (2048, 8192, 16384, 32768, 65536)
+VARIANTS = {  # name: (model, loss, activation checkpointing)
+    "hybrid full loss": ("hybrid", "full", False),
+    "hybrid chunked": ("hybrid", "chunked", False),
+    "hybrid chunked+ckpt": ("hybrid", "chunked", True),
+    "llama full loss": ("llama", "full", False),
+    "llama chunked+ckpt": ("llama", "chunked", True),
+}
+LOSS_LENGTHS = (2048, 32768)
+MAX_RUN_BYTES = 14 * 2**30  # the CPU box is shared: beyond this a point is extrapolated, not run
+MAX_RUN_SECONDS = 150.0  # one measurement, process start included
+BUDGET_SECONDS = 780.0  # all measurements
+STARTUP_SECONDS = 12.0  # a fresh process importing torch, transformers and lctk on the shared box
+DRY_RUN = {"lengths": (64, 128, 256), "hidden_size": 64, "vocab": 512}
+
+
+def build(kind: str, dry_run: bool = False):
+    """The hybrid (hybrid-150m's settings, read with PyYAML alone: the GPU image has no pydantic) or its Llama twin."""
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lctk.models import HybridConfig, HybridForCausalLM
+
+    settings = dict(yaml.safe_load(RECIPE.read_text())["model"], pattern=PATTERN)
+    settings["attention"] = {**settings.get("attention", {}), "backend": "sdpa"}  # as the Llama twin
+    vocab = VOCAB
+    if dry_run:
+        vocab = DRY_RUN["vocab"]
+        settings.update(hidden_size=DRY_RUN["hidden_size"], num_attention_heads=4, num_key_value_heads=2)
+        settings["mamba2"] = {**settings["mamba2"], "state_size": 16, "head_dim": 16, "chunk_size": 16}
+    hybrid = HybridConfig(vocab_size=vocab, **settings)
+    if kind == "hybrid":
+        return HybridForCausalLM(hybrid)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=hybrid.hidden_size, intermediate_size=hybrid.intermediate_size,
+        num_hidden_layers=len(PATTERN), num_attention_heads=hybrid.num_attention_heads,
+        num_key_value_heads=hybrid.num_key_value_heads, head_dim=hybrid.head_dim,
+        tie_word_embeddings=hybrid.tie_word_embeddings, attn_implementation="sdpa",
+    ))
+
+
+def peak_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+
+
+def start_bytes(device) -> int:
+    """What a measurement starts from (on CUDA the peak is reset to what is allocated now)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak_bytes(device)
+
+
+def measure_step(variant: str, length: int, device_name: str, dry_run: bool) -> dict:
+    """One training step of `variant` at T = length in this process: {"peak": bytes over the start, "seconds"}."""
+    import torch
+    import torch.nn.functional as F
+
+    from lctk.train.trainer import causal_lm_loss
+
+    torch.set_num_threads(1)
+    device = torch.device(device_name)
+    kind, loss_kind, checkpointing = VARIANTS[variant]
+    start = start_bytes(device)
+    torch.manual_seed(0)
+    model = build(kind, dry_run).to(device).train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+    batch = {"input_ids": ids, "position_ids": torch.arange(length, device=device)[None], "labels": ids}
+    started = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        if loss_kind == "chunked":
+            loss = causal_lm_loss(model, batch)
+        else:  # the old causal_lm_loss
+            logits = model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"peak": peak_bytes(device) - start, "seconds": time.perf_counter() - started}
+
+
+def measure_loss(length: int, device_name: str, dry_run: bool) -> dict:
+    """The chunked loss alone at T = length: its peak over its inputs (final hidden states, head, labels)."""
+    import torch
+
+    from lctk.train.losses import LMHead, cross_entropy_sum
+
+    torch.set_num_threads(1)
+    device = torch.device(device_name)
+    width, vocab = (DRY_RUN["hidden_size"], DRY_RUN["vocab"]) if dry_run else (build_width(), VOCAB)
+    hidden = torch.randn(1, length, width, device=device, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(vocab, width, device=device) * 0.02)
+    labels = torch.randint(0, vocab, (1, length), device=device)
+    start = start_bytes(device)
+    started = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        cross_entropy_sum(hidden, LMHead(weight), labels).backward()
+    return {"peak": peak_bytes(device) - start, "seconds": time.perf_counter() - started}
+
+
+def measure(name: str, length: str, device_name: str, dry_run: bool) -> dict:
+    if name == "loss":
+        return measure_loss(int(length), device_name, dry_run)
+    return measure_step(name, int(length), device_name, dry_run)
+
+
+def build_width() -> int:
+    import yaml
+
+    return int(yaml.safe_load(RECIPE.read_text())["model"]["hidden_size"])
+
+
+def machine_bytes(device_name: str) -> int:
+    import torch
+
+    if device_name == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fit(points: dict[int, float]) -> tuple[float, float]:
+    """Least-squares line (slope, intercept) through {T: value}."""
+    xs, ys = list(points), list(points.values())
+    if len(xs) == 1:
+        return ys[0] / xs[0], 0.0
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return slope, mean_y - slope * mean_x
+
+
+def predicted_seconds(times: dict[int, float], length: int) -> float:
+    """A power law through the last two measured run times (exponent between 1 and 2: attention is T^2)."""
+    (t1, s1), (t2, s2) = sorted(times.items())[-2:] if len(times) > 1 else ((1, 0.0), *times.items())
+    exponent = min(2.0, max(1.0, math.log(s2 / s1) / math.log(t2 / t1))) if s1 > 0 else 1.0
+    return s2 * (length / t2) ** exponent
+
+
+def child(args: list[str], device_name: str, dry_run: bool, timeout: float) -> dict | None:
+    """One measurement (variant or "loss", T); None if it failed or ran out of time. On a CPU in a fresh process
+    (nice'd, one thread): RSS is a per-process high-water mark. On CUDA (peak statistics reset per measurement) and
+    in dry runs (figures that only show the code runs), in this process."""
+    if device_name == "cuda" or dry_run:
+        import torch
+
+        try:
+            return measure(*args, device_name, dry_run)
+        except torch.cuda.OutOfMemoryError:
+            print(f"  ({' '.join(args)}: out of memory)", flush=True)
+            return None
+    command = [sys.executable, "-m", "lctk.bench.memory", "--device", device_name, "--child", *args]
+    command += ["--dry-run"] if dry_run else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(["nice", "-n", "10", *command], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        print(f"  ({' '.join(args)}: over {timeout:.0f}s, extrapolated)", flush=True)
+        return None
+    if done.returncode != 0:
+        print(f"  ({' '.join(args)}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]})", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def sweep(device_name: str, dry_run: bool) -> dict:
+    """Every variant at every T, shortest T first across variants, while the time budget lasts; the loss alone first."""
+    lengths = DRY_RUN["lengths"] if dry_run else LENGTHS
+    budget = machine_bytes(device_name)
+    gib, deadline = 2**30, time.monotonic() + BUDGET_SECONDS
+    loss = {}
+    for length in (lengths[0], lengths[-2]) if dry_run else LOSS_LENGTHS:
+        figures = child(["loss", str(length)], device_name, dry_run, timeout=2 * MAX_RUN_SECONDS)
+        if figures is not None:
+            loss[length] = figures["peak"]
+    measured: dict[str, dict[int, float]] = {name: {} for name in VARIANTS}
+    times: dict[str, dict[int, float]] = {name: {} for name in VARIANTS}
+    for length in lengths:
+        for name in VARIANTS:
+            if len(measured[name]) < lengths.index(length):
+                continue  # a shorter T was skipped or failed: so is every longer one
+            if len(measured[name]) >= 2:
+                slope, intercept = fit(measured[name])
+                if slope * length + intercept > (MAX_RUN_BYTES if device_name == "cpu" else 0.9 * budget):
+                    continue
+            expected = predicted_seconds(times[name], length) + STARTUP_SECONDS if times[name] else 0.0
+            left = deadline - time.monotonic()
+            if expected > min(left, MAX_RUN_SECONDS):
+                continue
+            figures = child([name, str(length)], device_name, dry_run, timeout=max(120.0, min(left, 2 * expected)))
+            if figures is not None:
+                measured[name][length], times[name][length] = figures["peak"], figures["seconds"] + STARTUP_SECONDS
+    results: dict = {"device": device_name, "lengths": list(lengths), "machine_bytes": budget, "variants": {}}
+    print(f"peak memory of one training step, batch 1, bf16 autocast, {len(PATTERN)} layers ({PATTERN} / Llama), "
+          f"machine memory {budget / gib:.1f} GiB; GiB per T (* = extrapolated from the line through the others)")
+    print(f"{'variant':<20} | " + " | ".join(f"{t:>7}" for t in lengths) + " | B/token/layer | longest T that fits")
+    for name in VARIANTS:
+        slope, intercept = fit(measured[name])
+        row = {t: {"bytes": measured[name].get(t, slope * t + intercept), "measured": t in measured[name]}
+               for t in lengths}
+        # (in-process dry runs on a CPU may see no growth of the high-water mark at all)
+        longest, per_layer = (int((budget - intercept) / slope) if slope > 0 else None), slope / len(PATTERN)
+        results["variants"][name] = {"points": row, "bytes_per_token": slope, "bytes_per_token_per_layer": per_layer,
+                                     "intercept_bytes": intercept, "longest_T": longest,
+                                     "seconds": times[name]}
+        cells = [f"{row[t]['bytes'] / gib:>6.2f}{' ' if row[t]['measured'] else '*'}" for t in lengths]
+        print(f"{name:<20} | " + " | ".join(cells) + f" | {per_layer:>13,.0f} | " + (f"{longest:,}" if longest else "n/a"))
+    step = results["variants"]["hybrid chunked+ckpt"]["points"]
+    results["loss_alone"] = {t: {"bytes": b, "share_of_step": b / max(step[t]["bytes"], 1)} for t, b in loss.items()}
+    print("the chunked loss alone (its gradients included) against the step of hybrid chunked+ckpt: " + ", ".join(
+        f"T={t}: {b / gib:.2f} GiB = {v['share_of_step']:.1%}" for t, b, v in
+        ((t, b, results["loss_alone"][t]) for t, b in loss.items())))
+    if all(v["longest_T"] for v in results["variants"].values()):
+        ratios(results)
+    return results
+
+
+def ratios(results: dict) -> None:
+    longest = {name: v["longest_T"] for name, v in results["variants"].items()}
+    best = longest["hybrid chunked+ckpt"]
+    print(f"longest trainable T, hybrid chunked+ckpt: {best:,} = {best / longest['hybrid full loss']:.1f}x the full "
+          f"loss's, {best / longest['llama full loss']:.1f}x Llama's (full loss), "
+          f"{best / longest['llama chunked+ckpt']:.2f}x Llama's with chunked loss + checkpointing", flush=True)
+
+
+def run() -> None:
+    import torch
+
+    sweep("cuda" if torch.cuda.is_available() else "cpu", dry_run=False)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lctk.bench.memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--dry-run", action="store_true", help="toy sizes, seconds")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "T"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.child:
+        print(json.dumps(measure(*args.child, device, args.dry_run)))
+        return
+    results = sweep(device, args.dry_run)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
