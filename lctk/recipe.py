@@ -105,7 +105,7 @@ def _count(value: Any) -> Any:
 class TrainSection(Section):
     steps: int | None = Field(None, gt=0)
     tokens: int | None = Field(None, gt=0, description="alternative to steps: total training tokens")
-    batch_size: int = Field(8, gt=0, description="rows per process per micro-step")
+    batch_size: int = Field(8, gt=0, description="rows per process (per context-parallel group) per micro-step")
     grad_accum: int = Field(1, gt=0)
     lr: Float = Field(3e-4, gt=0)
     min_lr_ratio: Float = Field(0.1, ge=0, le=1)
@@ -120,6 +120,7 @@ class TrainSection(Section):
     activation_checkpointing: bool = False
     compile: bool = False
     max_bad_steps: int = Field(10, gt=0, description="non-finite losses in a row that stop the run")
+    context_parallel: int = Field(1, gt=0, description="processes that split each row (world = data parallel x this)")
 
     _tokens_count = field_validator("tokens", mode="before")(_count)
 

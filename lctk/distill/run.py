@@ -68,6 +68,9 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
         teacher_hf, tokenizer = load_teacher(spec.teacher)
         data = prepare_data(recipe.data, tokenizer, recipe.run.seed)
     check_schedule(spec.stages, convert.hybrid_config_from(teacher_hf.config).pattern)
+    if recipe.train.context_parallel > 1:
+        raise UserError("train.context_parallel: distillation runs the teacher on whole rows; split rows are for "
+                        "train and extend (set it to 1)")
     teacher = convert.student_from_teacher(teacher_hf).requires_grad_(False).to(accelerator.device)
     student = convert.student_from_teacher(teacher_hf)
     convert.student_config(student.config, convert.attention_layers(student)[:1], spec.student.mixer,

@@ -205,7 +205,7 @@ def calibration_ids(tokenizer, text: str, rows: int, length: int) -> torch.Tenso
 def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, number: int, original: int, log):
     """Continued training of one stage through the shared Trainer; returns the stage's model (resumable)."""
     from lctk.data.packing import StepBatches
-    from lctk.parallel import make_accelerator
+    from lctk.parallel import check_context_parallel, context_group, make_accelerator
     from lctk.train.run import save_hf_folder
     from lctk.train.trainer import Trainer, summary_line
 
@@ -223,13 +223,15 @@ def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, num
     long_share = stage.long_share if stage.long_share is not None else recipe.extend.long_share
     rows = stage_rows(recipe, tokenizer, seq_len, original, long_share)
     accelerator = make_accelerator(settings)
+    context = context_group(accelerator, settings.context_parallel)
+    check_context_parallel(context.size, seq_len, model.config)
     log(f"stage {number}: {steps} steps at {seq_len} tokens, lr {settings.lr:g}, long share {long_share:g}")
     trainer = Trainer(
         model,
-        StepBatches(rows, settings.batch_size, settings.grad_accum, accelerator.process_index, accelerator.num_processes),
+        StepBatches(rows, settings.batch_size, settings.grad_accum, context.dp_rank, context.dp_size),
         train=settings, checkpoint=recipe.checkpoint, logging=recipe.logging, run_dir=stage_dir,
         accelerator=accelerator, total_steps=steps, run_config=recipe.model_dump(mode="json"),
-        run_name=f"{recipe.run.name}-stage{number}",
+        run_name=f"{recipe.run.name}-stage{number}", context=context,
     )
     result = trainer.fit("auto")
     model = trainer.trained_model()

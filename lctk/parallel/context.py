@@ -64,6 +64,8 @@ def check_context_parallel(size: int, seq_len: int, config) -> None:
         return
     from lctk.models.mixers import MIXERS
 
+    if not hasattr(config, "pattern"):
+        raise UserError(f"train.context_parallel: splits rows of lctk hybrid models only, not {config.model_type}")
     if seq_len % size:
         raise UserError(f"train.context_parallel: {size} does not divide data.seq_len {seq_len}")
     for letter in dict.fromkeys(config.pattern):

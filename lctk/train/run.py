@@ -43,11 +43,12 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
 
     from lctk.data.packing import StepBatches
     from lctk.data.pipeline import load_tokenizer, prepare_data
-    from lctk.parallel import make_accelerator
+    from lctk.parallel import check_context_parallel, context_group, make_accelerator
     from lctk.train.checkpoint import usable_checkpoint
     from lctk.train.trainer import Trainer, summary_line
 
     accelerator = make_accelerator(recipe.train)
+    context = context_group(accelerator, recipe.train.context_parallel)
     main = accelerator.is_main_process
     say = print if main else (lambda *_, **__: None)
     run_dir = recipe.run.dir
@@ -62,6 +63,7 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
         tokenizer = load_tokenizer(recipe.tokenizer, recipe.data)
         data = prepare_data(recipe.data, tokenizer, recipe.run.seed)
     model = _build_model(recipe, tokenizer)
+    check_context_parallel(context.size, recipe.data.seq_len, model.config)
     if main:
         held.enter_context(rundir.claim(run_dir, "train", recipe.run.name, rundir.key_of(recipe.run)))
         _check_run_dir(run_dir, recipe, resume, overwrite)  # again: another run may have used it meanwhile
@@ -69,8 +71,8 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         tokenizer.save_pretrained(run_dir / "tokenizer")
     world = accelerator.num_processes
-    total_steps = recipe.train.total_steps(recipe.data.seq_len, world)
-    tokens_per_step = recipe.train.batch_size * recipe.train.grad_accum * world * recipe.data.seq_len
+    total_steps = recipe.train.total_steps(recipe.data.seq_len, context.dp_size)
+    tokens_per_step = recipe.train.batch_size * recipe.train.grad_accum * context.dp_size * recipe.data.seq_len
     say(f"model: {recipe.model.pattern or model.config.pattern} pattern, {_count_parameters(model) / 1e6:.2f}M parameters, "
         f"vocab {model.config.vocab_size}, seq_len {recipe.data.seq_len}")
     for line in data.summary:
@@ -85,7 +87,7 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
 
     trainer = Trainer(
         model,
-        StepBatches(data.rows, recipe.train.batch_size, recipe.train.grad_accum, accelerator.process_index, world),
+        StepBatches(data.rows, recipe.train.batch_size, recipe.train.grad_accum, context.dp_rank, context.dp_size),
         train=recipe.train,
         checkpoint=recipe.checkpoint,
         logging=recipe.logging,
@@ -94,6 +96,7 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
         total_steps=total_steps,
         run_config=recipe.model_dump(mode="json"),
         run_name=recipe.run.name,
+        context=context,
     )
     result = trainer.fit(resume)
     final = trainer.trained_model()

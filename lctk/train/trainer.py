@@ -9,7 +9,10 @@ changes with the step.
 Loss normalisation: every step's gradient is that of the mean loss over all targets of the global batch (all
 micro-batches of all processes), counted before the backward passes by `count_fn` (labels != -100 after the shift).
 Each process backpropagates loss_sum * world_size / global_count, DDP averages over processes, so one process with
-batch 2B and two with batch B compute the same gradient. A step whose global loss or gradient norm is not finite is
+batch 2B and two with batch B compute the same gradient. With context parallelism (train.context_parallel = N, see
+lctk.parallel.context) the N processes of a group read the same rows and each keeps its shard of them: every target
+is counted once, on the process holding its position, and DDP's average over the world sums the shards' gradients
+into each row's. A step whose global loss or gradient norm is not finite is
 skipped (no update) and counted; max_bad_steps of them in a row (or a run whose every step was skipped) stop the run
 with a UserError. The weights then are those the first bad step saw, which an update with a finite loss broke, so they
 are not saved: checkpoints holding them are renamed `diverged-step-N` and the message names the last checkpoint whose
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lctk.errors import UserError
-from lctk.parallel import describe_parallelism, unsharded_model
+from lctk.parallel import ContextGroup, context_group, describe_parallelism, shard_batch, unsharded_model
 from lctk.train.checkpoint import (
     latest_valid,
     list_checkpoints,
@@ -54,13 +57,20 @@ LossFn = Callable[[nn.Module, Batch], Tensor]
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> Tensor:
     """Summed next-token cross-entropy over the targets (labels != -100; labels are not shifted), from the final
-    hidden states chunk by chunk (lctk.train.losses): no [T, vocab] logits."""
-    hidden, _ = final_hidden(model, {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]})
+    hidden states chunk by chunk (lctk.train.losses): no [T, vocab] logits. A shard of split rows
+    (lctk.parallel.shard_batch) brings `targets`, already shifted, and its `context_shard`."""
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if "context_shard" in batch:
+        inputs["context_shard"] = batch["context_shard"]
+    hidden, _ = final_hidden(model, inputs)
+    if "targets" in batch:
+        return cross_entropy_sum(hidden, LMHead.of(model), batch["targets"], shifted=True)
     return cross_entropy_sum(hidden, LMHead.of(model), batch["labels"])
 
 
 def count_targets(batch: Batch) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    targets = batch["targets"] if "targets" in batch else batch["labels"][:, 1:]
+    return int((targets != -100).sum())
 
 
 @dataclass
@@ -101,8 +111,12 @@ class Trainer:
         count_fn: Callable[[Batch], int] = count_targets,
         run_config: dict | None = None,
         run_name: str = "run",
+        context: ContextGroup | None = None,
     ):
         self.accelerator = accelerator
+        # the processes that split each row (train.context_parallel); `batches` must then read the rows of this
+        # process's data-parallel rank (ContextGroup.dp_rank of dp_size)
+        self.context = context or context_group(accelerator, train.context_parallel)
         self.train, self.checkpoint, self.logging = train, checkpoint, logging
         self.run_dir, self.checkpoint_dir = Path(run_dir), Path(run_dir) / "checkpoints"
         self.batches, self.loss_fn, self.count_fn = batches, loss_fn, count_fn
@@ -182,6 +196,8 @@ class Trainer:
         """One optimizer step; returns (global mean loss or None if not finite, grad norm, global tokens)."""
         accelerator = self.accelerator
         micro_batches = [{k: v.to(accelerator.device) for k, v in b.items()} for b in self.batches(step)]
+        if self.context.size > 1:
+            micro_batches = [shard_batch(b, self.context) for b in micro_batches]
         local = torch.tensor([sum(self.count_fn(b) for b in micro_batches), sum(b["input_ids"].numel() for b in micro_batches)],
                              dtype=torch.float64, device=accelerator.device)
         targets, tokens = accelerator.reduce(local, reduction="sum").tolist()
