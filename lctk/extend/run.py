@@ -62,6 +62,9 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
     from lctk.models.loading import load_tokenizer, open_model
 
     ext, run_dir = recipe.extend, recipe.run.dir
+    # under a launcher every process trains the stages together; the rest (files, evals, calibration) is the main one's
+    main = os.environ.get("RANK", "0") == "0"
+    log = log if main else (lambda _: None)
     _check_run_dir(run_dir, recipe, overwrite)
     torch.manual_seed(recipe.run.seed)
     files = open_model(ext.model, "extend.model")
@@ -82,7 +85,7 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
                  if methods & NEEDS_IN_LENGTH_TEXT else None)
     long = (calibration_ids(tokenizer, ext.calibration.text, ext.calibration.rows, target)
             if methods & NEEDS_LONG_TEXT else None)
-    if os.environ.get("RANK", "0") == "0":  # the main process under a launcher (stages train on accelerate)
+    if main:
         held.enter_context(rundir.claim(run_dir, "extend", recipe.run.name, rundir.key_of(recipe.run)))
         _check_run_dir(run_dir, recipe, overwrite)  # again: another run may have used it meanwhile
         if overwrite:
@@ -91,7 +94,7 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
     log(f"extend: {ext.model} ({type(model).__name__}, trained at {original} tokens, reaches {reach}) -> {target} tokens")
 
     results: dict[str, Any] = {"model": ext.model, "original_length": original, "target_length": target}
-    if recipe.eval.suites and recipe.eval.before:
+    if recipe.eval.suites and recipe.eval.before and main:
         results["before"] = evaluate(recipe, model, tokenizer, lengths, run_dir / "eval" / "before", "before")
 
     rope_start = _rope_state(config)
@@ -113,6 +116,8 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
     if ext.stages and ext.rope is not None:
         _set_rope_state(config, final_rope)
         rebuild_rotary(model)
+    if not main:
+        return {}
 
     applied = []
     for index, step in enumerate(ext.recurrent):
