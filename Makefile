@@ -5,12 +5,12 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: setup setup-smollm2 test lint demo bench bench-gpu test-gpu gpu-wheels gpu-check clean
 
-$(VENV_STAMP): pyproject.toml setup.py
+$(VENV_STAMP): pyproject.toml setup.py Makefile
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
 	# torch first, pinned, so that the local CPU wheel is used instead of a multi-GB CUDA build
 	.venv/bin/pip install -q torch==2.13.0
-	.venv/bin/pip install -q -e '.[dev]'
+	.venv/bin/pip install -q -e '.[dev,lm-eval]'
 	touch $(VENV_STAMP)
 
 setup: $(VENV_STAMP)

@@ -14,7 +14,8 @@ def eval_command(
     model: str = typer.Option(..., "--model", help="model folder(s) or .gguf file(s), comma separated"),
     suite: str = typer.Option(
         "passkey", "--suite", help="passkey, niah, state-collapse, recall-throughput, perplexity (comma separated); "
-        "a niah task name (niah_single_1 ... niah_multiquery, niah_grid) runs that task only"
+        "a niah task name (niah_single_1 ... niah_multiquery, niah_grid) runs that task only; \"\" with --lm-eval: "
+        "lm-eval tasks alone"
     ),
     lengths: str = typer.Option("1k,2k,4k", "--lengths", help="context lengths in tokens, e.g. 1k,4k,16k (k = 1024)"),
     limit: int = typer.Option(10, "--limit", help="samples per length (per length and depth for grids)"),
@@ -30,11 +31,18 @@ def eval_command(
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="tokenizer folder (default: the model's)"),
     allow_longer: bool = typer.Option(False, "--allow-longer", help="allow lengths above the model's position limit"),
     exact: bool = typer.Option(False, "--exact", help="check every prompt against a whole-text tokenisation"),
-    lm_eval: str | None = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks (needs the lm-eval extra)"),
+    lm_eval: str | None = typer.Option(
+        None, "--lm-eval", help="lm-evaluation-harness tasks or task YAML files, comma separated (the lm-eval extra)"
+    ),
+    lm_eval_limit: int | None = typer.Option(
+        None, "--lm-eval-limit", help="documents per lm-eval task (default: all); --limit is the suites'"
+    ),
+    lm_eval_include: Path | None = typer.Option(
+        None, "--lm-eval-include", help="a folder of lm-eval task YAML files (lm-eval's --include_path)"
+    ),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
 ) -> None:
     """Run evaluation suites on any Hugging Face causal LM and write results.json, samples.jsonl, plots, report.md."""
-    from lctk.evals.lm_eval_bridge import require_lm_eval
     from lctk.evals.models import load_weights, open_model_and_tokenizer, resolve_device, resolve_dtype
     from lctk.evals.runner import check_model_fits, compare, eval_plan, run_suites
     from lctk.models.loading import trusting_remote_code
@@ -49,10 +57,10 @@ def eval_command(
     names = _unique_names(paths)
     outputs = [output if len(paths) == 1 else output / name for name in names]
     settings = dict(suites=suite, lengths=lengths, limit=limit, seed=seed, depths=depth_list, batch_size=batch_size,
-                    max_new_tokens=max_new_tokens, exact=exact)
+                    max_new_tokens=max_new_tokens, exact=exact, lm_eval=lm_eval, lm_eval_include=lm_eval_include)
+    if lm_eval_limit is not None and lm_eval_limit < 1:
+        raise UserError(f"--lm-eval-limit: must be at least 1, got {lm_eval_limit}")
     resolve_dtype(dtype, resolve_device(device))
-    if lm_eval:
-        require_lm_eval()
     with trusting_remote_code(trust_remote_code):
         # every input is checked before the first model is evaluated: flags, output folders, each model's files,
         # config and tokenizer, and whether the prompts fit its lengths
@@ -71,7 +79,7 @@ def eval_command(
                 output_dir=out,
                 allow_longer=allow_longer,
                 model_name=name,
-                lm_eval=lm_eval,
+                lm_eval_limit=lm_eval_limit,
                 config={"model_path": files.path, "dtype_flag": dtype, "device_flag": device},
                 **settings,
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lctk.evals.lm_eval_bridge import MEANING as LM_EVAL_MEANING
 from lctk.evals.plots import format_length
 
 MEANING = {
@@ -12,7 +13,7 @@ MEANING = {
     "state-collapse": "late / early loss ratio (about 1.0: no collapse)",
     "recall-throughput": "text key-value recall (%); MQAR accuracy in its section",
     "perplexity": "perplexity (all tokens)",
-    "lm-eval": "mean of the tasks' first metric",
+    "lm-eval": LM_EVAL_MEANING,
 }
 
 
@@ -21,7 +22,7 @@ def model_report(results: dict, path: Path) -> None:
     config = results["config"]
     lines += [
         f"- model: `{config['model_path']}`",
-        f"- lengths: {', '.join(format_length(n) for n in config['lengths'])}; limit {config['limit']}; "
+        f"- lengths: {', '.join(format_length(n) for n in config['lengths']) or '-'}; limit {config['limit']}; "
         f"seed {results['seed']}; device {config['device']}, {config['dtype']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
         f"- time: {results['timings']['total_s']:.1f} s",
@@ -42,8 +43,10 @@ def model_report(results: dict, path: Path) -> None:
             if mqar:
                 lines.append("| MQAR | " + " | ".join(_number(mqar.get(k)) for k in by_length) + " |")
         for task, task_entry in (entry.get("by_task") or {}).items():
-            lines.append(f"- {task}: {_number(task_entry['score'])}  "
-                         + ", ".join(f"{format_length(int(k))}: {_number(v)}" for k, v in task_entry["by_length"].items()))
+            # niah's tasks are scored by length; lm-eval's by their main metric
+            detail = (", ".join(f"{format_length(int(k))}: {_number(v)}" for k, v in task_entry["by_length"].items())
+                      if "by_length" in task_entry else f"({task_entry.get('metric') or 'no metric'})")
+            lines.append(f"- {task}: {_number(task_entry['score'])}  {detail}")
         for name in results.get("files", {}).get(suite, []):
             lines += ["", f"![{name}]({name})"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lctk.errors import UserError
-from lctk.evals.lm_eval_bridge import require_lm_eval, run_lm_eval
+from lctk.evals.lm_eval_bridge import plan_lm_eval, run_lm_eval
 from lctk.evals.models import length_limit, model_device, training_length, weights_fingerprint
 from lctk.evals.plots import format_length
 from lctk.evals.report import comparison_report, model_report
@@ -50,8 +50,9 @@ def parse_lengths(spec: str | Iterable[int | str]) -> list[int]:
     return sorted(set(lengths))
 
 
-def parse_suites(spec: str | Iterable[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Suite names (and niah task names, which select tasks of niah) -> (suites in order, sub-tasks per suite)."""
+def parse_suites(spec: str | Iterable[str], allow_none: bool = False) -> tuple[list[str], dict[str, list[str]]]:
+    """Suite names (and niah task names, which select tasks of niah) -> (suites in order, sub-tasks per suite).
+    allow_none: no suite is fine (lm-eval tasks alone)."""
     names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
     suites, tasks = [], {}
     for name in names:
@@ -63,8 +64,8 @@ def parse_suites(spec: str | Iterable[str]) -> tuple[list[str], dict[str, list[s
             suites.append(suite)
         if name != suite:
             tasks.setdefault(suite, []).append(name)
-    if not suites:
-        raise UserError("--suite: give at least one suite, e.g. passkey,niah")
+    if not suites and not allow_none:
+        raise UserError("--suite: give at least one suite, e.g. passkey,niah (or none with --lm-eval TASKS)")
     return suites, tasks
 
 
@@ -89,9 +90,14 @@ def eval_plan(
     batch_size: int = 1,
     max_new_tokens: int | None = None,
     exact: bool = False,
+    lm_eval: str | None = None,
+    lm_eval_include: str | Path | None = None,
 ) -> tuple[list[str], EvalContext]:
-    """Check every setting that needs no model: (suite names, a context without model and tokenizer)."""
-    suite_names, tasks = parse_suites(suites)
+    """Check every setting that needs no model: (suite names, a context without model and tokenizer). Without
+    suites (lm-eval tasks alone) there are no lengths: nothing else reads them."""
+    suite_names, tasks = parse_suites(suites, allow_none=bool(lm_eval))
+    if lm_eval:
+        plan_lm_eval(lm_eval, lm_eval_include)
     depths = [float(d) for d in depths]
     if any(not 0.0 <= d <= 1.0 for d in depths) or not depths:
         raise UserError(f"--depths: every depth must be within 0..1, got {depths}")
@@ -101,7 +107,7 @@ def eval_plan(
         raise UserError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
     if output_dir is not None:
         check_output_dir(Path(output_dir))
-    ctx = EvalContext(parse_lengths(lengths), limit, seed, depths, batch_size=batch_size, max_new_tokens=max_new_tokens,
+    ctx = EvalContext(parse_lengths(lengths) if suite_names else [], limit, seed, depths, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       exact=exact, tasks=tasks)
     return suite_names, ctx
 
@@ -135,18 +141,20 @@ def run_suites(
     model_name: str = "model",
     progress: bool = True,
     lm_eval: str | None = None,
+    lm_eval_limit: int | None = None,
+    lm_eval_include: str | Path | None = None,
     config: dict | None = None,
 ) -> dict:
     """Run the suites on a loaded model; returns the results dict (the content of results.json).
 
     With output_dir, also writes results.json, samples.jsonl, the plots and report.md there, and skips the jobs
     already in its samples.jsonl for this model's weights and tokenizer (resume; reused samples are announced on
-    stderr). lm_eval: lm-evaluation-harness task names (needs the lm-eval extra). Every setting is checked before
-    the first sample runs."""
+    stderr). lm_eval: lm-evaluation-harness task names (needs the lm-eval extra), lm_eval_limit documents of each
+    (None: all), with the task YAML files of the folder lm_eval_include. Every setting is checked before the first
+    sample runs."""
     started = time.perf_counter()
-    if lm_eval:
-        require_lm_eval()
-    suite_names, planned = eval_plan(suites, lengths, output_dir, limit, seed, depths, batch_size, max_new_tokens, exact)
+    suite_names, planned = eval_plan(suites, lengths, output_dir, limit, seed, depths, batch_size, max_new_tokens, exact,
+                                     lm_eval, lm_eval_include)
     limit_tokens = check_model_fits(suite_names, planned, model.config, tokenizer, allow_longer)
     out = Path(output_dir) if output_dir is not None else None
     store = SampleStore(out)
@@ -218,7 +226,8 @@ def run_suites(
                 results["timings"][name + "_s"] = round(time.perf_counter() - suite_started, 3)
         if lm_eval:
             lm_started = time.perf_counter()
-            results["results"]["lm-eval"] = run_lm_eval(model, tokenizer, lm_eval, limit, batch_size)
+            results["results"]["lm-eval"] = run_lm_eval(model, tokenizer, lm_eval, lm_eval_limit, batch_size,
+                                                        lm_eval_include)
             results["timings"]["lm-eval_s"] = round(time.perf_counter() - lm_started, 3)
     finally:
         if was_training:
