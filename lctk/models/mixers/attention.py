@@ -161,13 +161,19 @@ class Attention(Mixer):
             return out
         gathered = shard.all_gather(torch.cat([k, v], dim=-1), tag="A kv")  # [N, B, T/N, H_kv, 2 D]
         keys, values = gathered[: shard.rank + 1].transpose(0, 1).flatten(1, 2).split(self.head_dim, dim=-1)
-        mask = None
         if shard.documents is not None:
             queries_at = torch.arange(shard.start, shard.stop, device=q.device)
             causal = queries_at[:, None] >= torch.arange(shard.stop, device=q.device)
             docs = shard.documents
             mask = (causal & (docs[:, shard.start : shard.stop, None] == docs[:, None, : shard.stop])).unsqueeze(1)
-        return self._attend(q, keys, values, mask, causal=True, seq=seq)
+            return self._attend(q, keys, values, mask, causal=True, seq=seq)
+        if q.is_cuda or self.backend == "eager":
+            return self._attend(q, keys, values, None, causal=True, seq=seq)
+        # torch has no lower-right causal kernel on CPU (CausalBias would materialise a [T/N, T] mask): zero queries
+        # in front make it top-left causal, O(T) memory like the gathered keys, at the cost of computing the rows of
+        # the earlier shards too (CPU is the test platform; GPUs take the flash path above)
+        padded = F.pad(q, (0, 0, 0, 0, shard.start, 0))
+        return self._attend(padded, keys, values, None, causal=True, seq=seq)[:, shard.start :]
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, seq: SequenceInfo) -> Tensor:
         """q [B, T, H, D], k/v [B, S, H_kv, D] -> [B, T, H, D]. causal: the queries are the last T of the S
