@@ -142,6 +142,8 @@ EXTEND = {"extend": {"model": "m", "factor": 2, "rope": {"method": "yarn"}}}
         (["extend.factor=1e12"], "extend.factor: must be at most 1024"),
         (["extend.factor=.inf"], "extend.factor: input should be a finite number"),
         (["extend.stages=[{seq_len: 2x}]"], "extend.stages.0.steps: give the stage's steps, or train.steps"),
+        (["extend.stages=[{seq_len: 0.5x, steps: 2}]"], "extend.stages.0.seq_len: expected tokens or 'Nx'"),
+        (["extend.stages=[{seq_len: 100000x, steps: 2}]"], "extend.stages.0.seq_len: expected tokens or 'Nx'"),
         (["kind=foo"], "kind: unknown recipe kind 'foo'"),
     ],
 )

@@ -28,10 +28,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from lctk.extend.recurrent import check_recurrent
-from lctk.extend.rope import check_factor, check_rope
+from lctk.extend.rope import MAX_FACTOR, check_factor, check_rope
 from lctk.recipe import EvalSection, Recipe, Section, TrainSection
 
-_TIMES = re.compile(r"^\s*([0-9.]+)\s*[xX]\s*$")
+_TIMES = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*[xX]\s*$")
 
 
 def tokens_at(value: int | str, original: int) -> int:
@@ -43,8 +43,8 @@ def tokens_at(value: int | str, original: int) -> int:
 
 def _check_length(value: int | str) -> None:
     if isinstance(value, str):
-        if not _TIMES.match(value) or float(_TIMES.match(value).group(1)) <= 0:
-            raise ValueError(f"expected tokens or 'Nx' (N times the original length), got {value!r}")
+        if not _TIMES.match(value) or not 1 <= float(_TIMES.match(value).group(1)) <= MAX_FACTOR:
+            raise ValueError(f"expected tokens or 'Nx' (N times the original length, 1 <= N <= {MAX_FACTOR}), got {value!r}")
     elif value < 2:
         raise ValueError(f"must be at least 2 tokens, got {value}")
 
