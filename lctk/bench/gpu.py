@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -52,7 +53,8 @@ def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict[str, str]
     """(name, command, extra environment, share of the budget) for each step, in order."""
     python = sys.executable
     interpret = {"TRITON_INTERPRET": "1"} if dry_run else {}
-    tests = [python, "-m", "pytest", "-m", "gpu", str(REPO / "tests" / "kernels"), "-q", "-p", "no:cacheprovider"]
+    tests = [python, "-m", "pytest", "-m", "gpu", str(REPO / "tests" / "kernels"), "-o", "addopts=-q", "-p",
+             "no:cacheprovider"]
     ssd = [python, "-m", "lctk.kernels.ssd.bench", "--json", str(out / "ssd-bench.json")] + (["--smoke"] if dry_run else [])
     train = [python, "-m", "lctk.bench.gpu", "train", "--json", str(out / "train.json")] + (["--dry-run"] if dry_run else [])
     memory = [python, "-m", "lctk.bench.memory", "--json", str(out / "memory.json")] + (["--dry-run"] if dry_run else [])
@@ -102,6 +104,8 @@ def _run_step(command: list[str], env: dict[str, str], timeout: float, out: Path
     figures = next((arg for arg in command if arg.endswith(".json") and arg.startswith(str(out))), None)
     if figures and Path(figures).is_file():
         entry["figures"] = json.loads(Path(figures).read_text())
+    elif "pytest" in command:  # pytest's closing line: "3 passed, 4 skipped in 1.2s"
+        entry["figures"] = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)}
     return entry
 
 

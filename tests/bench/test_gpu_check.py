@@ -1,0 +1,38 @@
+"""`make gpu-check` (lctk/bench/gpu.py) dry-run at toy sizes on this CPU, so that the one-call GPU script cannot rot
+between the rare sessions that have a GPU: every step runs and leaves its figures in one JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[2]
+
+
+def test_the_dry_run_runs_every_step_and_writes_one_json(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "lctk.bench.gpu", "--dry-run", "--out", str(tmp_path), "--budget", "400"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    steps = report["steps"]
+    assert list(steps) == ["kernel-tests", "ssd-bench", "train", "memory"]
+    assert {name: step["status"] for name, step in steps.items()} == dict.fromkeys(steps, "ok"), \
+        {name: step["output_tail"][-500:] for name, step in steps.items()}
+    # the Triton kernels (interpreted here) against the torch reference
+    errors = steps["ssd-bench"]["figures"]["checks"][0]["max_rel_error_vs_torch"]
+    assert set(errors) == {"o", "dq", "dk", "dv", "dg"} and max(errors.values()) < 1e-4
+    for row in steps["train"]["figures"]["results"]:
+        assert row["hybrid"]["tokens_per_s"] > 0 and row["llama"]["tokens_per_s"] > 0
+        assert row["hybrid_over_llama"] == pytest.approx(row["hybrid"]["tokens_per_s"] / row["llama"]["tokens_per_s"],
+                                                         rel=1e-2)
+    assert steps["memory"]["figures"]
+    counts = steps["kernel-tests"]["figures"]
+    if report["device"] == "cpu":  # the GPU kernel tests need CUDA
+        assert counts.get("skipped", 0) > 0 and "passed" not in counts and "failed" not in counts
