@@ -22,6 +22,7 @@ class HybridConfig(PretrainedConfig):
     vocab_size: int = 32000
     hidden_size: int = 256
     intermediate_size: int | None = None
+    mlp: bool = True  # False: blocks are mixer-only (Zoology's synthetic-recall models have no MLPs)
     num_attention_heads: int = 4
     num_key_value_heads: int | None = None
     head_dim: int | None = None
@@ -56,9 +57,9 @@ class HybridConfig(PretrainedConfig):
                 require_positive(name, getattr(self, name), integer=True)
         for name in ("rms_norm_eps", "initializer_range"):
             require_positive(name, getattr(self, name), integer=False)
-        pad = self.pad_token_id  # the embedding's padding_idx
-        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < self.vocab_size):
-            raise ValueError(f"pad_token_id: must be a token id below vocab_size {self.vocab_size}, got {pad!r}")
+        pad = self.pad_token_id  # the embedding's padding_idx: torch (and Llama configs) also count it from the end
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not -self.vocab_size <= pad < self.vocab_size):
+            raise ValueError(f"pad_token_id: must be a token id within vocab_size {self.vocab_size}, got {pad!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
