@@ -184,7 +184,9 @@ class DataSection(Section):
             for key in ("min_length", "max_length") if source.task else ():
                 length = source.options.get(key)
                 if length is not None and length > self.seq_len:
-                    raise ValueError(f"sources.{index}.options.{key}: {length} tokens do not fit data.seq_len {self.seq_len}")
+                    raise ValueError(
+                        f"sources.{index}.options.{key}: {length} tokens do not fit data.seq_len {self.seq_len}"
+                    )
         return self
 
 

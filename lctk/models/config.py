@@ -58,7 +58,8 @@ class HybridConfig(PretrainedConfig):
         for name in ("rms_norm_eps", "initializer_range"):
             require_positive(name, getattr(self, name), integer=False)
         pad = self.pad_token_id  # the embedding's padding_idx: torch (and Llama configs) also count it from the end
-        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not -self.vocab_size <= pad < self.vocab_size):
+        in_vocab = isinstance(pad, int) and not isinstance(pad, bool) and -self.vocab_size <= pad < self.vocab_size
+        if pad is not None and not in_vocab:
             raise ValueError(f"pad_token_id: must be a token id within vocab_size {self.vocab_size}, got {pad!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -77,7 +78,9 @@ class HybridConfig(PretrainedConfig):
             # SwiGLU at ~8/3 d, rounded up to a multiple of 64
             self.intermediate_size = -(-(8 * self.hidden_size // 3) // 64) * 64
         if self.head_dim % 2 and any(MIXERS[letter].rotary for letter in self.pattern):
-            raise ValueError(f"head_dim: rotary position embeddings turn pairs of dimensions, so it must be even, got {self.head_dim}")
+            raise ValueError(
+                f"head_dim: rotary position embeddings turn pairs of dimensions, so it must be even, got {self.head_dim}"
+            )
         self.num_hidden_layers = len(self.pattern)
         for letter in sorted(set(self.pattern)):
             mixer = MIXERS[letter]
@@ -94,7 +97,9 @@ class HybridConfig(PretrainedConfig):
             mixer.check_settings(settings, self)
             setattr(self, name, settings)
         if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
-            raise ValueError(f"rope_parameters: must be a mapping (rope_type, rope_theta, ...), got {self.rope_parameters!r}")
+            raise ValueError(
+                f"rope_parameters: must be a mapping (rope_type, rope_theta, ...), got {self.rope_parameters!r}"
+            )
         super().__post_init__(**kwargs)
         rope = self.rope_parameters or {}
         require_positive("rope_parameters.rope_theta", rope.get("rope_theta"), integer=False)
