@@ -6,7 +6,9 @@ For each size N, a local corpus of N tokens is written as jsonl shards of spans 
 random documents, shuffled; no network), with a byte-level BPE of 32K tokens trained on the builtin text. Then, each
 in a fresh process:
   1. build: `token_store` from the folder (streaming, encode_batch on all cores, shards written to disk): tokens/s
-     and peak RSS;
+     and peak RSS; the encode calls are also timed inside the build, so the rest (reading, conversion, writing: one
+     thread) is known, and `RECIPE_TOKENS` on `CORES` cores is estimated as that rest plus the encode CPU time over
+     the cores (the encoding scales with cores; the rest does not);
   2. tokenizers alone: the same documents in the same batches through the tokenizers library's own `encode_batch`
      and `encode_batch_fast` (which the store uses: no character offsets), alternating batch by batch; only the
      encode calls are timed, reading is not. The ratios show what the pipeline adds (or saves);
@@ -37,6 +39,7 @@ SEQ_LEN = 4096
 ROWS = 1000
 SHARD_CHARS = 1 << 28  # characters per generated jsonl shard
 SPAN_CHARS = (400, 20000)
+RECIPE_TOKENS, CORES = 2.5e9, 32  # recipes/hybrid-150m.yaml's text, on a 32-core node
 
 
 def run(sizes: tuple[str, ...] = SIZES) -> None:
@@ -65,6 +68,11 @@ def run(sizes: tuple[str, ...] = SIZES) -> None:
                   f"{rates['cpu_seconds'] / cpu[0]:>9.2f} | {rates['cpu_seconds'] / cpu[1]:>9.2f} | "
                   f"{_mib(build['peak_rss']):>14} | {_mib(read['peak_rss']):>15} | {_mib(read['peak_rss_at_imports']):>12} | "
                   f"{read['first_row_s']:>8.3f}s | {read['row_ms']:>5.2f}ms | {build['disk_bytes'] / build['tokens']:>12.3f}",
+                  flush=True)
+            rest = (build["seconds"] - build["encode_seconds"]) / build["tokens"]
+            encode = build["encode_cpu_seconds"] / build["tokens"]
+            print(f"{'':>6}   per 1M tokens: {rest * 1e6:.2f} s outside encoding, {encode * 1e6:.2f} CPU-s encoding "
+                  f"-> {RECIPE_TOKENS / 1e9:g}B tokens on {CORES} cores: {RECIPE_TOKENS * (rest + encode / CORES) / 3600:.2f} h",
                   flush=True)
             shutil.rmtree(corpus)
             shutil.rmtree(cache)
@@ -119,6 +127,7 @@ def _child(stage: str, corpus: Path, tokenizer_dir: Path, cache: Path) -> dict:
 def _stage(stage: str, corpus: Path, tokenizer_dir: Path, cache: Path) -> dict:
     import numpy as np
 
+    from lctk.data import store as store_module
     from lctk.data.packing import Pieces, TextRows, split_held_out
     from lctk.data.store import _char_batches, token_store
     from lctk.data.text import TextSource
@@ -130,18 +139,18 @@ def _stage(stage: str, corpus: Path, tokenizer_dir: Path, cache: Path) -> dict:
     figures = {"peak_rss_at_imports": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     started, cpu_started = time.perf_counter(), time.process_time()
     if stage == "build":
+        store_module.encode_batch = _timed(store_module.encode_batch, figures, "encode")
         store = token_store(source, "bench", tokenizer, cache)
         figures |= {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
                     "tokens": store.tokens, "disk_bytes": sum(p.stat().st_size for p in store.path.iterdir())}
     elif stage == "tokenizers":
         figures["tokens"] = 0
+        encoders = {name: _timed(getattr(tokenizer.backend_tokenizer, name), figures, name)
+                    for name in ("encode_batch", "encode_batch_fast")}
         for batch in _char_batches(TextSource(source, "bench").batches()):
-            for name in ("encode_batch", "encode_batch_fast"):
-                started, cpu_started = time.perf_counter(), time.process_time()
-                encodings = getattr(tokenizer.backend_tokenizer, name)(batch, add_special_tokens=False)
-                figures[f"{name}_seconds"] = figures.get(f"{name}_seconds", 0) + time.perf_counter() - started
-                figures[f"{name}_cpu_seconds"] = figures.get(f"{name}_cpu_seconds", 0) + time.process_time() - cpu_started
-            figures["tokens"] += sum(len(e) for e in encodings)
+            for encode in encoders.values():  # the encodings are freed outside the timed call
+                tokens = sum(len(e) for e in encode(batch, add_special_tokens=False))
+            figures["tokens"] += tokens
     else:
         store = token_store(source, "bench", tokenizer, cache)
         train, _ = split_held_out(Pieces.cut(store, SEQ_LEN, tokenizer.eos_token_id), 0.01)
@@ -155,6 +164,20 @@ def _stage(stage: str, corpus: Path, tokenizer_dir: Path, cache: Path) -> dict:
         figures["row_ms"] = (time.perf_counter() - started) / (ROWS - 1) * 1e3
     figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return figures
+
+
+def _timed(function, figures: dict, name: str):
+    """`function`, adding its wall and CPU seconds (all threads) to figures[name + "_seconds" / "_cpu_seconds"]."""
+    figures[f"{name}_seconds"] = figures[f"{name}_cpu_seconds"] = 0.0
+
+    def timed(*args, **kwargs):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        result = function(*args, **kwargs)
+        figures[f"{name}_seconds"] += time.perf_counter() - started
+        figures[f"{name}_cpu_seconds"] += time.process_time() - cpu_started
+        return result
+
+    return timed
 
 
 if __name__ == "__main__":

@@ -1,2 +1,2 @@
-"""Data for training: tokenizers, text sources, synthetic tasks, packing (see each module; the entry points are
-lctk.data.pipeline.load_tokenizer and prepare_data)."""
+"""Data for training: tokenizers, text sources, the on-disk token store, synthetic tasks, packing (see each module;
+the entry points are lctk.data.pipeline.load_tokenizer and prepare_data)."""
