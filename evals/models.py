@@ -222,13 +222,15 @@ class Step:
     end: int  # tokens fed so far
     nll: torch.Tensor  # (tokens predicted in this chunk,)
     hits: torch.Tensor  # bool, same shape
+    predicted: torch.Tensor  # the argmax token at each of those positions
 
 
 @torch.no_grad()
 def stream(model, ids: np.ndarray, chunk: int) -> Iterator[tuple[Step, object]]:
     """Feed ids chunk by chunk through the model's cache; yields (the chunk's per-token results, the cache).
 
-    Token t (t >= 1) gets nll = -log p(ids[t] | ids[:t]) and hit = (argmax prediction == ids[t]); token 0 has none,
+    Token t (t >= 1) gets nll = -log p(ids[t] | ids[:t]), predicted = the argmax of that distribution and hit =
+    (predicted == ids[t]); token 0 has none,
     so over the whole stream the results cover ids[1:] in order."""
     device = model_device(model)
     tokens = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=device).unsqueeze(0)
@@ -244,7 +246,8 @@ def stream(model, ids: np.ndarray, chunk: int) -> Iterator[tuple[Step, object]]:
             logits, targets = logits[:-1], piece[0, 1:]
         carried = outputs.logits[0, -1:].float()
         nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        yield Step(start + piece.shape[1], nll.cpu(), (logits.argmax(-1) == targets).cpu()), cache
+        predicted = logits.argmax(-1)
+        yield Step(start + piece.shape[1], nll.cpu(), (predicted == targets).cpu(), predicted.cpu()), cache
 
 
 @contextlib.contextmanager

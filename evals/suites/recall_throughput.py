@@ -3,13 +3,15 @@
 Per length L:
   * text recall (`limit` samples, any LM): a key-value listing filling L tokens, then 8 queried keys with their values,
     teacher-forced; a query counts when every token of its value is the argmax prediction (tasks.recall);
-  * MQAR (`limit` samples): Zoology's token-id format with min(L // 8, V/2 - 1) pairs over the first min(V, 8192) ids,
+  * MQAR (`limit` samples per pair count): Zoology's token-id format over the first min(V, 8192) ids with Zoology's
+    L // 16 pairs, and at BASED's test lengths also BASED's pair counts (tasks.recall.BASED_TEST: up to L / 4);
     meaningful for models trained on that format (others score near 0);
   * state size in elements (models.state_size), prefill tokens/s (one forward over L tokens after a warm-up),
     decode tokens/s (DECODE_TOKENS single-token steps through the cache after that prefill), and peak memory over
     prefill + decode (models.peak_memory: CUDA allocator peak, or RSS growth on CPU).
 score and by_length: text recall accuracy (%), None at lengths too short for its instruction and one pair (MQAR still
-runs there: the Zoology-scale models of recipes/recall-sweep train at 64-512 tokens). mqar_by_length: MQAR accuracy.
+runs there: the Zoology-scale models of recipes/recall-sweep train at 64-256 tokens). mqar_by_length: MQAR accuracy
+at L // 16 pairs; mqar_by_pairs: {length: {pairs: accuracy}} for every pair count run.
 With several models, the runner also plots both against state size across them (recall_vs_state.png,
 mqar_vs_state.png).
 """
@@ -26,12 +28,18 @@ from lctk.evals import plots
 from lctk.evals.context import PromptTooShort
 from lctk.evals.models import cache_of, model_device, peak_memory, state_size, stream
 from lctk.evals.suites.base import EvalContext, Job, Suite, mean
-from lctk.evals.tasks.recall import make_mqar_sample, make_text_recall_sample, value_token_positions
+from lctk.evals.tasks.recall import (
+    BASED_TEST,
+    MQAR_VOCAB,
+    default_pairs,
+    make_mqar_sample,
+    make_text_recall_sample,
+    value_token_positions,
+)
 from lctk.evals.tasks.sample import sample_rng
 
 CHUNK = 2048
 DECODE_TOKENS = 16
-MQAR_VOCAB = 8192
 
 
 class RecallThroughputSuite(Suite):
@@ -40,7 +48,8 @@ class RecallThroughputSuite(Suite):
     def jobs(self, ctx: EvalContext) -> list[Job]:
         jobs = []
         for length in ctx.lengths:
-            jobs += [Job(self.name, kind, length, i) for kind in ("text_recall", "mqar") for i in range(ctx.limit)]
+            kinds = ["text_recall"] + [f"mqar_kv{pairs}" for pairs in mqar_pairs(length)]
+            jobs += [Job(self.name, kind, length, i) for kind in kinds for i in range(ctx.limit)]
             jobs.append(Job(self.name, "throughput", length, 0))
         return jobs
 
@@ -57,14 +66,15 @@ class RecallThroughputSuite(Suite):
             hits = _hits(ctx, sample.input_ids)
             found = [bool(hits[positions - 1].all()) for positions in value_token_positions(sample)]
             record.update(score=100.0 * sum(found) / len(found), queries=len(found), pairs=sample.meta["pairs"])
-        elif job.task == "mqar":
+        elif job.task.startswith("mqar_kv"):
             # the ids lctk's MQAR training data draws from (lctk.data.tasks), not the padded embedding size
             vocab = min(MQAR_VOCAB, len(ctx.tokenizer), int(ctx.model.config.vocab_size))
-            pairs = min(job.length // 8, vocab // 2 - 1)
+            pairs = min(int(job.task.removeprefix("mqar_kv")), vocab // 2 - 1, job.length // 4)
             sample = make_mqar_sample(job.length, rng, vocab_size=vocab, num_kv_pairs=pairs)
-            hits = _hits(ctx, sample.input_ids)
-            positions = np.flatnonzero(sample.labels != -100)
-            record.update(score=100.0 * float(hits[positions - 1].mean()), pairs=pairs, vocab=vocab)
+            predicted = np.concatenate([step.predicted.numpy() for step, _ in stream(ctx.model, sample.input_ids, CHUNK)])
+            positions = np.flatnonzero(sample.labels != -100)  # the value is a label there, not in the input
+            correct = predicted[positions - 1] == sample.labels[positions]
+            record.update(score=100.0 * float(correct.mean()), pairs=pairs, vocab=vocab)
         else:
             record.update(_throughput(ctx, job.length))
         return [record]
@@ -75,7 +85,11 @@ class RecallThroughputSuite(Suite):
         return {
             "score": mean(v for v in text.values() if v is not None),
             "by_length": {str(k): v for k, v in text.items()},
-            "mqar_by_length": {str(k): v for k, v in _per_length(records, "mqar", "score").items()},
+            "mqar_by_length": {
+                str(length): _per_length(records, f"mqar_kv{default_pairs(length)}", "score").get(length)
+                for length in sorted({r["length"] for r in records})
+            },
+            "mqar_by_pairs": _by_pairs(records),
             **{
                 field: {str(r["length"]): r[field] for r in sorted(speed, key=lambda r: r["length"])}
                 for field in ("state_size", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_mb")
@@ -152,6 +166,19 @@ def _throughput(ctx: EvalContext, length: int) -> dict:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def mqar_pairs(length: int) -> list[int]:
+    """MQAR pair counts run at `length`: Zoology's default, and BASED's test counts where it tests that length."""
+    return sorted({default_pairs(length), *(pairs for n, pairs in BASED_TEST if n == length)})
+
+
+def _by_pairs(records: list[dict]) -> dict[str, dict[str, float]]:
+    groups: dict[int, dict[int, list[float]]] = {}
+    for record in records:
+        if record["task"].startswith("mqar_kv"):
+            groups.setdefault(record["length"], {}).setdefault(record["pairs"], []).append(record["score"])
+    return {str(n): {str(p): mean(v) for p, v in sorted(by_p.items())} for n, by_p in sorted(groups.items())}
 
 
 def _per_length(records: list[dict], task: str, field: str) -> dict[int, float]:

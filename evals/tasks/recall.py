@@ -1,12 +1,15 @@
 """Associative recall: MQAR on raw token ids (Zoology, Arora et al., 2023) and a text key-value recall for any LM.
 
-MQAR (multi-query associative recall), one sequence of `length` token ids:
-    k_1 v_1 k_2 v_2 ... k_D v_D | filler ... k_i v_i ... filler ... k_j v_j ...
+MQAR (multi-query associative recall), one sequence of `length` token ids, as Zoology's `multiquery_ar`:
+    k_1 v_1 k_2 v_2 ... k_D v_D | noise ... k_i r ... noise ... k_j r ...
 keys are drawn without replacement from [1, V/2), values from [V/2, V) (V = vocab_size); each of the D keys is queried
 once after the listing, at even offsets 2g with gaps g drawn without replacement from p(g) ~ g^(a - 1) (a = power_a,
-0.01: most queries come soon after the listing, some far), and is followed by its value; every other position holds
-a uniform random id in [0, V). labels equal input_ids at the queried values and -100 elsewhere (Hugging Face
-convention: the model shifts them), so accuracy = share of queried values predicted by argmax.
+0.01: most queries come soon after the listing, some far). The position after a query holds a random id, like every
+other non-key position (Zoology's random_non_queries): the value is never shown again, only asked for. labels hold
+the value at that position and -100 elsewhere (Hugging Face convention: the model shifts them, so the prediction at
+the query key is scored), accuracy = share of queried values predicted by argmax.
+D defaults to length // 16, Zoology's figure (64:4, 128:8, 256:16). BASED (Arora et al., 2024, Figure 2) trains on
+the mixture BASED_TRAIN_MIXTURE and tests on BASED_TEST (up to D = length / 4), both with a vocabulary of 8,192.
 
 Text recall, for any tokenizer: an instruction, a listing of `key: value.` lines (word-pair keys, 7-digit values)
 filling the budget, then `queries` lines repeating keys from the listing with their values. Scored teacher-forced:
@@ -31,6 +34,15 @@ TEXT_INSTRUCTION = (
 )
 TEXT_QUESTION = "\nThe values of some of the keys above:\n"
 DEFAULT_QUERIES = 8
+MQAR_VOCAB = 8192
+# (length, pairs, examples): BASED's train mixture (zoology arxiv24_based_figure2), sampled by example count
+BASED_TRAIN_MIXTURE = ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000), (256, 64, 20_000))
+BASED_TEST = ((64, 4), (64, 8), (64, 16), (128, 32), (256, 64), (512, 128), (1024, 256))  # (length, pairs)
+
+
+def default_pairs(length: int) -> int:
+    """Zoology's key-value pair count for a sequence of `length` tokens."""
+    return max(length // 16, 1)
 
 
 @dataclass(frozen=True)
@@ -41,10 +53,18 @@ class MqarSample:
 
 
 def make_mqar_sample(
-    length: int, rng: random.Random, vocab_size: int = 8192, num_kv_pairs: int | None = None, power_a: float = 0.01
+    length: int,
+    rng: random.Random,
+    vocab_size: int = MQAR_VOCAB,
+    num_kv_pairs: int | None = None,
+    power_a: float = 0.01,
+    value_in_input: bool = False,
 ) -> MqarSample:
-    """One MQAR sequence; num_kv_pairs defaults to length // 8 (Zoology's sweep: 4 pairs at 64 ... 64 at 512)."""
-    pairs = num_kv_pairs if num_kv_pairs is not None else max(length // 8, 1)
+    """One MQAR sequence; num_kv_pairs defaults to default_pairs(length) = length // 16 (Zoology: 4 pairs at 64).
+
+    value_in_input=True puts each value after its query in the input too: training documents need it, as their
+    targets are the next input tokens (the prediction at the key sees only what precedes the value either way)."""
+    pairs = num_kv_pairs if num_kv_pairs is not None else default_pairs(length)
     if 4 * pairs > length or pairs >= vocab_size // 2:
         raise ValueError(f"MQAR: {pairs} pairs do not fit {length} tokens and a vocabulary of {vocab_size}")
     np_rng = np.random.default_rng(rng.getrandbits(63))
@@ -57,7 +77,9 @@ def make_mqar_sample(
     weights = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)
     gaps = np_rng.choice(space, size=pairs, replace=False, p=weights / weights.sum())
     at = 2 * pairs + 2 * gaps
-    ids[at], ids[at + 1] = keys, values
+    ids[at] = keys  # ids[at + 1] keeps its random id (Zoology): the value is to be recalled, not read
+    if value_in_input:
+        ids[at + 1] = values
     labels[at + 1] = values
     return MqarSample(ids.astype(np.int64), labels, pairs)
 

@@ -50,7 +50,7 @@ class NiahOptions(TextTaskOptions):
 
 
 class MqarOptions(LengthOptions):
-    num_kv_pairs: int | None = Field(None, gt=0)  # default: length // 8
+    num_kv_pairs: int | None = Field(None, gt=0)  # default: length // 16 (Zoology)
     vocab_size: int | None = Field(None, gt=3)  # default: the tokenizer's, at most 8192
     power_a: float = Field(0.01, gt=0)
 
@@ -134,7 +134,9 @@ class Task:
     def _mqar(self, rng: random.Random, length: int) -> Document:
         from lctk.evals.tasks.recall import make_mqar_sample
 
-        sample = make_mqar_sample(length, rng, self.vocab_size, self.options.num_kv_pairs, self.options.power_a)
+        # the loss targets are the next input tokens, so the queried values stay in the input (eval: random ids)
+        sample = make_mqar_sample(length, rng, self.vocab_size, self.options.num_kv_pairs, self.options.power_a,
+                                  value_in_input=True)
         return Document(sample.input_ids, sample.labels != -100)
 
     def _copy(self, rng: random.Random, length: int) -> Document:

@@ -31,11 +31,13 @@ class HybridBlock(GradientCheckpointingLayer):
         self.mixer_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = MIXERS[letter](config, letter)
         self.mixer.layer_idx = layer_idx  # per-layer settings (e.g. calibrated dt scales) are lists over the pattern
-        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.mlp else None
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size) if config.mlp else None
 
     def forward(self, hidden_states: Tensor, seq: SequenceInfo, state: MixerState | None = None) -> Tensor:
         hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), seq, state)
+        if self.mlp is None:
+            return hidden_states
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 

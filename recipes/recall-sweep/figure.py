@@ -1,4 +1,4 @@
-"""The recall sweep's figure (BASED paper, Figure 2): MQAR accuracy against state size, one line per mixer family.
+"""The recall sweep's figure (the BASED paper's Figure 2 with run.sh's default preset): MQAR accuracy against state size, one line per mixer family.
 
 Reads the comparison.json that `lctk eval --suite recall-throughput` wrote over the sweep's models (named
 recall-<family>-d<width>-final, as run.sh passes runs/recall-<family>-d<width>/final) and writes next to it
@@ -49,7 +49,7 @@ def main(folder: Path) -> None:
         series: dict[str, dict[float, float]] = {}
         for r in rows:
             series.setdefault(r["family"], {})[r["state_size"][n]] = r["mqar"][n]
-        lines(series, folder / f"mqar_vs_state_{n}.png", f"MQAR recall vs state size ({n} tokens, {int(n) // 8} pairs)",
+        lines(series, folder / f"mqar_vs_state_{n}.png", f"MQAR recall vs state size ({n} tokens, {int(n) // 16} pairs)",
               "state size (elements per sequence)", "MQAR accuracy (%)", logx=True, percent=True)
     print(table(rows, lengths), end="")
 
