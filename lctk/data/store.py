@@ -109,19 +109,21 @@ def open_store(folder: Path, identity: dict | None = None) -> TokenStore:
         raise DamagedStore(f"no readable {MANIFEST}") from None
     if manifest.get("format") != FORMAT_VERSION or (identity is not None and manifest.get("identity") != identity):
         raise DamagedStore(f"its {MANIFEST} names another source, tokenizer or format")
-    shards = []
-    for shard in manifest["shards"]:
-        maps = []
-        for name, dtype in ((shard["tokens_file"], manifest["dtype"]), (shard["offsets_file"], "int64")):
-            path = folder / name
-            recorded = manifest["files"][name]
-            if not path.is_file() or path.stat().st_size != recorded["bytes"]:
-                raise DamagedStore(f"{name} is missing or not {recorded['bytes']} bytes")
-            if _digest(path) != recorded["digest"]:
-                raise DamagedStore(f"{name} does not match its digest")
-            maps.append(np.memmap(path, dtype=dtype, mode="r"))
-        shards.append((maps[0], maps[1]))
-    return TokenStore(shards, folder)
+    try:
+        return TokenStore([tuple(_mapped(folder, manifest, shard)) for shard in manifest["shards"]], folder)
+    except (KeyError, TypeError, ValueError):  # a manifest with missing or mistyped entries
+        raise DamagedStore(f"its {MANIFEST} is malformed") from None
+
+
+def _mapped(folder: Path, manifest: dict, shard: dict):
+    """The shard's token ids and offsets, each checked against its size and digest."""
+    for name, dtype in ((shard["tokens_file"], manifest["dtype"]), (shard["offsets_file"], "int64")):
+        path, recorded = folder / name, manifest["files"][name]
+        if not path.is_file() or path.stat().st_size != recorded["bytes"]:
+            raise DamagedStore(f"{name} is missing or not {recorded['bytes']} bytes")
+        if _digest(path) != recorded["digest"]:
+            raise DamagedStore(f"{name} does not match its digest")
+        yield np.memmap(path, dtype=dtype, mode="r")
 
 
 def _digest(path: Path) -> str:

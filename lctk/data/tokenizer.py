@@ -67,7 +67,7 @@ def load_local_tokenizer(path: str, key: str = "tokenizer"):
 
 
 def fingerprint(tokenizer) -> str:
-    """Changes whenever the tokenizer would encode differently; keys the tokenised-data cache."""
+    """Changes whenever the tokenizer would encode differently; keys the token store (lctk.data.store)."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 

@@ -122,7 +122,7 @@ def test_unchanged_source_reuses_the_store_and_a_changed_source_or_tokenizer_reb
     assert other.path not in (first.path, changed.path) and other.tokens < changed.tokens
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "manifest", "manifest entry"])
 def test_a_damaged_store_is_rebuilt_with_one_warning(corpus, tmp_path, capfd, bytes_tokenizer, small_shards, damage):
     source, cache = Source(text=str(corpus)), tmp_path / "cache"
     path = token_store(source, "s", bytes_tokenizer, cache).path
@@ -133,8 +133,12 @@ def test_a_damaged_store_is_rebuilt_with_one_warning(corpus, tmp_path, capfd, by
         shard.write_bytes(bytes(data))
     elif damage == "truncate":
         shard.write_bytes(shard.read_bytes()[:-10])
-    else:
+    elif damage == "manifest":
         (path / "manifest.json").write_text('{"format": 1, "shards": [')
+    else:
+        manifest = json.loads((path / "manifest.json").read_text())
+        del manifest["files"]["00001.offsets"]
+        (path / "manifest.json").write_text(json.dumps(manifest))
     capfd.readouterr()
     store = token_store(source, "s", bytes_tokenizer, cache)
     warnings = capfd.readouterr().err.strip().splitlines()
