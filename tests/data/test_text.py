@@ -8,7 +8,9 @@ import json
 import pytest
 
 from lctk.data import text as text_module
+from lctk.data.store import token_store
 from lctk.data.text import TextSource
+from lctk.data.tokenizer import build_tokenizer
 from lctk.errors import UserError
 from lctk.recipe import Source
 
@@ -74,7 +76,7 @@ def test_hub_without_network_fails_fast_with_one_line(monkeypatch):
         documents(Source(hub="someone/some-data"), "data.sources.1")
 
 
-def test_hub_sources_stream_and_stop_at_max_documents(monkeypatch):
+def test_hub_sources_stream_and_stop_at_max_documents_or_max_tokens(monkeypatch, tmp_path):
     import datasets
 
     calls = {}
@@ -92,3 +94,7 @@ def test_hub_sources_stream_and_stop_at_max_documents(monkeypatch):
     source = Source(hub="someone/big", revision="v1", max_documents=2500)
     assert documents(source)[-1] == "doc 2499" and len(documents(source)) == 2500
     assert calls == {"name": "someone/big", "revision": "v1", "streaming": True}
+    assert TextSource(source, "s").expected_documents() == 2500
+    capped = token_store(Source(hub="someone/big", max_tokens="20k"), "s", build_tokenizer("bytes", None, None), tmp_path)
+    assert capped.tokens == 20_000 and bytes(capped.document(0).tolist()) == b"doc 0"
+    assert capped.path.parent == tmp_path / "stores"
