@@ -34,7 +34,14 @@ import torch
 from lctk.errors import UserError
 from lctk.extend.recipe import ExtendRecipe, StageSection, tokens_at
 from lctk.extend.recurrent import NEEDS_IN_LENGTH_TEXT, NEEDS_LONG_TEXT, apply_recurrent
-from lctk.extend.rope import RECORD, extension_record, original_length, scale_rope, write_legacy_rope_keys
+from lctk.extend.rope import (
+    MAX_FACTOR,
+    RECORD,
+    extension_record,
+    original_length,
+    scale_rope,
+    write_legacy_rope_keys,
+)
 from lctk.train import rundir
 
 SECTIONS_FIXED_ON_RERUN = ("data", "extend")
@@ -78,6 +85,9 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
     factor = ext.factor if ext.factor is not None else ext.length / reach
     if factor < 1:
         raise UserError(f"extend.length: {ext.length} is below the model's current length {reach}")
+    if factor > MAX_FACTOR:
+        raise UserError(f"extend.length: {ext.length} is {factor:.0f}x the model's current length {reach}; "
+                        f"at most {MAX_FACTOR}x")
     target = int(round(reach * factor))
     lengths = recipe.eval.token_lengths(original)
     methods = {step.method for step in ext.recurrent}  # their calibration text is read (and checked) before any write

@@ -256,3 +256,10 @@ def test_a_missing_calibration_text_fails_before_anything_is_written(tiny_model_
         invoke("--model", tiny_model_dir, "--method", "state_norm", "--factor", 2, "--output", tmp_path / "run",
                "--set", "eval.suites=[]", "--set", f"extend.calibration.text={tmp_path / 'nope.txt'}")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_length_beyond_the_largest_factor_is_one_line_before_any_write(tiny_model_dir, tmp_path):
+    output = tmp_path / "out"
+    with pytest.raises(UserError, match=r"^extend\.length: 10000000 is 312500x the model's current length 32; at most 1024x$"):
+        invoke("--model", tiny_model_dir, "--method", "yarn", "--length", 10_000_000, "--output", output)
+    assert not output.exists()
