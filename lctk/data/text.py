@@ -84,7 +84,10 @@ class TextSource:
         elif self.saved:
             total = len(self._saved_dataset())
         else:
-            total = sum(counts[BUILDERS[p.suffix]](p) for p in self.files)
+            try:
+                total = sum(counts[BUILDERS[p.suffix]](p) for p in self.files)
+            except (OSError, ValueError):  # an unreadable file: reading it names it; the estimate is only for the ETA
+                total = None
         caps = [n for n in (total, self.source.max_documents) if n]
         return min(caps) if caps else None
 
@@ -105,9 +108,7 @@ class TextSource:
                 if builder == "text":
                     yield from ([_text_file(path, f"{self.key}.text")] for path in group)
                     continue
-                import datasets
-
-                datasets.disable_progress_bars()
+                datasets = _datasets()
                 where = str(group[0]) if len(group) == 1 else f"{len(group)} {builder} files in {self.path}"
                 try:
                     dataset = datasets.load_dataset(builder, data_files=[str(p) for p in group], split="train",
@@ -131,8 +132,7 @@ class TextSource:
             yield [text for text in batch[field] if isinstance(text, str) and text.strip()]
 
     def _saved_dataset(self):
-        import datasets
-
+        datasets = _datasets()
         try:
             dataset = datasets.load_from_disk(str(self.path))
         except Exception as error:  # datasets raises many types for damaged folders
@@ -145,8 +145,7 @@ class TextSource:
         return dataset
 
     def _hub_dataset(self):
-        import datasets
-
+        datasets = _datasets()
         source = self.source
         offline = any(os.environ.get(name, "0") not in ("", "0") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         if not offline and not _hub_reachable():
@@ -154,12 +153,20 @@ class TextSource:
                 f"{self.key}.hub: cannot reach the Hugging Face hub to load {source.hub!r} (offline?); set "
                 "HF_DATASETS_OFFLINE=1 to use a copy cached earlier, or point `text:` at local files"
             )
-        datasets.disable_progress_bars()
         try:
             return datasets.load_dataset(source.hub, source.config, split=source.split, revision=source.revision,
                                          streaming=True)
         except Exception as error:  # unknown name, bad config, lost connection: datasets raises many types
             raise UserError(f"{self.key}.hub: cannot load dataset {source.hub!r} ({_reason(error)})") from None
+
+
+def _datasets():
+    """The datasets library, quiet: the store shows its own progress, and a problem becomes one line naming it."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    return datasets
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -188,6 +195,8 @@ def _text_file(path: Path, key: str) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{key}: {path} is not UTF-8 text") from None
+    except OSError as error:
+        raise UserError(f"{key}: cannot read {path} ({error.strerror or type(error).__name__})") from None
 
 
 def _parquet_rows(path: Path) -> int:

@@ -64,6 +64,9 @@ def test_errors_name_the_source_key_and_file(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x"}))
     with pytest.raises(UserError, match=r"^data.sources.0.field: column 'text' not in .*b.jsonl \(columns: body\)$"):
         documents(Source(text=str(tmp_path / "b.jsonl")), "data.sources.0")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(UserError, match=r"^data.sources.0.text: cannot read .*bad.parquet \(.*\)$"):
+        documents(Source(text=str(tmp_path / "bad.parquet")), "data.sources.0")
     (tmp_path / "notes.pdf").write_bytes(b"%PDF")
     (tmp_path / ".hidden").write_text("skipped")
     with pytest.raises(UserError, match=r"^data.sources.0.text: .*notes.pdf in folder .* is not a .*\.csv.* file$"):
