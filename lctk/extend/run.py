@@ -236,8 +236,9 @@ def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, num
     settings = recipe.train.model_copy(update={"lr": stage.lr or recipe.train.lr, "steps": stage.steps or recipe.train.steps})
     steps = settings.steps or recipe.train.total_steps(seq_len, 1)
     long_share = stage.long_share if stage.long_share is not None else recipe.extend.long_share
-    rows = stage_rows(recipe, tokenizer, seq_len, original, long_share)
     accelerator = make_accelerator(settings)
+    with accelerator.main_process_first():  # the main process builds the token stores, the others map them
+        rows = stage_rows(recipe, tokenizer, seq_len, original, long_share)
     context = context_group(accelerator, settings.context_parallel)
     check_context_parallel(context.size, seq_len, model.config)
     log(f"stage {number}: {steps} steps at {seq_len} tokens, lr {settings.lr:g}, long share {long_share:g}")
