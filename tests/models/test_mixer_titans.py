@@ -14,11 +14,13 @@ from lctk.models.sequence import ChunkGrid, build_sequence_info, pack, unpack
 
 
 def run_mlp(mats, x):
-    for layer, w in enumerate(mats):
-        x = w @ x
-        if layer < len(mats) - 1:
-            x = F.silu(x)
-    return x
+    """x + LayerNorm(MLP(x)) * (1 + gain) for one token, the gain a [D, 1] matrix."""
+    hidden = x
+    for layer, w in enumerate(mats[:-1]):
+        hidden = w @ hidden
+        if layer < len(mats) - 2:
+            hidden = F.gelu(hidden)
+    return x + F.layer_norm(hidden, hidden.shape, eps=1e-5) * (1 + mats[-1][:, 0])
 
 
 def naive_memory(mlp, init, q, k, v, lr, momentum, keep, chunk, phase=0):
@@ -29,7 +31,7 @@ def naive_memory(mlp, init, q, k, v, lr, momentum, keep, chunk, phase=0):
     outs = []
     for t in range(len(q)):
         params = [w.clone().requires_grad_() for w in start]
-        loss = 0.5 * (run_mlp(params, k[t]) - v[t]).pow(2).sum()
+        loss = (run_mlp(params, k[t]) - v[t]).pow(2).mean()
         grads = torch.autograd.grad(loss, params)
         surprise = [momentum[t] * s - lr[t] * g for s, g in zip(surprise, grads)]
         weights = [keep[t] * w + s for w, s in zip(weights, surprise)]
@@ -90,7 +92,7 @@ def test_memory_step_matches_the_recurrence():
         mlp, init, init, surprise, q, k, v, lr.view(1, 1), momentum.log().view(1, 1), keep.log().view(1, 1)
     )
     params = [w.clone().requires_grad_() for w in unpack(init[0, 0], mlp.shapes)]
-    grads = torch.autograd.grad(0.5 * (run_mlp(params, k[0, 0]) - v[0, 0]).pow(2).sum(), params)
+    grads = torch.autograd.grad((run_mlp(params, k[0, 0]) - v[0, 0]).pow(2).mean(), params)
     expected_surprise = momentum * surprise[0, 0] - lr * pack(list(grads))
     expected_weights = keep * init[0, 0] + expected_surprise
     torch.testing.assert_close(new_surprise[0, 0], expected_surprise)
@@ -99,24 +101,26 @@ def test_memory_step_matches_the_recurrence():
 
 
 @pytest.mark.parametrize("chunk", [1, 8])
-def test_linear_memory_recalls_what_it_was_written(chunk):
-    """theta = 1, no momentum, no forgetting, zero initial weights, orthonormal keys: M(k_i) = v_i afterwards,
-    whether each write sees the previous ones (chunk 1: the delta rule) or all see the zero start (chunk 8).
-    """
-    mlp = MemoryMLP(8, 1, expand=1)
+def test_memory_learns_what_it_was_written(chunk):
+    """Written pairs read back closer after three passes of writes, whether each write sees the previous ones
+    (chunk 1) or all see the chunk-start weights (chunk 8)."""
+    torch.manual_seed(0)
+    mlp = MemoryMLP(8, 2, expand=4)
     keys = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0].T[None, None]  # rows orthonormal
     values = torch.randn(1, 1, 8, 8, dtype=torch.float64)
-    zeros = torch.zeros(1, 1, mlp.size, dtype=torch.float64)
-    state = (zeros, zeros, zeros)
+    init = pack([torch.randn(1, 1, r, c, dtype=torch.float64) / c**0.5 for r, c in mlp.shapes[:-1]] + [
+        torch.zeros(1, 1, 8, 1, dtype=torch.float64)])
+    state = (init, init, torch.zeros_like(init))
     ones, none = torch.ones(1, 1, chunk, dtype=torch.float64), torch.zeros(1, 1, chunk, dtype=torch.float64)
-    for c in range(8 // chunk):
-        part = slice(c * chunk, (c + 1) * chunk)
+    error = lambda: (mlp(unpack(state[1], mlp.shapes), keys) - values).pow(2).mean()  # noqa: E731
+    before = error()
+    for c in range(3 * 8 // chunk):
+        part = slice(c * chunk % 8, c * chunk % 8 + chunk)
         live = torch.ones(1, chunk, dtype=torch.bool)
         _, *state = memory_chunk(
-            mlp, *state, keys[:, :, part], keys[:, :, part], values[:, :, part], ones, none - 30, none, live
+            mlp, *state, keys[:, :, part], keys[:, :, part], values[:, :, part], 0.5 * ones, none - 30, none, live
         )
-    recalled = mlp(unpack(state[1], mlp.shapes), keys)
-    torch.testing.assert_close(recalled, values)
+    assert error() < 0.7 * before
 
 
 def test_chunk_grid_lays_out_documents_padding_and_cached_phase():
@@ -166,7 +170,7 @@ def test_memory_parameters_take_no_weight_decay_and_variants_differ():
     config = HybridConfig(pattern="T", hidden_size=32, num_attention_heads=2, titans={"variant": "MAC"})
     mac = Titans(config, "T")
     assert mac.memory_init._no_weight_decay and mac.persistent._no_weight_decay
-    assert mac.memory_init.shape == (2, 16 * 32 + 32 * 16)  # depth 2, expansion 2 on head_dim 16
+    assert mac.memory_init.shape == (2, 16 * 64 + 64 * 16 + 16)  # depth 2, expansion 4 on head_dim 16, the gain
     names = {
         v: {
             n
@@ -180,12 +184,13 @@ def test_memory_parameters_take_no_weight_decay_and_variants_differ():
         "retrieved_kv.weight" in names["MAC"]
         and "memory_out.weight" in names["MAL"]
         and "attn_norm.weight" in names["MAG"]
+        and "out_gate.weight" in names["MAL"]
     )
 
 
 @pytest.mark.parametrize("variant", ["MAG", "MAC", "MAL"])
 def test_default_memory_stays_finite_on_a_long_input(variant):
-    """With the inner learning rate bounded by 1.0, the chunk's 64 aligned steps overshot: NaN by 1024 tokens."""
+    """Without dividing theta by the chunk size, the chunk's 64 aligned steps overshot: NaN by 1024 tokens."""
     torch.manual_seed(0)
     config = HybridConfig(vocab_size=97, pattern="T", hidden_size=256, num_attention_heads=4, titans={"variant": variant})
     model = HybridForCausalLM(config).eval()

@@ -1,12 +1,14 @@
 """Titans neural long-term memory (`T`), from Behrouz, Zhong & Mirrokni, "Titans: Learning to Memorize at
 Test Time" (2024).
 
-The memory is a per-head MLP M (depth >= 1, M(x) = W_L silu(... silu(W_1 x))) that is trained while it reads,
-by gradient descent with momentum and forgetting on the associative loss l(M; k, v) = 1/2 ||M(k) - v||^2:
+The memory is a per-head MLP inside a residual LayerNorm (lucidrains/titans-pytorch's ResidualNorm around its
+MemoryMLP: depth >= 1, expansion 4, GELU), M(x) = x + LayerNorm(W_L gelu(... gelu(W_1 x))) * (1 + g), that is trained
+while it reads, by gradient descent with momentum and forgetting on the associative loss
+l(M; k, v) = ||M(k) - v||^2 / D (the mean over channels, as lucidrains'); the gain g is a fast weight too:
 
     q, k, v = silu(conv(W_q x)), silu(conv(W_k x)), silu(conv(W_v x))      depthwise causal conv, kernel 4
     q, k = q / ||q||, k / ||k||                                            per head
-    theta_t = max_inner_lr sigmoid(w_theta x_t),  eta_t = sigmoid(w_eta x_t),  alpha_t = sigmoid(w_alpha x_t)
+    theta_t = max_inner_lr / chunk_size sigmoid(w_theta x_t),  eta_t = sigmoid(w_eta x_t),  alpha_t = sigmoid(w_alpha x_t)
     S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)                 momentum, the "surprise"
     M_t = (1 - alpha_t) M_{t-1} + S_t                                      forgetting
     y_t = M_t(q_t)                                                         read after token t's write
@@ -27,7 +29,8 @@ recurrence token by token with explicit weights (`memory_step`); the two agree t
 Variants (`titans.variant`); each has `persistent_tokens` learned key/value pairs every query attends to:
   MAG  memory as a gate: o = RMSNorm(SWA(x)) * sigmoid(RMSNorm(y)), memory and sliding-window attention side
        by side.
-  MAL  memory as a layer: o = SWA(W_m y), the attention reads the memory's output.
+  MAL  memory as a layer: o = RMSNorm(SWA(W_m y)) * sigmoid(W_g x), the attention reads the memory's output; the
+       output norm and linear gate before the projection are the paper's (section 4.4).
   MAC  memory as context: segments of chunk_size tokens; a segment reads the memory as it was at the segment
        start, h_i = M_{t'}(W_h x_i); each token attends causally over [persistent | h | segment] (h gets
        keys and values through its own projection); the attention output u is what the memory writes (k, v
@@ -35,13 +38,22 @@ Variants (`titans.variant`); each has `persistent_tokens` learned key/value pair
        paper's o = y (x) M*_t(y).
 
 Choices where the paper leaves room: the MAC segment is the memory chunk (one state, no extra bookkeeping);
-memory heads and widths are the attention's (num_attention_heads x head_dim); hidden width 2x for depth >= 2;
-the initial memory weights are learned (std 1/sqrt(fan_in), no weight decay); max_inner_lr defaults to
-0.25/chunk_size, because the chunk's gradients all act at once (larger bounds diverged on long inputs); gate biases
-start at theta = 0.1 (max_inner_lr / 2 when the bound is 0.1 or less), eta = 0.5, alpha = 0.007; the gate
-normalises both branches per head with learned weights before the sigmoid; MAC's short convolution is on the
-segment's read query only (the write's k, v, q come from the attention output, which exists only inside the
-segment loop); persistent tokens are key/value pairs without RoPE.
+memory heads and widths are the attention's (num_attention_heads x head_dim); the initial memory weights are
+learned (std 1/sqrt(fan_in), the gain 0, no weight decay); gate biases start at theta = max_inner_lr / 2 (sigmoid(0),
+as lucidrains), eta = 0.5, alpha = 0.007; the gate normalises both branches per head with learned weights before the
+sigmoid; MAC's short convolution is on the segment's read query only (the write's k, v, q come from the attention
+output, which exists only inside the segment loop). Persistent memory follows lucidrains, not the paper: learned
+key/value pairs every query attends to, without RoPE, where the paper prepends tokens that also pass through the
+memory (the pairs add no positions to the memory's chunks, and cost nothing in the state).
+
+The inner learning rate (different on purpose from lucidrains, which sums a chunk's per-token gradients under a
+bound of 1): inside a chunk every gradient is taken at the same weights, so they add up before the weights move,
+and the sum grows with chunk_size. theta is therefore the step on the chunk's mean gradient, theta_t / chunk_size
+per token, and the bound means the same at every chunk size. Measured at initialisation with theta pinned at its
+bound (one layer of width 256, 4 heads, chunk 64, 2048 random tokens): 2 stays finite (|logit| <= 2) and 4 gives NaN,
+so the default is 2. The residual norm alone does not remove the need for a bound: with lucidrains' sum (theta per
+token, not divided by chunk_size) the memory weights grew without bound at theta = 0.05 (1e7 by 1024 tokens) and were
+NaN at 0.1; it is the norm's gain, a least-squares fit on unit-variance inputs, that goes first.
 
 Shared with LaCT: `lctk.models.sequence.ChunkGrid` lays the real tokens of a call out in whole chunks per
 document; `lctk.models.mixers.attention.window_attention` is sliding-window attention over a kept-key cache with
@@ -59,12 +71,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from lctk.models.layers import RMSNorm, apply_rotary, causal_depthwise_conv, conv_tail, silu_grad
+from lctk.models.layers import RMSNorm, apply_rotary, causal_depthwise_conv, conv_tail
 from lctk.models.mixers.attention import window_attention
 from lctk.models.mixers.base import Mixer, MixerState, require_positive
 from lctk.models.sequence import ChunkGrid, SequenceInfo, pack, unpack
 
 VARIANTS = ("MAC", "MAG", "MAL")
+NORM_EPS = 1e-5  # the memory's LayerNorm
+MAX_INNER_LR = 2.0  # bound on theta for the chunk's mean gradient (module docstring), whatever the chunk size
 
 
 # ------------------------------------------------------------------------------------------ the memory MLP
@@ -72,6 +86,11 @@ VARIANTS = ("MAC", "MAG", "MAL")
 
 def _logit(p: float) -> float:
     return math.log(p / (1 - p))
+
+
+def gelu_grad(z: Tensor) -> Tensor:
+    """d gelu(z) / dz (exact GELU): Phi(z) + z phi(z)."""
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
 
 
 def decay_matrix(cum: Tensor) -> Tensor:
@@ -82,36 +101,54 @@ def decay_matrix(cum: Tensor) -> Tensor:
 
 
 class MemoryMLP:
-    """M(x) = W_L silu(... silu(W_1 x)) for weights [..., H, out, in] and inputs [..., H, L, in]."""
+    """M(x) = x + LayerNorm(W_L gelu(... gelu(W_1 x))) * (1 + g): an MLP inside lucidrains' ResidualNorm, for
+    weights [..., H, out, in] and inputs [..., H, L, in]. The gain g [D] is a fast weight like the matrices (it
+    starts at 0 and the inner loop trains it, as lucidrains'); it is packed as a [D, 1] matrix whose input is the
+    constant 1, so that its per-token gradient is rank one like every other layer's."""
 
     def __init__(self, dim: int, depth: int, expand: int):
         widths = [dim] + [dim * expand] * (depth - 1) + [dim]
-        self.shapes = [(widths[i + 1], widths[i]) for i in range(depth)]
+        self.depth = depth
+        self.shapes = [(widths[i + 1], widths[i]) for i in range(depth)] + [(dim, 1)]
         self.size = sum(rows * cols for rows, cols in self.shapes)
 
+    @staticmethod
+    def output(x: Tensor, hidden: Tensor, gain: Tensor) -> Tensor:
+        """x + LayerNorm(hidden) * (1 + gain); gain [..., 1 or L, D]."""
+        return x + F.layer_norm(hidden, hidden.shape[-1:], eps=NORM_EPS) * (1 + gain)
+
     def __call__(self, mats: list[Tensor], x: Tensor) -> Tensor:
-        for layer, w in enumerate(mats):
-            x = x @ w.transpose(-1, -2)
-            if layer < len(mats) - 1:
-                x = F.silu(x)
-        return x
+        hidden = x
+        for layer, w in enumerate(mats[:-1]):
+            hidden = hidden @ w.transpose(-1, -2)
+            if layer < self.depth - 1:
+                hidden = F.gelu(hidden)
+        return self.output(x, hidden, mats[-1].transpose(-1, -2))
 
     def gradients(self, mats: list[Tensor], k: Tensor, v: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Per-token gradients of 1/2 ||M(k) - v||^2 as rank-one factors, grad W_l = deltas[l]^T inputs[l]
-        summed over tokens. Returns (inputs [..., L, in_l], deltas [..., L, out_l]) per layer."""
+        """Per-token gradients of ||M(k) - v||^2 / D as rank-one factors, grad W_l = deltas[l]^T inputs[l]
+        summed over tokens. Returns (inputs [..., L, in_l], deltas [..., L, out_l]) per layer, the gain last."""
         inputs, pre = [], []
         x = k
-        for layer, w in enumerate(mats):
+        for layer, w in enumerate(mats[:-1]):
             inputs.append(x)
             z = x @ w.transpose(-1, -2)
             pre.append(z)
-            x = F.silu(z) if layer < len(mats) - 1 else z
-        delta = x - v
+            x = F.gelu(z) if layer < self.depth - 1 else z
+        normed = F.layer_norm(x, x.shape[-1:], eps=NORM_EPS)
+        gain = 1 + mats[-1].transpose(-1, -2)
+        error = (k + normed * gain - v) * (2 / k.shape[-1])  # d/dM of the mean squared error, as lucidrains'
+        # LayerNorm's backward: (g - mean g - normed mean(g normed)) / sigma
+        upstream = error * gain
+        sigma = (x.var(-1, unbiased=False, keepdim=True) + NORM_EPS).sqrt()
+        delta = (
+            upstream - upstream.mean(-1, keepdim=True) - normed * (upstream * normed).mean(-1, keepdim=True)
+        ) / sigma
         deltas = [delta]
-        for layer in range(len(mats) - 1, 0, -1):
-            delta = (delta @ mats[layer]) * silu_grad(pre[layer - 1])
+        for layer in range(self.depth - 1, 0, -1):
+            delta = (delta @ mats[layer]) * gelu_grad(pre[layer - 1])
             deltas.insert(0, delta)
-        return inputs, deltas
+        return inputs + [torch.ones_like(k[..., :1])], deltas + [error * normed]
 
 
 def memory_chunk(
@@ -150,14 +187,20 @@ def memory_chunk(
     )
     inputs, deltas = mlp.gradients(start_mats, k, v)
 
-    x = q
-    for layer, (w, s, a, d) in enumerate(zip(mats, surprise_mats, inputs, deltas)):
-        z = (
+    def read(x: Tensor, w: Tensor, s: Tensor, a: Tensor, d: Tensor) -> Tensor:  # x W_t^T for every t
+        return (
             keep_weight[..., None] * (x @ w.transpose(-1, -2))
             + surprise_weight[..., None] * (x @ s.transpose(-1, -2))
             - (coeff * (x @ a.transpose(-1, -2))) @ d
         )
-        x = F.silu(z) if layer < len(mats) - 1 else z
+
+    layers = list(zip(mats, surprise_mats, inputs, deltas))
+    x = q
+    for layer, parts in enumerate(layers[:-1]):
+        x = read(x, *parts)
+        if layer < mlp.depth - 1:
+            x = F.gelu(x)
+    x = mlp.output(q, x, read(torch.ones_like(q[..., :1]), *layers[-1]))  # the gain after each token
 
     # state after the last slot: t = L - 1
     to_end = (cum_momentum[..., -1:] - cum_momentum).exp() * lr  # prod_{j>i} eta_j theta_i
@@ -230,11 +273,7 @@ class Titans(Mixer):
         self.variant = s["variant"]
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.chunk_size, self.window, self.conv_kernel = s["chunk_size"], s["window"], s["conv_kernel"]
-        # up to chunk_size gradients, all taken at the chunk-start weights, add up before the weights move (twice
-        # that with momentum, times the hidden activations' squared norm for the second layer): a bound of 1.0 gave
-        # NaN at 1024 tokens at initialisation, 1/chunk_size still did in the 12-layer recipes at 2048; 0.25/chunk_size
-        # keeps them finite at 4096
-        self.max_inner_lr = s["max_inner_lr"] if s["max_inner_lr"] is not None else 0.25 / self.chunk_size
+        self.max_inner_lr = s["max_inner_lr"]
         self.mlp = MemoryMLP(self.head_dim, s["memory_depth"], s["memory_expand"])
         inner = self.num_heads * self.head_dim
         hidden = config.hidden_size
@@ -257,10 +296,11 @@ class Titans(Mixer):
         else:
             self.conv_dim = 3 * inner
             self.memory_qkv = nn.Linear(hidden, 3 * inner, bias=False)
+        self.attn_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         if self.variant == "MAL":
             self.memory_out = nn.Linear(inner, hidden, bias=False)
+            self.out_gate = nn.Linear(hidden, inner, bias=False)
         else:
-            self.attn_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.memory_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, self.conv_kernel))
         self.conv_bias = nn.Parameter(torch.empty(self.conv_dim))
@@ -272,12 +312,12 @@ class Titans(Mixer):
         return {
             "variant": "MAG",
             "memory_depth": 2,
-            "memory_expand": 2,
+            "memory_expand": 4,
             "chunk_size": 64,
             "window": 512,
             "persistent_tokens": 4,
             "conv_kernel": 4,
-            "max_inner_lr": None,  # 0.25 / chunk_size
+            "max_inner_lr": MAX_INNER_LR,
         }
 
     @classmethod
@@ -287,17 +327,16 @@ class Titans(Mixer):
         tokens = settings["persistent_tokens"]
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
             raise ValueError(f"titans.persistent_tokens: must be a non-negative integer, got {tokens!r}")
-        if settings["max_inner_lr"] is not None:  # null: 0.25 / chunk_size
-            require_positive("titans.max_inner_lr", settings["max_inner_lr"], integer=False)
+        require_positive("titans.max_inner_lr", settings["max_inner_lr"], integer=False)
 
     @torch.no_grad()
     def init_special_parameters(self) -> None:
-        memory = [torch.randn(self.num_heads, rows, cols) / math.sqrt(cols) for rows, cols in self.mlp.shapes]
-        init.copy_(self.memory_init, pack(memory))
+        memory = [torch.randn(self.num_heads, rows, cols) / math.sqrt(cols) for rows, cols in self.mlp.shapes[:-1]]
+        gain = torch.zeros(self.num_heads, *self.mlp.shapes[-1])  # the norm starts as a plain LayerNorm
+        init.copy_(self.memory_init, pack([*memory, gain]))
         if self.persistent is not None:
             init.normal_(self.persistent, std=0.02)
-        lr = _logit(0.1 / self.max_inner_lr) if self.max_inner_lr > 0.1 else 0.0
-        bias = torch.tensor([lr, _logit(0.5), _logit(0.007)])
+        bias = torch.tensor([0.0, _logit(0.5), _logit(0.007)])  # theta starts at half its bound, as lucidrains'
         init.copy_(self.gates.bias, bias.repeat_interleave(self.num_heads))
         bound = 1 / math.sqrt(self.conv_kernel)
         init.uniform_(self.conv_weight, -bound, bound)
@@ -344,14 +383,17 @@ class Titans(Mixer):
         retrieved = retrieved.to(hidden_states.dtype)
         attn_input = self.memory_out(retrieved.flatten(-2)) if self.variant == "MAL" else hidden_states
         attended = self._window(attn_input, seq, state)
-        if self.variant == "MAL":
-            return self.o_proj(attended.flatten(-2))
+        if self.variant == "MAL":  # the paper's output norm and linear gate before the projection
+            gate = torch.sigmoid(self.out_gate(hidden_states)).unflatten(-1, (self.num_heads, self.head_dim))
+            return self.o_proj((self.attn_norm(attended) * gate).flatten(-2))
         return self.o_proj(self._gate(attended, retrieved).flatten(-2))
 
     def _gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """theta [B, T, H], log eta, log(1 - alpha), in the state dtype."""
         lr, momentum, forget = self.gates(x).to(self.state_dtype).chunk(3, dim=-1)
-        return self.max_inner_lr * torch.sigmoid(lr), F.logsigmoid(momentum), F.logsigmoid(-forget)
+        # a chunk's gradients all act at once: theta is the step on their mean (per token: theta / chunk_size)
+        theta = self.max_inner_lr / self.chunk_size * torch.sigmoid(lr)
+        return theta, F.logsigmoid(momentum), F.logsigmoid(-forget)
 
     def _conv_heads(self, x: Tensor, seq: SequenceInfo, state: TitansState | None) -> Tensor:
         """silu(causal depthwise conv(x)) -> [B, T, channels / D, D]; padding enters as zeros."""
