@@ -14,6 +14,7 @@ Empty and non-string values are skipped. `identity` names what a source is, to k
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -74,7 +75,7 @@ class TextSource:
         """How many documents the source holds, when that is cheap to know (for the progress bar's ETA)."""
         counts = {"parquet": _parquet_rows, "json": _lines, "csv": _lines, "text": lambda _: 1}
         if self.source.hub is not None:
-            info = self._hub_dataset().info
+            info = self._hub_dataset.info
             split = (info.splits or {}).get(self.source.split) if info else None
             total = split.num_examples if split else None
         elif self.path is None:
@@ -93,7 +94,7 @@ class TextSource:
 
     def _all_batches(self) -> Iterator[list[str]]:
         if self.source.hub is not None:
-            yield from self._dataset_batches(self._hub_dataset(), self.source.hub, f"{self.key}.hub")
+            yield from self._dataset_batches(self._hub_dataset, self.source.hub, f"{self.key}.hub")
         elif self.path is None:
             from lctk.data.corpus import builtin_documents
 
@@ -144,7 +145,8 @@ class TextSource:
             dataset = dataset[self.source.split]
         return dataset
 
-    def _hub_dataset(self):
+    @functools.cached_property
+    def _hub_dataset(self):  # opened once: the progress estimate and the reading share it
         datasets = _datasets()
         source = self.source
         offline = any(os.environ.get(name, "0") not in ("", "0") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
