@@ -36,7 +36,10 @@ class HybridCache:
 
     @property
     def is_linear(self) -> list[bool]:
-        return [letter not in "AS" for letter in self.letters]
+        """No layer, recurrent ones included: transformers reads `all(is_linear)` as "the cache cannot say how many
+        tokens it holds" and then feeds the whole input_ids of a continued generate() on top of the state. This cache
+        counts its tokens exactly (seen_tokens), so generate() may strip the cached prefix for every pattern."""
+        return [False] * len(self.letters)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens

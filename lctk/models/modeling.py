@@ -16,12 +16,16 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 
 from lctk.models.cache import HybridCache
 from lctk.models.config import HybridConfig
 from lctk.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from lctk.models.mixers import MIXERS, Mixer, MixerState
 from lctk.models.sequence import SequenceInfo, build_sequence_info
+
+logger = logging.get_logger(__name__)
 
 
 class HybridBlock(GradientCheckpointingLayer):
@@ -48,6 +52,7 @@ class HybridPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridBlock"]
     _supports_sdpa = True
+    _supports_flash_attn = True
     _is_stateful = True
 
     @torch.no_grad()
@@ -55,6 +60,13 @@ class HybridPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, Mixer) and hasattr(module, "init_special_parameters"):
             module.init_special_parameters()
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """Nothing asked (attn_implementation unset): the config's attention.backend, so that config.
+        _attn_implementation tells what runs. The attention layers follow it (lctk.models.mixers.attention)."""
+        if requested_attention is None and (self.config.attention or {}).get("backend") == "eager":
+            requested_attention = "eager"
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoModel") -> None:
@@ -83,6 +95,7 @@ class HybridModel(HybridPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -95,8 +108,12 @@ class HybridModel(HybridPreTrainedModel):
         output_hidden_states: bool | None = None,
         past_key_values: HybridCache | None = None,
         context_shard=None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """transformers' conventions: output_* and return_dict default to the config's; hidden_states are the input of
+        every layer plus the last hidden state (after the final norm); attentions are the weights of `A`/`S` layers
+        (computed on the eager path, attn_implementation="eager") and None for the other layers."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -114,19 +131,26 @@ class HybridModel(HybridPreTrainedModel):
             batch, length, past_length, hidden_states.device, position_ids, attention_mask, cu_seqlens, context_shard
         )
         seq.rotary = self.rotary_emb(hidden_states, seq.position_ids)
+        if self.config.output_attentions if output_attentions is None else output_attentions:
+            if self.config._attn_implementation != "eager" and any(letter in "AS" for letter in self.config.pattern):
+                logger.warning_once("output_attentions: attention weights need attn_implementation='eager'; "
+                                    f"with {self.config._attn_implementation!r} they are None")
+            seq.attentions = {}
+        hidden_wanted = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        all_hidden = [] if hidden_wanted else None
 
-        all_hidden = [hidden_states] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states, seq, cache[i] if cache is not None else None)
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
+            hidden_states = layer(hidden_states, seq, cache[i] if cache is not None else None)
         hidden_states = self.norm(hidden_states)
         if cache is not None:
             cache.seen_tokens += length
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             cache=cache if use_cache else None,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            hidden_states=(*all_hidden, hidden_states) if all_hidden is not None else None,
+            attentions=tuple(map(seq.attentions.get, range(len(self.layers)))) if seq.attentions is not None else None,
         )
 
 
@@ -160,6 +184,15 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # forward() creates its own HybridCache
 
+    def _prepare_cache_for_generation(self, generation_config, *args, **kwargs):
+        # transformers would only warn and ignore it: a static (or other) cache asked for is refused instead
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r}: lctk models keep their own "
+                "HybridCache (one state per layer, fixed-size for recurrent layers); leave cache_implementation unset"
+            )
+        return super()._prepare_cache_for_generation(generation_config, *args, **kwargs)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
@@ -172,6 +205,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -185,11 +219,13 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | Tensor = 0,
         past_key_values: HybridCache | None = None,
-        return_dict: bool | None = None,
         context_shard=None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> HybridCausalLMOutput:
         outputs = self.model(
+            return_dict=True,
+            output_attentions=output_attentions,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -211,5 +247,5 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return HybridCausalLMOutput(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
-            last_hidden_state=last_hidden_state,
+            attentions=outputs.attentions, last_hidden_state=last_hidden_state,
         )

@@ -36,6 +36,7 @@ class SequenceInfo:
     last_doc: Tensor | None = None  # [B] index of each row's last document
     rotary: tuple[Tensor, Tensor] | None = None  # cos, sin [B, T, head_dim], computed once per forward
     shard: ContextShard | None = None  # this call's shard of rows split across processes; None: whole rows
+    attentions: dict[int, Tensor] | None = None  # output_attentions: layer -> weights [B, H, T, S] of eager attention
 
     @property
     def has_documents(self) -> bool:
@@ -78,8 +79,15 @@ def build_sequence_info(
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
             raise ValueError(f"attention_mask: expected [batch, past + length], got {tuple(attention_mask.shape)}")
+        if attention_mask.shape[1] < past_length + length:  # which cached tokens it omits cannot be known
+            raise ValueError(
+                f"attention_mask: covers {attention_mask.shape[1]} tokens, fewer than the {past_length} in the cache + "
+                f"{length} new ones (pass the mask of the whole sequence, cached tokens included)"
+            )
         key_mask = attention_mask[:, -(past_length + length) :].bool()
-        if bool(key_mask.all()):
+        # an all-ones mask is dropped (the unmasked kernels are faster); torch.export cannot branch on its values, so
+        # an exported forward keeps it
+        if not torch.compiler.is_exporting() and bool(key_mask.all()):
             key_mask = None
         else:
             token_mask = key_mask[:, -length:]

@@ -50,12 +50,21 @@ class Attention(Mixer):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.window = self.settings["window"] if letter == "S" else None
-        self.backend = self.settings["backend"]
+        self.config = config  # transformers' attn_implementation lives there and may change (set_attn_implementation)
         bias = self.settings["qkv_bias"]
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=self.settings["o_bias"])
+
+    @property
+    def backend(self) -> str:
+        """transformers' attn_implementation mapped onto the backends: "eager" and "flash_attention_*" choose eager and
+        flash; "sdpa" (also transformers' default) keeps attention.backend's choice of sdpa or flash."""
+        chosen = self.config._attn_implementation or "sdpa"
+        if chosen == "eager" or "flash" in chosen:
+            return "eager" if chosen == "eager" else "flash"
+        return "flash" if self.settings["backend"] == "flash" else "sdpa"
 
     @classmethod
     def default_settings(cls, config) -> dict[str, Any]:
@@ -191,7 +200,10 @@ class Attention(Mixer):
                 mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            out = scores.softmax(-1).to(v.dtype) @ v
+            weights = scores.softmax(-1).to(v.dtype)
+            if seq.attentions is not None:
+                seq.attentions[self.layer_idx] = weights
+            out = weights @ v
         else:
             if causal and mask is None and q.shape[2] != k.shape[2]:
                 mask = causal_lower_right(q.shape[2], k.shape[2])  # SDPA's is_causal aligns top-left
