@@ -70,7 +70,7 @@ class TokenStore:
 
     def lengths(self) -> np.ndarray:
         """The length of every document (int64, one entry per document)."""
-        return np.concatenate([np.diff(offsets) for _, offsets in self.shards]) if self.shards else np.zeros(0, int)
+        return np.concatenate([np.diff(offsets) for _, offsets in self.shards])
 
     def document(self, index: int) -> np.ndarray:
         shard = int(np.searchsorted(self._first, index, side="right")) - 1
