@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lctk.models.loading import TRUST_REMOTE_CODE_HELP
+from lctk.train.command import PRINT_CONFIG_HELP
 
 
 def distill(
@@ -15,11 +16,16 @@ def distill(
     resume: str = typer.Option(None, "--resume", help="'auto': continue the run stage by stage from its checkpoints"),
     overwrite: bool = typer.Option(False, "--overwrite", help="delete an existing run of the same name first"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    print_config: bool = typer.Option(False, "--print-config", help=PRINT_CONFIG_HELP),
 ) -> None:
     """Distil a transformer (Llama / Mistral / Qwen2) into a hybrid, replacing attention layers stage by stage."""
     from lctk.distill.run import distill_recipe
     from lctk.models.loading import trusting_remote_code
     from lctk.recipe import load_recipe
 
+    loaded = load_recipe(recipe, overrides, kind="distill")
+    if print_config:
+        typer.echo(loaded.to_yaml(), nl=False)
+        return
     with trusting_remote_code(trust_remote_code):  # the teacher
-        distill_recipe(load_recipe(recipe, overrides, kind="distill"), resume=resume, overwrite=overwrite)
+        distill_recipe(loaded, resume=resume, overwrite=overwrite)

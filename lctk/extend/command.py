@@ -13,6 +13,7 @@ import typer
 
 from lctk.errors import UserError
 from lctk.models.loading import TRUST_REMOTE_CODE_HELP
+from lctk.train.command import PRINT_CONFIG_HELP
 
 
 def extend(
@@ -29,6 +30,7 @@ def extend(
                                    "otherwise continues it)"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. --set eval.limit=2 (repeatable)"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    print_config: bool = typer.Option(False, "--print-config", help=PRINT_CONFIG_HELP),
 ) -> None:
     """Extend a model's usable context: RoPE scaling, recurrent-state methods, optional training; before/after evals."""
     from lctk.extend.run import extend_recipe
@@ -49,6 +51,9 @@ def extend(
         loaded = validate_recipe(raw, ExtendRecipe)
     if output is not None:
         loaded.run.output_dir, loaded.run.name = str(output), output.name
+    if print_config:
+        typer.echo(loaded.to_yaml(), nl=False)
+        return
     with trusting_remote_code(trust_remote_code):
         extend_recipe(loaded, log=typer.echo, overwrite=overwrite)
 
