@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lctk import HybridConfig
+from lctk import HybridConfig, HybridForCausalLM
 from lctk.models.mixers.lact import LaCT, newton_schulz
 from lctk.models.sequence import build_sequence_info, unpack
 
@@ -120,3 +120,28 @@ def test_fast_weight_parameters_take_no_weight_decay():
     mixer = make_lact()
     assert all(p._no_weight_decay for p in (mixer.fast_init, mixer.qk_scale, mixer.qk_offset))
     assert mixer.fast_init.shape == (2, 3 * 8 * 16)  # W0, W1, W2 of 8 x 16 per head (expand 2)
+
+
+def test_initial_fast_weights_are_low_rank_plus_half_identity_by_default():
+    config = HybridConfig(pattern="L", hidden_size=128, num_attention_heads=2, lact={"num_heads": 1})
+    mixer = LaCT(config, "L")
+    w0, w1, w2 = unpack(mixer.fast_init.detach(), mixer.shapes)
+    for w in (w0, w2):  # 128 x 128 = rank-32 product + 0.5 I
+        assert torch.linalg.matrix_rank(w[0] - 0.5 * torch.eye(128)) == 32
+    assert torch.linalg.matrix_rank(w1[0]) == 128
+    config = HybridConfig(pattern="L", hidden_size=128, num_attention_heads=2, lact={"num_heads": 1, "init_rank": None})
+    full = LaCT(config, "L")
+    assert torch.linalg.matrix_rank(unpack(full.fast_init.detach(), full.shapes)[0][0] - 0.5 * torch.eye(128)) == 128
+
+
+def test_fast_weight_rope_is_on_by_default_and_ttt_nope_leaves_it_out():
+    torch.manual_seed(0)
+    outputs = {}
+    for nope in (False, True):
+        config = HybridConfig(vocab_size=50, pattern="L", hidden_size=32, num_attention_heads=2,
+                              lact={"num_heads": 2, "chunk_size": 4, "window": 2, "ttt_nope": nope})
+        torch.manual_seed(0)
+        model = HybridForCausalLM(config).eval()
+        with torch.no_grad():
+            outputs[nope] = model(torch.arange(12).view(1, 12) % 50).logits
+    assert not torch.allclose(outputs[False], outputs[True])

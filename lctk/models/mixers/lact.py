@@ -5,7 +5,7 @@ sharing one q/k/v projection.
     q, k, v = W_qkv x
     a = SWA(rope(q), rope(k), v)                    num_attention_heads x head_dim, window w
     per LaCT head (H heads of D = hidden_size / H):
-      q', k' = l2norm(silu(q s_q + b_q)), l2norm(silu(k s_k + b_k)),  v' = silu(v)    s, b learned per channel
+      q', k' = rope(l2norm(silu(q s_q + b_q))), rope(l2norm(silu(k s_k + b_k))),  v' = silu(v)    s, b per channel
       f_W(x) = W1 (silu(W0 x) * (W2 x))              SwiGLU fast weights W0, W2 [D e, D], W1 [D, D e]
       lr0, lr1, lr2 = softplus(W_lr x + softplus^-1(base_lr))     per token, one per fast-weight matrix
       chunk c (chunk_size tokens counted from the document start), apply then update:
@@ -19,11 +19,17 @@ sharing one q/k/v projection.
 
 Decoding keeps W_c and the running sum of the chunk's gradients (all taken at the same W_c, so they add token
 by token) and applies the update when the chunk fills: the state is constant in sequence length, where the
-paper's code runs the whole sequence again at every step. Choices: no RoPE on q', k' (the paper notes that
-NoPE also works, and positions inside a chunk do not matter to its update); Newton-Schulz in fp32 with the
-classic (3.4445, -4.7750, 2.0315) quintic for 5 steps (the paper's code uses bf16 and a per-step schedule);
-W_0, s, b take no weight decay (W_0's row norms fix the fast weights' scale for good). Padding tokens are left
-out of the chunks.
+paper's code runs the whole sequence again at every step.
+
+As the reference (a1600012888/LaCT, lact_llm, the released 760M / 3B configs): RoPE on q', k' with the attention's
+rotary and head split (`ttt_nope: true` leaves it out; the paper notes that NoPE also works); Newton-Schulz with the
+reference's 5-step coefficient schedule; W0 and W2 start at a rank-`init_rank` product plus 0.5 I with gain
+`init_gain` (32 and 0.5 in the 760M / 3B configs; `init_rank: null` gives the full-rank randn / sqrt(fan_in)), W1 at
+randn / sqrt(fan_in); the row norms are pinned to their initial values after every update, so the initialisation
+sets the fast weights' scale for good. Different on purpose: Newton-Schulz runs in fp32 (the reference casts to bf16;
+fp32 is the CPU path, and the schedule is the same); W0 and W2 stay full matrices that the outer loop trains (the
+reference keeps them factored, to save parameters against its baselines). W_0, s, b take no weight decay. Padding
+tokens are left out of the chunks.
 """
 
 from __future__ import annotations
@@ -39,17 +45,25 @@ from transformers import initialization as init
 
 from lctk.models.layers import RMSNorm, apply_rotary, silu_grad
 from lctk.models.mixers.attention import window_attention
-from lctk.models.mixers.base import Mixer, MixerState
+from lctk.models.mixers.base import Mixer, MixerState, require_positive
 from lctk.models.sequence import ChunkGrid, SequenceInfo, pack, unpack
 
+# LaCT's per-step quintic coefficients (a, b, c): x <- a x + (b x x^T + c (x x^T)^2) x
+MUON_SCHEDULE = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
 
-def newton_schulz(g: Tensor, steps: int = 5) -> Tensor:
-    """Approximate U V^T of g = U S V^T for matrices [..., m, n] (Muon's orthogonalisation)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+
+def newton_schulz(g: Tensor) -> Tensor:
+    """Approximate U V^T of g = U S V^T for matrices [..., m, n] (Muon's orthogonalisation, LaCT's schedule)."""
     wide = g.shape[-2] <= g.shape[-1]
     x = g if wide else g.transpose(-1, -2)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in MUON_SCHEDULE:
         gram = x @ x.transpose(-1, -2)
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x if wide else x.transpose(-1, -2)
@@ -70,6 +84,7 @@ class LaCTState(MixerState):
 class LaCT(Mixer):
     section = "lact"
     rotary = True
+    special_settings = ("init_rank",)  # may be null
 
     @classmethod
     def context_parallel_problem(cls, config, shard_length: int) -> str | None:
@@ -90,6 +105,7 @@ class LaCT(Mixer):
         self.chunk_size, self.window = s["chunk_size"], s["window"]
         self.use_momentum, self.use_muon = s["momentum"], s["muon"]
         self.base_lr_inv = math.log(math.expm1(s["base_lr"]))  # softplus^-1
+        self.rope = not s["ttt_nope"]
 
         d = config.hidden_size
         self.qkv = nn.Linear(d, 3 * d, bias=False)
@@ -116,6 +132,9 @@ class LaCT(Mixer):
             "momentum": True,
             "muon": False,
             "base_lr": 1e-3,
+            "ttt_nope": False,
+            "init_rank": 32,
+            "init_gain": 0.5,
         }
 
     @classmethod
@@ -130,10 +149,19 @@ class LaCT(Mixer):
                 f"head_dim must equal hidden_size ({config.num_attention_heads} * {config.head_dim} != "
                 f"{config.hidden_size})"
             )
+        if settings["init_rank"] is not None:  # null: full-rank initial fast weights
+            require_positive("lact.init_rank", settings["init_rank"], integer=True)
 
     @torch.no_grad()
     def init_special_parameters(self) -> None:
+        rank, gain = self.settings["init_rank"], self.settings["init_gain"]
         mats = [torch.randn(self.num_heads, rows, cols) / math.sqrt(cols) for rows, cols in self.shapes]
+        if rank is not None:  # W0, W2 = L R + 0.5 I, L ~ N(0, gain^2 / rank), R ~ N(0, gain^2 / fan_in)
+            for index in (0, 2):
+                rows, cols = self.shapes[index]
+                left = torch.randn(self.num_heads, rows, rank) * gain / math.sqrt(rank)
+                right = torch.randn(self.num_heads, rank, cols) * gain / math.sqrt(cols)
+                mats[index] = left @ right + 0.5 * torch.eye(rows, cols)
         init.copy_(self.fast_init, pack(mats))
         init.ones_(self.qk_scale)
         init.zeros_(self.qk_offset)
@@ -179,6 +207,8 @@ class LaCT(Mixer):
         fast_heads = lambda t: t.unflatten(-1, (self.num_heads, self.fast_dim))  # noqa: E731
         fq = F.normalize(fast_heads(F.silu(q * self.qk_scale[0] + self.qk_offset[0])), dim=-1)
         fk = F.normalize(fast_heads(F.silu(k * self.qk_scale[1] + self.qk_offset[1])), dim=-1)
+        if self.rope:  # the attention's rotary on its own head split; rotations keep the fast heads' unit norm
+            fq, fk = (fast_heads(apply_rotary(heads(t.flatten(-2)), cos, sin).flatten(-2)) for t in (fq, fk))
         fv = fast_heads(F.silu(v))
         lr = F.softplus(self.lr_proj(hidden_states).to(self.state_dtype) + self.base_lr_inv).unflatten(
             -1, (self.num_heads, 3)
