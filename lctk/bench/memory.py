@@ -15,11 +15,13 @@ MLP and vocabulary (SDPA attention). Variants:
 
 Each (variant, T) runs in a fresh process, one thread; on a CPU its figure is the process's peak RSS
 (getrusage ru_maxrss) minus the RSS it had before building the model, so weights, gradients and AdamW state are
-included. A straight line through the measured points gives bytes per token (per layer: divided by the depth) and
-the longest T whose predicted peak fits in the machine's memory. Every variant runs at one T before any runs at the
-next; a point is not run but extrapolated from that line (the table marks it) when its predicted peak passes
-MAX_RUN_BYTES (the box is shared), or its predicted run time passes MAX_RUN_SECONDS or what is left of
-BUDGET_SECONDS (one CPU thread: the LM head and attention's T^2 make long rows slow).
+included, read twice: after backward and after the optimizer step. The step's peak is the larger of the two phases:
+forward + backward grows with T, the optimizer step (weights, gradients, AdamW state) does not and sets the peak at
+short T. A straight line through the forward + backward peaks gives bytes per token (per layer: divided by the depth)
+and the longest T that fits in the machine's memory. Every variant runs at one T before any runs at the next; a point
+is not run but extrapolated (the table marks it) when its predicted peak passes MAX_RUN_BYTES (the box is shared),
+or its predicted run time passes MAX_RUN_SECONDS or what is left of BUDGET_SECONDS (one CPU thread: the LM head and
+attention's T^2 make long rows slow).
 
 `loss alone` runs the chunked loss by itself on random final hidden states at each T (its peak minus its inputs,
 gradients of the hidden states and of the LM head included): the share of the step's peak that the loss takes.
@@ -40,7 +42,7 @@ from pathlib import Path
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "hybrid-150m.yaml"
 PATTERN = "MMMA"
 VOCAB = 32768
-LENGTHS = (2048, 8192, 16384, 32768, 65536)
+LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536)
 VARIANTS = {  # name: (model, loss, activation checkpointing)
     "hybrid full loss": ("hybrid", "full", False),
     "hybrid chunked": ("hybrid", "chunked", False),
@@ -48,10 +50,10 @@ VARIANTS = {  # name: (model, loss, activation checkpointing)
     "llama full loss": ("llama", "full", False),
     "llama chunked+ckpt": ("llama", "chunked", True),
 }
-LOSS_LENGTHS = (2048, 32768)
+LOSS_LENGTHS = (2048, 8192)
 MAX_RUN_BYTES = 14 * 2**30  # the CPU box is shared: beyond this a point is extrapolated, not run
 MAX_RUN_SECONDS = 150.0  # one measurement, process start included
-BUDGET_SECONDS = 780.0  # all measurements
+BUDGET_SECONDS = 900.0  # all measurements
 STARTUP_SECONDS = 12.0  # a fresh process importing torch, transformers and lctk on the shared box
 DRY_RUN = {"lengths": (64, 128, 256), "hidden_size": 64, "vocab": 512}
 
@@ -125,9 +127,11 @@ def measure_step(variant: str, length: int, device_name: str, dry_run: bool) -> 
             logits = model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
         loss.backward()
-    optimizer.step()
+    forward_backward = peak_bytes(device) - start
+    optimizer.step()  # AdamW's state is made here, after the activations are gone
     optimizer.zero_grad(set_to_none=True)
-    return {"peak": peak_bytes(device) - start, "seconds": time.perf_counter() - started}
+    return {"peak": peak_bytes(device) - start, "forward_backward": forward_backward,
+            "seconds": time.perf_counter() - started}
 
 
 def measure_loss(length: int, device_name: str, dry_run: bool) -> dict:
@@ -200,7 +204,10 @@ def child(args: list[str], device_name: str, dry_run: bool, timeout: float) -> d
             return None
     command = [sys.executable, "-m", "lctk.bench.memory", "--device", device_name, "--child", *args]
     command += ["--dry-run"] if dry_run else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # glibc keeps freed blocks under its mmap threshold (which grows up to 32 MiB) in the heap, so at short T the
+    # RSS high-water mark counts freed activations too; with a 64 KiB threshold tensors are mapped and unmapped
+    # one by one, as a long row's large tensors are anyway, and RSS follows the live tensors
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     try:
         done = subprocess.run(["nice", "-n", "10", *command], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -222,7 +229,8 @@ def sweep(device_name: str, dry_run: bool) -> dict:
         figures = child(["loss", str(length)], device_name, dry_run, timeout=2 * MAX_RUN_SECONDS)
         if figures is not None:
             loss[length] = figures["peak"]
-    measured: dict[str, dict[int, float]] = {name: {} for name in VARIANTS}
+    measured: dict[str, dict[int, float]] = {name: {} for name in VARIANTS}  # forward + backward peaks
+    steps: dict[str, dict[int, float]] = {name: {} for name in VARIANTS}  # whole-step peaks
     times: dict[str, dict[int, float]] = {name: {} for name in VARIANTS}
     for length in lengths:
         for name in VARIANTS:
@@ -238,27 +246,39 @@ def sweep(device_name: str, dry_run: bool) -> dict:
                 continue
             figures = child([name, str(length)], device_name, dry_run, timeout=max(120.0, min(left, 2 * expected)))
             if figures is not None:
-                measured[name][length], times[name][length] = figures["peak"], figures["seconds"] + STARTUP_SECONDS
+                measured[name][length], steps[name][length] = figures["forward_backward"], figures["peak"]
+                times[name][length] = figures["seconds"] + STARTUP_SECONDS
     results: dict = {"device": device_name, "lengths": list(lengths), "machine_bytes": budget, "variants": {}}
     print(f"peak memory of one training step, batch 1, bf16 autocast, {len(PATTERN)} layers ({PATTERN} / Llama), "
           f"machine memory {budget / gib:.1f} GiB; GiB per T (* = extrapolated from the line through the others)")
     print(f"{'variant':<20} | " + " | ".join(f"{t:>7}" for t in lengths) + " | B/token/layer | longest T that fits")
+    print("(B/token/layer and the longest T come from the line through the forward + backward peaks)")
     for name in VARIANTS:
+        # the step's peak is the larger of forward + backward (a line in T) and the optimizer step (a constant: AdamW
+        # state, weights and gradients), which decides the peak at short T
         slope, intercept = fit(measured[name])
-        row = {t: {"bytes": measured[name].get(t, slope * t + intercept), "measured": t in measured[name]}
-               for t in lengths}
+        optimizer_peak = max(steps[name].values(), default=0.0)
+        optimizer_peak = optimizer_peak if optimizer_peak > 1.01 * max(measured[name].values(), default=0.0) else 0.0
+        row = {t: {"bytes": steps[name].get(t, max(slope * t + intercept, optimizer_peak)),
+                   "forward_backward": measured[name].get(t), "measured": t in measured[name]} for t in lengths}
         # (in-process dry runs on a CPU may see no growth of the high-water mark at all)
         longest, per_layer = (int((budget - intercept) / slope) if slope > 0 else None), slope / len(PATTERN)
+        # how straight the line is: the largest gap between a measured point and the line, relative to the point
+        off_line = max(abs(b - slope * t - intercept) / b for t, b in measured[name].items()) if slope > 0 else None
         results["variants"][name] = {"points": row, "bytes_per_token": slope, "bytes_per_token_per_layer": per_layer,
-                                     "intercept_bytes": intercept, "longest_T": longest,
+                                     "intercept_bytes": intercept, "longest_T": longest, "off_line": off_line,
                                      "seconds": times[name]}
         cells = [f"{row[t]['bytes'] / gib:>6.2f}{' ' if row[t]['measured'] else '*'}" for t in lengths]
-        print(f"{name:<20} | " + " | ".join(cells) + f" | {per_layer:>13,.0f} | " + (f"{longest:,}" if longest else "n/a"))
+        print(f"{name:<20} | " + " | ".join(cells) + f" | {per_layer:>13,.0f} | "
+              + (f"{longest:,} (measured points within {off_line:.1%} of the line)" if longest else "n/a"))
     step = results["variants"]["hybrid chunked+ckpt"]["points"]
-    results["loss_alone"] = {t: {"bytes": b, "share_of_step": b / max(step[t]["bytes"], 1)} for t, b in loss.items()}
-    print("the chunked loss alone (its gradients included) against the step of hybrid chunked+ckpt: " + ", ".join(
-        f"T={t}: {b / gib:.2f} GiB = {v['share_of_step']:.1%}" for t, b, v in
-        ((t, b, results["loss_alone"][t]) for t, b in loss.items())))
+    loss_slope, loss_intercept = fit(loss) if loss else (0.0, 0.0)
+    results["loss_alone"] = {t: {"bytes": loss.get(t, loss_slope * t + loss_intercept), "measured": t in loss,
+                                 "share_of_step": loss.get(t, loss_slope * t + loss_intercept) / max(step[t]["bytes"], 1)}
+                             for t in lengths}
+    print("the chunked loss alone (its gradients included), share of the step of hybrid chunked+ckpt: " + ", ".join(
+        f"T={t}: {v['bytes'] / gib:.2f} GiB{'' if v['measured'] else '*'} = {v['share_of_step']:.1%}"
+        for t, v in results["loss_alone"].items()))
     if all(v["longest_T"] for v in results["variants"].values()):
         ratios(results)
     return results
