@@ -196,8 +196,9 @@ class CheckpointSection(Section):
 
 
 class WandbSection(Section):
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "lctk"
+    # None: WANDB_MODE / WANDB_PROJECT when set, else disabled / "lctk" (lctk.train.tracking)
+    mode: Literal["offline", "online", "disabled"] | None = None
+    project: str | None = None
     entity: str | None = None
     name: str | None = None  # default: run.name
     tags: list[str] = Field(default_factory=list)
@@ -206,6 +207,7 @@ class WandbSection(Section):
 class LoggingSection(Section):
     every: int = Field(10, gt=0)
     wandb: WandbSection = Field(default_factory=WandbSection)
+    trackers: list[str] = Field(default_factory=list, description="more accelerate trackers: tensorboard, mlflow, ...")
 
 
 class EvalSection(Section):

@@ -22,10 +22,12 @@ def distill(
     from lctk.distill.run import distill_recipe
     from lctk.models.loading import trusting_remote_code
     from lctk.recipe import load_recipe
+    from lctk.train.tracking import check_trackers
 
     loaded = load_recipe(recipe, overrides, kind="distill")
     if print_config:
         typer.echo(loaded.to_yaml(), nl=False)
         return
+    check_trackers(loaded.logging)  # before any work: an online wandb run without a key is one line
     with trusting_remote_code(trust_remote_code):  # the teacher
         distill_recipe(loaded, resume=resume, overwrite=overwrite)

@@ -53,6 +53,7 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
 
     from lctk.data.pipeline import prepare_data
     from lctk.parallel import make_accelerator
+    from lctk.train.tracking import log_results
 
     accelerator = make_accelerator(recipe.train)
     main = accelerator.is_main_process
@@ -148,6 +149,7 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
         last = rows[-1]
         say(f"done: {len(spec.stages)} stages, {last['replaced']}/{total_layers} attention layers replaced, "
             f"held-out KL {last['kl_rev']:.4f}, top-1 agreement {last['top1']:.3f} -> {report}")
+        log_results(accelerator, {f"stage-{number}": row for number, row in enumerate(rows)})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return rows

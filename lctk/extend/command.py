@@ -36,6 +36,7 @@ def extend(
     from lctk.extend.run import extend_recipe
     from lctk.models.loading import trusting_remote_code
     from lctk.recipe import apply_override, load_recipe, validate_recipe
+    from lctk.train.tracking import check_trackers
 
     flags_given = model is not None or method or factor is not None or length is not None
     if recipe is not None and flags_given:
@@ -54,6 +55,7 @@ def extend(
     if print_config:
         typer.echo(loaded.to_yaml(), nl=False)
         return
+    check_trackers(loaded.logging)  # before any work: an online wandb run without a key is one line
     with trusting_remote_code(trust_remote_code):
         extend_recipe(loaded, log=typer.echo, overwrite=overwrite)
 

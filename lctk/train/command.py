@@ -23,10 +23,12 @@ def train(
     from lctk.models.loading import trusting_remote_code
     from lctk.recipe import load_recipe
     from lctk.train.run import train_recipe
+    from lctk.train.tracking import check_trackers
 
     loaded = load_recipe(recipe, overrides, kind="train")
     if print_config:
         typer.echo(loaded.to_yaml(), nl=False)
         return
+    check_trackers(loaded.logging)  # before any work: an online wandb run without a key is one line
     with trusting_remote_code(trust_remote_code):  # model.init_from
         train_recipe(loaded, resume=resume, overwrite=overwrite)

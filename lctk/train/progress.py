@@ -1,6 +1,6 @@
 """What a run reports while it trains: metrics.jsonl (always), a rich progress bar on a terminal or plain step lines
-otherwise, and wandb when configured (offline by default: no account or key needed; online asks wandb for one).
-Only the main process reports.
+otherwise, and the experiment trackers the command started on the accelerator (wandb, TensorBoard, ...:
+lctk.train.tracking). Only the main process reports.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from lctk.train.tracking import set_steps_logged, steps_logged
 
 
 def format_count(value: float) -> str:
@@ -44,20 +46,18 @@ def step_line(metrics: dict, total_steps: int) -> str:
 
 
 class Reporter:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, wandb_settings=None,
-                 run_config: dict | None = None, run_name: str = "run", wandb_id: str | None = None):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, accelerator=None):
+        """accelerator: log to its trackers too, each step after the `steps_logged` of the command's earlier runs."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.metrics_file = run_dir / "metrics.jsonl"
-        self.wandb = None
-        self.wandb_id = wandb_id
+        self.accelerator = accelerator if accelerator is not None and accelerator.trackers else None
+        self.first_tracker_step = steps_logged(accelerator) if self.accelerator is not None else 0
         self.bar: Progress | None = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_after(self.metrics_file, start_step)  # lines a killed run logged after its last checkpoint
-        if wandb_settings is not None and wandb_settings.mode != "disabled":
-            self._start_wandb(run_dir, wandb_settings, run_config or {}, run_name)
         if sys.stdout.isatty():
             self.bar = Progress(
                 TextColumn("[bold]train"),
@@ -72,30 +72,14 @@ class Reporter:
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, status="")
             self.bar.start()
 
-    def _start_wandb(self, run_dir: Path, settings, run_config: dict, run_name: str) -> None:
-        import wandb
-
-        run = wandb.init(
-            project=settings.project,
-            entity=settings.entity,
-            name=settings.name or run_name,
-            tags=settings.tags,
-            config=run_config,
-            dir=str(run_dir),
-            mode=settings.mode,
-            id=self.wandb_id,
-            resume="allow",
-            settings=wandb.Settings(silent=True, disable_git=True),
-        )
-        self.wandb, self.wandb_id = run, run.id
-
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
         with open(self.metrics_file, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+        if self.accelerator is not None:
+            values = {f"train/{k}": v for k, v in metrics.items() if k != "step" and v is not None}
+            self.accelerator.log(values, step=self.first_tracker_step + metrics["step"])
         if self.bar is not None:
             loss = metrics.get("loss")
             status = f"loss {loss:.4f}" if loss is not None else "loss nan"
@@ -112,9 +96,8 @@ class Reporter:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
-        if self.wandb is not None:
-            self.wandb.finish()
-            self.wandb = None
+        if self.accelerator is not None:  # the trackers stay open for the command's evals (end_training closes them)
+            set_steps_logged(self.accelerator, self.first_tracker_step + self.total_steps)
 
 
 def _truncate_after(path: Path, step: int) -> None:

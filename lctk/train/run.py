@@ -45,6 +45,7 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
     from lctk.data.pipeline import load_tokenizer, prepare_data
     from lctk.parallel import check_context_parallel, context_group, make_accelerator
     from lctk.train.checkpoint import usable_checkpoint
+    from lctk.train.tracking import log_results
     from lctk.train.trainer import Trainer, summary_line
 
     accelerator = make_accelerator(recipe.train)
@@ -107,6 +108,7 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
             shutil.rmtree(run_dir / "eval" / "after", ignore_errors=True)
             results["after"] = _evaluate(recipe, final, tokenizer, data.held_out, accelerator, run_dir / "eval" / "after")
         results_file.write_text(json.dumps(results, indent=1))
+        log_results(accelerator, results)  # before end_training closes the trackers
         print_results(results, recipe)
         say(summary_line(result, run_dir))
     accelerator.wait_for_everyone()

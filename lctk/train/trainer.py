@@ -50,6 +50,7 @@ from lctk.train.checkpoint import (
 from lctk.train.losses import LMHead, cross_entropy_sum, final_hidden
 from lctk.train.optim import lr_factor, make_optimizer
 from lctk.train.progress import Reporter, Throughput, format_count
+from lctk.train.tracking import start_trackers
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -136,17 +137,10 @@ class Trainer:
         """Train to total_steps. resume: None (fresh), "auto" (the latest valid checkpoint, if any) or a path."""
         accelerator = self.accelerator
         resumed_from = self._resume(resume)
-        reporter = Reporter(
-            self.run_dir,
-            self.total_steps,
-            self.state.step,
-            enabled=accelerator.is_main_process,
-            wandb_settings=self.logging.wandb,
-            run_config=self.run_config,
-            run_name=self.run_name,
-            wandb_id=self.state.wandb_id,
-        )
-        self.state.wandb_id = reporter.wandb_id
+        self.state.wandb_id = start_trackers(accelerator, self.logging, self.run_dir, self.run_name, self.run_config or {},
+                                             self.state.wandb_id)
+        reporter = Reporter(self.run_dir, self.total_steps, self.state.step, enabled=accelerator.is_main_process,
+                            accelerator=accelerator)
         if accelerator.num_processes > 1:
             reporter.message(describe_parallelism(accelerator, self.model))
         if resumed_from:
