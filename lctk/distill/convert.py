@@ -19,12 +19,24 @@ z (the gate rows of in_proj), dt rows, dt_bias, D and the gated norm keep Mamba-
 identity (last tap 1, other taps and the bias 0; attention has no short convolution, so x, B, C start as
 silu(V u), silu(K u), silu(Q u)) and A = 0.1 for every head, so that exp(A dt) >= 0.99 at Mamba-2's initial
 dt <= 0.1 (attention does not forget). `init: mil-plain` leaves conv and A_log at Mamba-2's fresh values, as the
-MIL reference code does. `init: random` copies nothing. Measured on tiny teachers (a 4-layer Llama trained on a copy
-task, layers 0, 2, 3 replaced one at a time, two seeds, 20 steps of reverse-KL distillation): `mil` ended below
-`random` in 6 of 6 runs and `mil-plain` in 3 of 6; on byte-level text the three were within noise except layer 2,
-where `mil` ended 2x above (a short convolution helps there, and the student learns one).
+MIL reference code does. `init: random` copies nothing. On a tiny teacher (a 4-layer Llama trained on a copy task,
+one layer replaced, two seeds, 20 steps of reverse-KL distillation at lr 1e-2, held-out KL summed over the seeds):
+layers 0 and 1 sit on the same plateau whatever the init (6.92 mil, 6.92 mil-plain, 6.94 random: the copy circuit is
+lost and 20 steps do not rebuild it), layer 2 gives 0.19 / 0.23 / 0.19 and layer 3 0.04 / 0.08 / 0.08, so tiny
+teachers do not separate the inits; SmolLM2-135M decides the default (BENCHMARKS.md).
 Mamba-2's in_proj and out_proj have no bias: q/k/v/o biases (Qwen2) are not carried into it. RoPE has no
 counterpart in the recurrence and is dropped.
+
+Apriel-H1's student is Mamba-1-style (per-channel dt from a low-rank dt_proj, A of shape d_inner x d_state, conv on x
+only, raw B and C, no gated norm), so its C . B equals the teacher's q . k without RoPE at initialisation; ours passes
+B and C through silu(conv(.)). It is not offered as a student: a decay per channel and per state (exp(dt_c A_cn))
+does not fit the scalar-per-head SSD kernel family. Within a chunk the score of (t, s) would become
+sum_n C_tn B_sn exp(sum dt_c A_cn), a different [L, L] matrix for every channel c, i.e. heads of head_dim 1 and a
+GLA-style per-key-dimension decay: about P N / (P + N) times the intra-chunk FLOPs of SSD (32x at P = N = 64), done as
+elementwise products instead of matmuls, and a new kernel. Measured instead (BENCHMARKS.md, SmolLM2-135M, 256 tokens):
+the correlation of the MIL student's first-step scores silu(q) . silu(k) with the teacher's attention logits is -0.01
+to 0.45 over layers 0, 3, ..., 27, against 0.37 to 0.86 for the raw q . k that Apriel's B, C give (the rest of the gap
+is RoPE): the silu on B and C is what opens it.
 
 BASED (`based`): v_proj / o_proj are copied (kv heads repeated up to the query heads, GQA-style) when
 num_heads = the attention's heads and hidden_size / heads = head_dim; q_proj / k_proj too when feature_dim equals

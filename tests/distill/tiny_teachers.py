@@ -18,12 +18,6 @@ def tiny_llama(vocab_size: int = 320, seed: int = 0, **overrides) -> LlamaForCau
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**TINY, **overrides})).eval()
 
 
-def copy_batch(generator: torch.Generator, rows: int, vocab: int = 64, half: int = 24) -> torch.Tensor:
-    """Rows of random tokens followed by the same tokens: the second half needs attention to predict."""
-    first = torch.randint(0, vocab, (rows, half), generator=generator)
-    return torch.cat([first, first], dim=1)
-
-
 def save_teacher(folder):
     """An (untrained) tiny Llama saved with the byte tokenizer, as `distill.teacher` reads it."""
     from lctk.data.tokenizer import build_tokenizer
