@@ -5,6 +5,8 @@ own document limit. Runs when the lm-eval extra is installed (`make test` instal
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -129,3 +131,18 @@ def test_bad_lm_eval_input_is_one_line(monkeypatch, capsys, setup, args, message
     code, err = lctk_eval(monkeypatch, capsys, "--model", setup / "model", "--suite", "",
                           *[a.format(**names) for a in args], "--output", setup / "bad")
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(message), err
+
+
+@pytest.mark.slow
+def test_the_lm_eval_command_loads_a_saved_lctk_model_with_trust_remote_code(setup):
+    """lm_eval never imports lctk itself: the folder's auto_map and code files get it there (lctk.models.remote_code)."""
+    out = setup / "cli-out"
+    done = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+         f"pretrained={setup / 'model'},trust_remote_code=True", "--tasks", "lctk_tiny_mc", "--include_path",
+         str(setup / "tasks"), "--limit", str(LIMIT), "--output_path", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    assert results["lctk_tiny_mc"]["sample_len"] == LIMIT and "acc,none" in results["lctk_tiny_mc"]
