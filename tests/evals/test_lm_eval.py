@@ -73,6 +73,8 @@ def setup(tmp_path_factory, byte_tokenizer):
     (tasks / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (tasks / "mc.yaml").write_text(MC.format(data=tasks / "data.jsonl"))
     (tasks / "gen.yaml").write_text(GEN.format(data=tasks / "data.jsonl"))
+    broken = MC.format(data=tasks / "missing.jsonl").replace("lctk_tiny_mc", "lctk_tiny_broken")
+    (tasks / "broken.yaml").write_text(broken)  # lm-eval fails inside simple_evaluate
     return root
 
 
@@ -124,13 +126,14 @@ def test_the_bridge_reports_lm_evals_own_numbers(monkeypatch, capsys, setup, byt
         (["--lm-eval", "lctk_tiny_mc", "--lm-eval-include", "{tasks}", "--lm-eval-limit", "0"],
          "error: --lm-eval-limit: must be at least 1"),
         ([], "error: --suite: give at least one suite"),
+        (["--lm-eval", "lctk_tiny_broken", "--lm-eval-include", "{tasks}"], "error: --lm-eval: "),
     ],
 )
 def test_bad_lm_eval_input_is_one_line(monkeypatch, capsys, setup, args, message):
     names = {"nowhere": setup / "nowhere", "tasks": setup / "tasks"}
     code, err = lctk_eval(monkeypatch, capsys, "--model", setup / "model", "--suite", "",
                           *[a.format(**names) for a in args], "--output", setup / "bad")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(message), err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.strip().startswith(message), err
 
 
 @pytest.mark.slow
