@@ -9,6 +9,7 @@ Zoology's BaseConv multiplies a convolution of the input by a linear projection 
 the short (K = 3) one of the BASED language models, not a long implicit filter. Choices: expand = 2
 (in_proj d -> 4d); SiLU on the convolved half, as in Mamba's short convolution. The state for generation is the
 last K - 1 inputs of the convolution. Padding tokens enter the convolution as zeros, as a document start does.
+Rows split across processes: the convolution takes the previous shard's last K - 1 inputs (lctk.parallel.context).
 """
 
 from __future__ import annotations

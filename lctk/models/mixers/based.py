@@ -13,7 +13,8 @@ output column is the normaliser phi(q_t)^T z_t, and the state [H, 1 + f + f^2, d
 side. The denominator is positive without eps (1 + a + a^2 / 2 > 0); eps only guards rounding. Choices:
 query/key heads = value heads = `num_heads` (default num_attention_heads); no decay and no short convolution
 inside the layer (BASED places BaseConv `C` layers beside it); the division in fp32. Padding tokens get
-phi(k) = 0, which adds nothing to S or z.
+phi(k) = 0, which adds nothing to S or z. Rows split across processes take the earlier shards' S and z through
+`ssd_rows` (lctk.parallel.context: a gathered scan of the final states).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@
 The recurrence is `lctk.kernels.ssd.ssd` with q = C, k = B, v = x * dt, g = A * dt. Initialisation as the paper's
 reference code: dt_bias = softplus^-1(dt0) with dt0 log-uniform in [dt_min, dt_max] (floored at dt_init_floor),
 A_log = log(U[1, 16]), D = 1. Padding tokens get dt = 0 and zero conv input, so they leave the state untouched.
+Rows split across processes (lctk.parallel.context): the convolution takes the previous shard's last K - 1 inputs, and
+the recurrence the earlier shards' state through `ssd_rows` (a gathered scan of final states and decays).
 
 `xb_heads` (default: off) shares x and B across heads the way grouped-query attention shares V and K: in_proj makes
 xb_heads heads of x and xb_heads groups of B, repeated up to H heads and G groups after the convolution. This is the
