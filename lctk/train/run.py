@@ -78,7 +78,8 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
         f"vocab {model.config.vocab_size}, seq_len {recipe.data.seq_len}")
     for line in data.summary:
         say(f"data: {line}")
-    say(f"train: {total_steps} steps x {tokens_per_step} tokens on {world} process(es), {recipe.train.precision}")
+    split = f", each row split over {context.size} (context parallel)" if context.size > 1 else ""
+    say(f"train: {total_steps} steps x {tokens_per_step} tokens on {world} process(es){split}, {recipe.train.precision}")
 
     results_file = run_dir / "results.json"
     results = json.loads(results_file.read_text()) if resume is not None and results_file.exists() else {}

@@ -36,6 +36,7 @@ def test_split_rows_train_like_one_process_and_resume(tmp_path, make_recipe, lct
     recipe = make_recipe(tmp_path, "split", train=train)
     split = lctk("train", str(recipe), "--set", "train.context_parallel=2", launcher=launcher(29541))
     assert split.returncode == 0, split.stderr[-3000:]
+    assert "on 2 process(es), each row split over 2 (context parallel)" in split.stdout
     one, run_dir = tmp_path / "runs" / "one", tmp_path / "runs" / "split"
     assert losses(run_dir) == pytest.approx(losses(one), rel=1e-5)
 
