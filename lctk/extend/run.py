@@ -43,6 +43,7 @@ from lctk.extend.rope import (
     write_legacy_rope_keys,
 )
 from lctk.train import rundir
+from lctk.train.tracking import log_command_results
 
 SECTIONS_FIXED_ON_RERUN = ("data", "extend")
 
@@ -156,6 +157,7 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
     (run_dir / "extend.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     if recipe.eval.suites:
         from lctk.extend.report import write_report
+    log_command_results(recipe.logging, run_dir, recipe.run.name, recipe.model_dump(mode="json"), results)
 
         write_report(results, run_dir, lengths)
         log(f"report: {run_dir / 'report.md'}")
@@ -224,6 +226,7 @@ def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, num
     from lctk.train.run import save_hf_folder
     from lctk.train.trainer import Trainer, summary_line
 
+    from lctk.train.tracking import finish_trackers
     stage_dir = recipe.run.dir / "stages" / str(number)
     seq_len = tokens_at(stage.seq_len, original)
     done = stage_dir / "final"
@@ -252,6 +255,7 @@ def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, num
     result = trainer.fit("auto")
     model = trainer.trained_model()
     if accelerator.is_main_process:
+    finish_trackers(accelerator)  # each stage is a tracker run of its own, named after the stage
         save_hf_folder(model, tokenizer, done)
     log(summary_line(result, stage_dir))
     return model.eval()

@@ -80,6 +80,27 @@ def start_trackers(accelerator, logging, run_dir: Path, run_name: str, config: d
     return wandb_tracker.run.id if wandb_tracker is not None else None
 
 
+def finish_trackers(accelerator) -> None:
+    """Close the trackers without accelerator.end_training(), which would also end the process group that later
+    stages of the command still use."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers.clear()
+
+
+def log_command_results(logging, run_dir: Path, run_name: str, config: dict, results: dict) -> None:
+    """The results of a command whose last Trainer run has ended (extend: evals after the stages, or with no stage at
+    all) in trackers of their own, on the main process."""
+    if not tracker_names(logging):
+        return
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()  # joins the process's accelerate state; only its trackers are new
+    start_trackers(accelerator, logging, run_dir, run_name, config, None)
+    log_results(accelerator, results)
+    finish_trackers(accelerator)
+
+
 def steps_logged(accelerator) -> int:
     """Tracker steps used by earlier Trainer runs of this command (stages), so that each run logs after them."""
     return getattr(accelerator, "_lctk_tracker_steps", 0)
