@@ -14,7 +14,7 @@ MLP and vocabulary (SDPA attention). Variants:
     llama chunked+ckpt    Llama with lctk's chunked loss and activation checkpointing: the best Llama gets here
 
 Each (variant, T) runs in a fresh process, one thread; on a CPU its figure is the process's peak RSS
-(getrusage ru_maxrss) minus the RSS it had before building the model, so weights, gradients and AdamW state are
+(getrusage ru_maxrss, reset after the imports) minus the RSS it had before building the model, so weights, gradients and AdamW state are
 included, read twice: after backward and after the optimizer step. The step's peak is the larger of the two phases:
 forward + backward grows with T, the optimizer step (weights, gradients, AdamW state) does not and sets the peak at
 short T. A straight line through the forward + backward peaks gives bytes per token (per layer: divided by the depth)
@@ -92,12 +92,16 @@ def peak_bytes(device) -> int:
 
 
 def start_bytes(device) -> int:
-    """What a measurement starts from (on CUDA the peak is reset to what is allocated now)."""
+    """What a measurement starts from: the peak is reset to what is in use now (on a CPU through /proc/self/clear_refs,
+    so that the imports' own transient peak does not hide the measurement's)."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # Linux >= 4.0: reset the peak RSS (ru_maxrss) to the current RSS
     return peak_bytes(device)
 
 
