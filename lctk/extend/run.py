@@ -155,9 +155,9 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
     if recipe.eval.suites:
         results["after"] = evaluate(recipe, model, tokenizer, lengths, run_dir / "eval" / "after", "after")
     (run_dir / "extend.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    log_command_results(recipe.logging, run_dir, recipe.run.name, recipe.model_dump(mode="json"), results)
     if recipe.eval.suites:
         from lctk.extend.report import write_report
-    log_command_results(recipe.logging, run_dir, recipe.run.name, recipe.model_dump(mode="json"), results)
 
         write_report(results, run_dir, lengths)
         log(f"report: {run_dir / 'report.md'}")
@@ -224,9 +224,9 @@ def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, num
     from lctk.data.packing import StepBatches
     from lctk.parallel import check_context_parallel, context_group, make_accelerator
     from lctk.train.run import save_hf_folder
+    from lctk.train.tracking import finish_trackers
     from lctk.train.trainer import Trainer, summary_line
 
-    from lctk.train.tracking import finish_trackers
     stage_dir = recipe.run.dir / "stages" / str(number)
     seq_len = tokens_at(stage.seq_len, original)
     done = stage_dir / "final"
@@ -253,9 +253,9 @@ def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, num
         run_name=f"{recipe.run.name}-stage{number}", context=context,
     )
     result = trainer.fit("auto")
+    finish_trackers(accelerator)  # each stage is a tracker run of its own, named after the stage
     model = trainer.trained_model()
     if accelerator.is_main_process:
-    finish_trackers(accelerator)  # each stage is a tracker run of its own, named after the stage
         save_hf_folder(model, tokenizer, done)
     log(summary_line(result, stage_dir))
     return model.eval()
