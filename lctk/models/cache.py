@@ -2,6 +2,9 @@
 
 It is not a transformers `Cache` subclass (those are built around per-layer key/value tensors); it offers the part
 of that interface generate() uses: get_seq_length, is_linear, is_compileable, reorder_cache and batch selection.
+transformers 5's linear-attention and conv cache layers (Bamba, Jamba, LFM2) fit `M`, `B` and `C`, but not the
+states of `T`/`L` (fast weights plus the phase of a partly filled chunk and window keys) nor `S`'s visibility of
+kept keys, so a Cache subclass would wrap these per-mixer states rather than replace any code.
 """
 
 from __future__ import annotations
