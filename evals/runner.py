@@ -25,6 +25,7 @@ from lctk.evals.tokens import fingerprint
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_LIMIT = 10
 LENGTH = re.compile(r"^(\d+(?:\.\d+)?)([kKmM]?)$")
+MAX_LENGTH = 2**25  # tokens (32m): past any model's context, and a prompt that long would not fit in memory to build
 
 
 def parse_lengths(spec: str | Iterable[int | str]) -> list[int]:
@@ -42,8 +43,8 @@ def parse_lengths(spec: str | Iterable[int | str]) -> list[int]:
             if value != int(value):
                 raise UserError(f"--lengths: {str(item).strip()!r} is not a whole number of tokens")
             value = int(value)
-        if value <= 0:
-            raise UserError(f"--lengths: {item!r} must be positive")
+        if not 0 < value <= MAX_LENGTH:
+            raise UserError(f"--lengths: {item!r} must be from 1 to {MAX_LENGTH} tokens (32m)")
         lengths.append(value)
     if not lengths:
         raise UserError("--lengths: give at least one length, e.g. 1k,4k")
@@ -101,8 +102,9 @@ def eval_plan(
     depths = [float(d) for d in depths]
     if any(not 0.0 <= d <= 1.0 for d in depths) or not depths:
         raise UserError(f"--depths: every depth must be within 0..1, got {depths}")
-    if limit < 1 or batch_size < 1:
-        raise UserError("--limit and --batch-size must be at least 1")
+    for flag, value in (("--limit", limit), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UserError(f"{flag}: must be at least 1, got {value}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
     if output_dir is not None:
@@ -114,6 +116,9 @@ def eval_plan(
 
 def check_model_fits(suite_names: list[str], ctx: EvalContext, config, tokenizer, allow_longer: bool) -> int | None:
     """Check what needs the model's config and tokenizer but not its weights: the vocabulary, the lengths against the
+    if max_new_tokens is not None and ctx.lengths and max_new_tokens >= min(ctx.lengths):
+        raise UserError(f"--max-new-tokens: {max_new_tokens} tokens leave no room for a prompt at the shortest length, "
+                        f"{min(ctx.lengths)} tokens")
     model's limit and each suite's prompts at the shortest length. Returns the model's length limit."""
     vocab_size = getattr(config, "vocab_size", None)
     if isinstance(vocab_size, int) and vocab_size < len(tokenizer):  # its ids past the embedding would crash the model

@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from lctk.errors import UserError
+from lctk.errors import UserError, check_creatable
 
 OUTPUT_FILES = ("samples.jsonl", "results.json", "report.md")
 
@@ -26,9 +26,7 @@ def check_output_dir(output_dir: Path) -> None:
     for name in OUTPUT_FILES:
         if (output_dir / name).is_dir():
             raise UserError(f"{output_dir / name} is a folder; lctk writes its {name} file there (move the folder away)")
-    blocked = next((parent for parent in output_dir.parents if parent.exists() and not parent.is_dir()), None)
-    if blocked is not None:
-        raise UserError(f"eval output folder {output_dir}: {blocked} is a file, not a folder")
+    check_creatable(output_dir, "eval output folder")
 
 
 class SampleStore:

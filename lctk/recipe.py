@@ -18,6 +18,7 @@ sections have defaults: `data` is the builtin text at seq_len 512, `tokenizer` b
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 import typing
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     Field,
     ValidationError,
@@ -45,7 +47,16 @@ def _yaml_float(value: Any) -> Any:
     return value
 
 
-Float = Annotated[float, BeforeValidator(_yaml_float)]
+def _float32(value: float) -> float:
+    """Recipe numbers end up in float32 tensors (learning rates, weights, scales): one past float32's range would
+    only fail mid-run."""
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{value:g} is beyond the range of float32 numbers ({FLOAT32_MAX:.3g})")
+    return value
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+Float = Annotated[float, BeforeValidator(_yaml_float), AfterValidator(_float32)]
 Beta = Annotated[Float, Field(ge=0, lt=1)]  # an Adam moment's decay
 
 
@@ -65,7 +76,7 @@ class RunSection(Section):
 
     @property
     def dir(self) -> Path:
-        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+        return Path(self.output_dir).expanduser() if self.output_dir else Path("runs") / self.name  # not a "~" folder
 
 
 FROM_TOKENIZER = ("use_cache", "pad_token_id", "bos_token_id", "eos_token_id")  # set by lctk, not by recipes
@@ -249,8 +260,6 @@ class EvalSection(Section):
     @field_validator("options")
     @classmethod
     def _known_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        import inspect
-
         from lctk.evals import run_suites
 
         known = [name for name in inspect.signature(run_suites).parameters if name not in cls.SET_BY_TRAINER]
@@ -258,6 +267,23 @@ class EvalSection(Section):
             if name not in known:
                 raise ValueError(f"{name}: unknown eval option{suggest(name, known)}; known: {', '.join(known)}")
         return options
+
+    @model_validator(mode="after")
+    def _option_values(self) -> EvalSection:
+        """Each option's value gets the checks `lctk eval` makes on its flag, here rather than after training."""
+        from lctk.evals.runner import MAX_LENGTH, eval_plan
+
+        planned = {"suites": self.suites, "lengths": [MAX_LENGTH], "limit": self.limit or 1}  # lengths: checked above
+        for name, value in self.options.items():
+            if name not in inspect.signature(eval_plan).parameters or not (self.suites or name == "lm_eval"):
+                continue
+            try:
+                eval_plan(**planned, **{name: value})
+            except UserError as error:
+                raise ValueError(f"options.{name}: {str(error).split(': ', 1)[-1]}") from None
+            except (TypeError, ValueError):  # e.g. a string where a number goes
+                raise ValueError(f"options.{name}: not a valid value for this option, got {value!r}") from None
+        return self
 
 
 def _length_in_tokens(value: Any, seq_len: int) -> int:
@@ -305,7 +331,8 @@ class TrainRecipe(Recipe):
     def _model_shape(self) -> TrainRecipe:
         if self.model.init_from is None:
             # raises on an impossible shape; the vocabulary is a lower bound until the tokenizer is known
-            _check_fits(self.hybrid_config(vocab_size=self.model.vocab_size or 256))
+            rows = self.train.batch_size * -(-self.data.seq_len // self.train.context_parallel)
+            _check_fits(self.hybrid_config(vocab_size=self.model.vocab_size or 256), rows)
             return self
         ignored = [name for name, value in self.model if value is not None and name != "init_from"]
         if ignored:  # the loaded model keeps its own config: a setting next to init_from would silently do nothing
@@ -324,17 +351,30 @@ class TrainRecipe(Recipe):
             raise UserError(f"model.{error}") from None
 
 
-def _check_fits(config) -> None:
-    """A model too large for this machine fails here in one line, not in the allocator (or the OOM killer) mid-run:
-    the model is first built on the CPU in fp32, so its weights alone must fit in the machine's memory."""
+def _check_fits(config, tokens: int) -> None:
+    """A model or batch too large for this machine fails here in one line, not in the allocator (or the OOM killer)
+    mid-run: the model is first built on the CPU in fp32, so its weights alone must fit in the machine's memory, and a
+    micro-step of `tokens` keeps at least one fp32 hidden state per token and layer for the backward pass, which must
+    fit in the host's or the GPU's memory."""
     import psutil
+    import torch
 
-    count = config.num_parameters()
+    try:
+        count = config.num_parameters()
+    except (OverflowError, RuntimeError, TypeError):  # a size past what torch can index, e.g. hidden_size: 1e30
+        count = float("inf")
     memory = psutil.virtual_memory().total
     if 4 * count > memory:
         raise UserError(
             f"model: {count:.3g} parameters need {4 * count / 2**30:.3g} GiB in fp32, more than this machine's "
             f"{memory / 2**30:.3g} GiB of memory (see hidden_size, intermediate_size, vocab_size and the pattern)"
+        )
+    activations = 4 * tokens * config.hidden_size * len(config.pattern)
+    memory = max(memory, torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0)
+    if activations > memory:
+        raise UserError(
+            f"train.batch_size: {tokens} tokens per micro-step (train.batch_size x data.seq_len) need at least "
+            f"{activations / 2**30:.3g} GiB of activations for this model, more than the {memory / 2**30:.3g} GiB here"
         )
 
 
@@ -379,12 +419,29 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), kind: st
     return validate_recipe(raw, schema)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a recipe that sets a key twice is refused (YAML 1.2 forbids it too),
+    since which value wins is no safer a guess than a typo."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -408,6 +465,8 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     except yaml.YAMLError:
         value = text  # not YAML: take it as a plain string
     parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"--set {override!r}: {key.strip()!r} has an empty part; keys are joined by single dots")
     node: Any = raw
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1

@@ -64,6 +64,10 @@ def test_overrides_set_nested_keys_list_items_and_parse_values_as_yaml(tmp_path)
     assert recipe.data.sources[1].weight == 2.0 and recipe.train.betas == (0.8, 0.9) and recipe.run.name == "x"
 
 
+def test_a_run_folder_under_home_is_not_a_folder_named_tilde(tmp_path):
+    assert load_recipe(write(tmp_path, BASE), ["run.output_dir=~/runs/x"]).run.dir == Path.home() / "runs" / "x"
+
+
 def test_tokens_budget_accepts_suffixes_and_gives_steps(tmp_path):
     recipe = load_recipe(write(tmp_path, BASE), ["train.steps=null", "train.tokens=1M", "train.batch_size=4"])
     assert recipe.train.tokens == 1_000_000
@@ -111,6 +115,13 @@ def test_tokens_budget_accepts_suffixes_and_gives_steps(tmp_path):
         ("data.sources.1.options={min_length: 100}", "data.sources.1.options.min_length: 100 tokens do not fit"),
         ("data.sources.0.options={min_length: 3}", "data.sources.0.options: only a task source takes options"),
         ("model.init_from=runs/x/final", "model.pattern: init_from keeps the loaded model's config; remove pattern"),
+        ("model.hidden_size=1000000000000000000000000000000", "model: inf parameters need"),  # past torch's sizes
+        ("train.lr=1e300", "train.lr: 1e+300 is beyond the range of float32 numbers"),
+        ("data.seq_len=1000000000", "train.batch_size: 8000000000 tokens per micro-step (train.batch_size x data.seq_len)"),
+        # eval option values are checked before training, not after it
+        ("eval={suites: [passkey], options: {batch_size: 0}}", "eval.options.batch_size: must be at least 1, got 0"),
+        ("eval={suites: [passkey], options: {max_new_tokens: -1}}", "eval.options.max_new_tokens: must be at least 1"),
+        ("eval={suites: [niah], options: {depths: abc}}", "eval.options.depths: not a valid value for this option"),
     ],
 )
 def test_bad_values_name_their_key_in_one_line(tmp_path, override, expected):
@@ -145,6 +156,8 @@ EXTEND = {"extend": {"model": "m", "factor": 2, "rope": {"method": "yarn"}}}
         (["extend.stages=[{seq_len: 0.5x, steps: 2}]"], "extend.stages.0.seq_len: expected tokens or 'Nx'"),
         (["extend.stages=[{seq_len: 100000x, steps: 2}]"], "extend.stages.0.seq_len: expected tokens or 'Nx'"),
         (["kind=foo"], "kind: unknown recipe kind 'foo'"),
+        (["extend.recurrent=[{method: state_norm}, {method: state_window}]"],
+         "extend.recurrent.1.method: state_window cannot be combined with state_norm"),
     ],
 )
 def test_extend_recipes_refuse_nonsense(tmp_path, overrides, expected):
@@ -207,6 +220,17 @@ def test_malformed_overrides(tmp_path):
         load_recipe(path, ["data.sources.5.weight=1"])
     with pytest.raises(UserError, match="train.steps is a value, not a section"):
         load_recipe(path, ["train.steps.x=1"])
+    with pytest.raises(UserError, match="'train..steps' has an empty part"):
+        load_recipe(path, ["train..steps=1"])
+
+
+@pytest.mark.parametrize(("duplicate", "key"), [("train:\n  steps: 3\n", "train"), ("  steps: 200000\n", "steps")])
+def test_a_key_given_twice_is_refused_naming_it(tmp_path, duplicate, key):
+    rest = yaml.safe_dump({k: v for k, v in BASE.items() if k != "train"})
+    message = error_of(tmp_path, rest + "train:\n  steps: 2\n" + duplicate)
+    assert re.fullmatch(rf".*recipe.yaml:\d+:\d+: YAML syntax error: duplicate key '{key}'", message), message
+    merged = "train:\n  <<: {steps: 2}\n  <<: {lr: 0.001}\n"  # YAML merge keys may repeat
+    assert load_recipe(write(tmp_path, rest + merged)).train.steps == 2
 
 
 def test_apply_override_creates_sections():

@@ -135,6 +135,10 @@ class ExtendSection(Section):
             check_factor(self.factor)
         if self.rope is None and not self.recurrent and not self.stages:
             raise ValueError("rope: nothing to do: give extend.rope, extend.recurrent or extend.stages")
+        methods = [step.method for step in self.recurrent]
+        if {"state_norm", "state_window"} <= set(methods):  # each caps the state its own way
+            raise ValueError(f"recurrent.{methods.index('state_window')}.method: state_window cannot be combined "
+                             "with state_norm")
         if any(stage.rope is not None for stage in self.stages) and self.rope is None:
             raise ValueError("stages: a stage's rope settings need extend.rope (the method)")
         return self

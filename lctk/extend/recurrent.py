@@ -104,28 +104,19 @@ def apply_recurrent(
     """Apply one method to the model (its config, which the mixers read at every forward) and return what was
     set, for the record. in_length_ids / long_ids give token ids [B, T] at the original / target length when the
     method needs them. Errors name `where`.<key>."""
-    try:
-        settings = check_recurrent(method, params)
-    except ValueError as error:
-        raise UserError(f"{where}.{error}") from None
+    settings = check_applicable(model, method, params, where)
     layers = mamba_layers(model, where)
     config = model.config
 
     if method in ("dt_scale", "b_scale"):
         scale = settings["scale"]
-        if isinstance(scale, list) and len(scale) != len(config.pattern):
-            raise UserError(f"{where}.scale: a per-layer list needs one entry per layer of the pattern ({len(config.pattern)})")
         values = {i: float(scale[i] if isinstance(scale, list) else scale) for i in layers}
         values = {i: v for i, v in values.items() if not (isinstance(scale, list) and scale[i] is None)}
         return {method: set_per_layer(config, method, values)}
     if method == "state_window":
-        if any(value is not None for value in _as_list(config.mamba2.get("state_norm_cap"), config.pattern)):
-            raise UserError(f"{where}.method: state_window cannot be combined with state_norm")
         window = settings["window"] or original_length
         return {"state_window": set_per_layer(config, "state_window", dict.fromkeys(layers, window))}
     if method == "state_norm":
-        if any(value is not None for value in _as_list(config.mamba2.get("state_window"), config.pattern)):
-            raise UserError(f"{where}.method: state_norm cannot be combined with state_window")
         every = settings["every"] or max(1, min(64, original_length // 16))
         config.mamba2["state_norm_every"] = every
         norms = max_state_norms(model, in_length_ids(), every)
@@ -134,6 +125,26 @@ def apply_recurrent(
         return {"state_norm_cap": set_per_layer(config, "state_norm_cap", caps), "state_norm_every": every}
     scales, losses = calibrate_dt_scales(model, long_ids(), [float(s) for s in settings["grid"]], settings["sweeps"], log)
     return {"dt_scale": scales, "calibration_loss": losses}
+
+
+def check_applicable(model, method: str, params: dict[str, Any], where: str = "recurrent") -> dict[str, Any]:
+    """The method's settings, checked against the model as it is now (lctk extend checks every step before its first
+    write): Mamba-2 layers to act on, per-layer lists as long as the pattern, state_norm and state_window not both."""
+    try:
+        settings = check_recurrent(method, params)
+    except ValueError as error:
+        raise UserError(f"{where}.{error}") from None
+    mamba_layers(model, where)
+    config = model.config
+    scale = settings.get("scale")
+    if method in ("dt_scale", "b_scale") and isinstance(scale, list) and len(scale) != len(config.pattern):
+        raise UserError(f"{where}.scale: a per-layer list needs one entry per layer of the pattern ({len(config.pattern)})")
+    conflicts = {"state_window": ("state_norm_cap", "state_norm"), "state_norm": ("state_window", "state_window")}
+    if method in conflicts:
+        key, other = conflicts[method]
+        if any(value is not None for value in _as_list(config.mamba2.get(key), config.pattern)):
+            raise UserError(f"{where}.method: {method} cannot be combined with {other}")
+    return settings
 
 
 @torch.no_grad()

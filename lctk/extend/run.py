@@ -33,7 +33,7 @@ import torch
 
 from lctk.errors import UserError
 from lctk.extend.recipe import ExtendRecipe, StageSection, tokens_at
-from lctk.extend.recurrent import NEEDS_IN_LENGTH_TEXT, NEEDS_LONG_TEXT, apply_recurrent
+from lctk.extend.recurrent import NEEDS_IN_LENGTH_TEXT, NEEDS_LONG_TEXT, apply_recurrent, check_applicable
 from lctk.extend.rope import (
     MAX_FACTOR,
     RECORD,
@@ -91,6 +91,8 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
                         f"at most {MAX_FACTOR}x")
     target = int(round(reach * factor))
     lengths = recipe.eval.token_lengths(original)
+    for index, step in enumerate(ext.recurrent):
+        check_applicable(model, step.method, step.params(), where=f"extend.recurrent.{index}")
     methods = {step.method for step in ext.recurrent}  # their calibration text is read (and checked) before any write
     in_length = (calibration_ids(tokenizer, ext.calibration.text, ext.calibration.rows, original)
                  if methods & NEEDS_IN_LENGTH_TEXT else None)
@@ -216,7 +218,7 @@ def calibration_ids(tokenizer, text: str, rows: int, length: int) -> torch.Tenso
         ids.extend(tokenizer(document + "\n\n", add_special_tokens=False)["input_ids"])
         if len(ids) >= needed:
             return torch.tensor(ids[:needed]).view(rows, length)
-    raise UserError(f"extend.calibration.text: {len(ids)} tokens, fewer than the {rows} x {length} needed")
+    raise UserError(f"extend.calibration.text: {text} holds {len(ids)} tokens, fewer than the {rows} x {length} needed")
 
 
 def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, number: int, original: int, log):

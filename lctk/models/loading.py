@@ -195,6 +195,8 @@ def check_shapes(files: ModelFiles, stored: dict[str, tuple[int, ...]], where: s
 
 def safetensors_header(file: Path, where: str) -> dict:
     """The header of a safetensors file: 8 bytes of header length, a JSON header, then exactly the tensors' bytes."""
+    if not file.is_file():
+        raise UserError(f"{where}: {file} is not a file")
     size = file.stat().st_size
     if size == 0:
         raise UserError(f"{where}: {file} is empty")
@@ -209,11 +211,15 @@ def safetensors_header(file: Path, where: str) -> dict:
             raise UserError(f"{where}: {file} is truncated: {size} bytes, its header alone needs {8 + length}")
         try:
             header = json.loads(stream.read(length))
-            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+            tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+            ends = [entry["data_offsets"][1] for entry in tensors.values()]
+            shapes = [entry.get("shape") for entry in tensors.values()]
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
             raise UserError(f"{where}: {file} is not a safetensors file (bad header: {_first_line(error)})") from None
     if not all(isinstance(end, int) for end in ends):
         raise UserError(f"{where}: {file} is not a safetensors file (bad tensor offsets in its header)")
+    if not all(isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape) for shape in shapes):
+        raise UserError(f"{where}: {file} is not a safetensors file (bad tensor shapes in its header)")
     expected = 8 + length + max(ends, default=0)
     if expected > size:
         raise UserError(f"{where}: {file} is truncated: {size} bytes, its header describes {expected}")

@@ -170,6 +170,23 @@ def load_checkpoint(accelerator, path: Path, model, optimizer) -> None:
     _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True))
 
 
+def check_matches(path: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's weights have the (unwrapped) model's shapes, read from the safetensors header (nothing is
+    loaded): a checkpoint of another model is one line naming a tensor, before anything is written or restored."""
+    from lctk.models.loading import safetensors_header
+
+    header = safetensors_header(path / "model.safetensors", "--resume")
+    stored = {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    common = sorted(set(stored) & set(expected))
+    if not common:
+        raise UserError(f"--resume: checkpoint {path} holds none of this model's tensors (a checkpoint of another model?)")
+    for name in common:
+        if stored[name] != expected[name]:
+            raise UserError(f"--resume: checkpoint {path} is of another model: {name} is {stored[name]} there but "
+                            f"{expected[name]} in this recipe's model")
+
+
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     """{alias: first name} for parameters reachable under several names (tied embeddings)."""
     first: dict[int, str] = {}

@@ -44,7 +44,7 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
     from lctk.data.packing import StepBatches
     from lctk.data.pipeline import load_tokenizer, prepare_data
     from lctk.parallel import check_context_parallel, context_group, make_accelerator
-    from lctk.train.checkpoint import usable_checkpoint
+    from lctk.train.checkpoint import check_matches, usable_checkpoint
     from lctk.train.tracking import log_results
     from lctk.train.trainer import Trainer, summary_line
 
@@ -62,8 +62,11 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
 
     with accelerator.main_process_first():  # the main process fills the caches, the others read them
         tokenizer = load_tokenizer(recipe.tokenizer, recipe.data)
+    model = _build_model(recipe, tokenizer)  # a bad init_from or vocab_size fails before the data is tokenised
+    if main and resume not in (None, "auto"):
+        check_matches(Path(resume), model)
+    with accelerator.main_process_first():
         data = prepare_data(recipe.data, tokenizer, recipe.run.seed)
-    model = _build_model(recipe, tokenizer)
     check_context_parallel(context.size, recipe.data.seq_len, model.config)
     if main:
         held.enter_context(rundir.claim(run_dir, "train", recipe.run.name, rundir.key_of(recipe.run)))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from lctk.errors import UserError
+from lctk.errors import UserError, check_creatable
 
 MARKER = ".lctk-run"
 LOCK = ".lctk-lock"
@@ -63,6 +63,7 @@ def check_folder(folder: Path, kind: str, where: str, *, holds_run: bool = False
         raise UserError("--overwrite: starts the run again, so it cannot go with --resume")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{where}: {folder} is a file, not a run folder")
+    check_creatable(folder, where)
     if not folder.is_dir() or not any(folder.iterdir()):
         return
     found = marker(folder)

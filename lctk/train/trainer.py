@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lctk.errors import UserError
 from lctk.parallel import ContextGroup, context_group, describe_parallelism, shard_batch, unsharded_model
 from lctk.train.checkpoint import (
+    check_matches,
     latest_valid,
     list_checkpoints,
     load_checkpoint,
@@ -279,14 +280,21 @@ class Trainer:
                 return None
         else:
             path = usable_checkpoint(Path(resume))
-        saved = trainer_state(path)
-        if saved.get("world_size", 1) != self.accelerator.num_processes:
-            raise UserError(
-                f"--resume: {path} was written by {saved.get('world_size', 1)} process(es); resume it with as many "
-                f"(this run has {self.accelerator.num_processes})"
-            )
-        load_checkpoint(self.accelerator, path, self.model, self.optimizer)
-        self.state = TrainerState(**saved)
+        check_matches(path, self.accelerator.unwrap_model(self.model))
+        try:
+            saved = trainer_state(path)
+            if saved.get("world_size", 1) != self.accelerator.num_processes:
+                raise UserError(
+                    f"--resume: {path} was written by {saved.get('world_size', 1)} process(es); resume it with as many "
+                    f"(this run has {self.accelerator.num_processes})"
+                )
+            load_checkpoint(self.accelerator, path, self.model, self.optimizer)
+            self.state = TrainerState(**saved)
+        except UserError:
+            raise
+        except Exception as error:  # its checksums matched: files another run or lctk version wrote, not damage
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(f"--resume: checkpoint {path} cannot be restored into this run ({reason})") from None
         return str(path)
 
 

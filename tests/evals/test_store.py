@@ -96,3 +96,20 @@ def test_the_fingerprint_follows_weights_and_config_not_the_path(tmp_path, bpe_t
     rescaled.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert weights_fingerprint(rescaled) != same
     assert weights_fingerprint(model.to(torch.bfloat16)) != same
+
+
+def test_output_folders_and_settings_that_cannot_work_are_refused_before_any_sample(tmp_path):
+    import os
+
+    from lctk.evals.runner import eval_plan
+    from lctk.evals.store import check_output_dir
+
+    os.symlink(tmp_path / "nowhere", tmp_path / "link")
+    with pytest.raises(UserError, match="eval output folder: cannot create .*link: it is a link to .*nowhere"):
+        check_output_dir(tmp_path / "link")
+    with pytest.raises(UserError, match=r"--lengths: '1000000000' must be from 1 to 33554432 tokens"):
+        eval_plan(lengths="1000000000")
+    with pytest.raises(UserError, match="--max-new-tokens: 64 tokens leave no room for a prompt at the shortest length, 64"):
+        eval_plan(lengths="64,1k", max_new_tokens=64)
+    with pytest.raises(UserError, match=r"^--batch-size: must be at least 1, got 0$"):
+        eval_plan(batch_size=0)

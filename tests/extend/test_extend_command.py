@@ -129,6 +129,14 @@ def test_recurrent_method_on_an_attention_only_model(llama_dir, tmp_path):
     with pytest.raises(UserError, match=r"extend\.recurrent\.0\.method: the model has no Mamba-2 layers"):
         invoke("--model", llama_dir, "--method", "state_window", "--factor", 2, "--output", tmp_path / "o",
                "--set", "eval.suites=[]")
+    assert not (tmp_path / "o").exists()  # checked before the run folder is made
+
+
+def test_a_recurrent_setting_that_does_not_fit_the_model_fails_before_any_write(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match=r"^extend\.recurrent\.0\.scale: a per-layer list needs one entry per layer"):
+        invoke("--model", tiny_model_dir, "--method", "dt_scale", "--factor", 2, "--output", tmp_path / "o",
+               "--set", "eval.suites=[]", "--set", "extend.recurrent.0.scale=[2.0]")
+    assert not (tmp_path / "o").exists()
 
 
 def weights_only(llama_dir, folder):

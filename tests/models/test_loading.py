@@ -53,6 +53,11 @@ def test_a_sound_folder_loads(model_dir):
     assert isinstance(load(model_dir), HybridForCausalLM)
 
 
+def _header(folder, header: dict) -> None:
+    text = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + bytes(4))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -60,6 +65,8 @@ def test_a_sound_folder_loads(model_dir):
         (lambda f: os.truncate(f / "model.safetensors", 3000), "model.safetensors is truncated: 3000 bytes"),
         (lambda f: (f / "model.safetensors").write_bytes(os.urandom(4000)), "model.safetensors is not a safetensors file"),
         (lambda f: (f / "model.safetensors").unlink(), "no weights (model.safetensors) in"),
+        (lambda f: ((f / "model.safetensors").unlink(), (f / "model.safetensors").mkdir()), "model.safetensors is not a file"),
+        (lambda f: _header(f, {"w": {"dtype": "F32", "shape": "abc", "data_offsets": [0, 4]}}), "bad tensor shapes"),
         (lambda f: (f / "config.json").write_bytes(os.urandom(200)), "config.json is not valid JSON"),
         (lambda f: (f / "config.json").write_text("[1, 2]"), "config.json holds a JSON list"),
         (lambda f: edit_config(f, hidden_size=64), "do not match its config.json: model.embed_tokens.weight is (64, 32)"),

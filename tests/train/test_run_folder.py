@@ -139,6 +139,16 @@ def test_a_folder_of_another_kind_or_a_file_is_refused(tmp_path):
             pass
 
 
+def test_a_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match=r"^run\.output_dir: cannot create .*file/run: .*file is a file, not a folder$"):
+        rundir.check_folder(tmp_path / "file" / "run", "train", "run.output_dir")
+    os.symlink(tmp_path / "nowhere", tmp_path / "link")
+    with pytest.raises(UserError, match=r"^run\.output_dir: cannot create .*link: it is a link to .*nowhere, which does"):
+        rundir.check_folder(tmp_path / "link", "train", "run.output_dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]
+
+
 def test_a_run_from_before_markers_may_be_resumed_not_deleted(tmp_path):
     legacy = tmp_path / "run"
     (legacy / "checkpoints").mkdir(parents=True)

@@ -179,6 +179,38 @@ def test_a_manifest_of_the_wrong_shape_is_damaged(tmp_path, manifest):
     assert "step-00000003 is damaged (manifest.json does not list" in warnings[0]
 
 
+def _rehash(checkpoint) -> None:
+    """A manifest that matches the files again: what another run (or lctk version) would have written."""
+    from lctk.train.checkpoint import _sha256
+
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    for name in manifest["files"]:
+        manifest["files"][name] = {"bytes": (checkpoint / name).stat().st_size, "sha256": _sha256(checkpoint / name)}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("model", "is of another model: model.embed_tokens.weight is (64, 32) there but (64, 64) in this recipe's model"),
+        ("optimizer.pt", "cannot be restored into this run"),
+        ("trainer.json", "cannot be restored into this run"),
+    ],
+)
+def test_a_checkpoint_whose_files_match_but_do_not_fit_is_one_line(tmp_path, change, message):
+    trainer(tmp_path, tiny_model(), steps=1).fit()
+    checkpoint = tmp_path / "checkpoints" / "step-00000001"
+    if change != "model":
+        (checkpoint / change).write_bytes(b"[1, 2]" if change == "trainer.json" else bytes(300))
+        _rehash(checkpoint)
+    model = tiny_model() if change != "model" else HybridForCausalLM(HybridConfig(
+        pattern="MA", vocab_size=64, hidden_size=64, num_attention_heads=2, mamba2={"state_size": 8, "head_dim": 16}))
+    with pytest.raises(UserError) as error:
+        trainer(tmp_path, model, steps=2)._resume(str(checkpoint))
+    assert str(error.value).startswith(f"--resume: checkpoint {checkpoint}") and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 def test_activation_checkpointing_changes_memory_not_results(tmp_path):
     plain = trainer(tmp_path / "plain", tiny_model(), steps=2)
     plain.fit()
