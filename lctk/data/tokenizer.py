@@ -51,13 +51,16 @@ def build_tokenizer(spec: str, training_text: Callable[[], Sequence[str]], cache
 def load_local_tokenizer(path: str, key: str = "tokenizer"):
     from transformers import AutoTokenizer
 
-    from lctk.models.loading import remote_code_trusted
+    from lctk.models.loading import TOKENIZER_FILES, remote_code_trusted
 
     if not Path(path).is_dir():
         raise UserError(f"{key}: tokenizer folder {path} not found (or use 'bytes' / 'bpe:<vocab size>')")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=remote_code_trusted())
     except Exception as error:  # a damaged tokenizer.json fails inside the tokenizers library in its own ways
+        vocabularies = [name for name in TOKENIZER_FILES if name != "tokenizer_config.json"]
+        if not any((Path(path) / name).is_file() for name in vocabularies):  # transformers' message lists nothing
+            raise UserError(f"{key}: no tokenizer in {path} (none of {', '.join(vocabularies)})") from None
         raise UserError(f"{key}: cannot load a tokenizer from {path} ({str(error).splitlines()[0]})") from None
     if tokenizer.eos_token_id is None:
         tokenizer.add_special_tokens({"eos_token": END_OF_TEXT})

@@ -49,3 +49,9 @@ def test_bad_specs_are_rejected(spec):
 def test_missing_folder_names_the_tokenizer_key(tmp_path):
     with pytest.raises(UserError, match="^tokenizer: tokenizer folder .* not found"):
         build_tokenizer(str(tmp_path / "none"), None, tmp_path)
+
+
+def test_a_folder_without_tokenizer_files_says_so(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"^tokenizer: no tokenizer in .* \(none of tokenizer.json, tokenizer.model"):
+        load_local_tokenizer(str(tmp_path))
