@@ -27,6 +27,7 @@ from torch import Tensor
 from lctk.errors import UserError
 from lctk.models.layers import conv_tail
 from lctk.models.sequence import document_index
+from lctk.train.losses import shifted_targets
 
 BYTES_SENT: Counter[str] = Counter()  # tag (e.g. "A kv", "M state") -> bytes this process sent
 
@@ -76,7 +77,8 @@ def check_context_parallel(size: int, seq_len: int, config) -> None:
 
 @dataclass
 class ContextShard:
-    """This process's shard of a batch of rows, what mixers ask through `SequenceInfo.shard`."""
+    """This process's shard of a batch of rows, what mixers ask through `SequenceInfo.shard`. A zigzag layout would
+    change `start`/`stop` (two ranges), `continues` and `previous_visible`, and attention's key gather."""
 
     group: dist.ProcessGroup
     rank: int
@@ -104,7 +106,7 @@ class ContextShard:
     def conv_halo(self, x: Tensor, kernel: int, seq_idx: Tensor | None, tag: str) -> Tensor:
         """The previous shard's last K-1 convolution inputs [B, K-1, D] (zeros where they belong to another document
         than this shard's first token), the `past` of a causal convolution over this shard's x [B, T_shard, D]."""
-            # the sender zeroes inputs of its earlier documents; the receiver drops all when it starts a new document
+        # the sender zeroes inputs of its earlier documents; the receiver drops all when it starts a new document
         halo = self.from_previous(conv_tail(x, None, kernel, seq_idx), tag)
         return halo * self.continues[:, None, None].to(halo.dtype)
 
@@ -136,40 +138,30 @@ class ContextShard:
         throughs = gathered[:, :, final[0].numel() :]
         # sum_{j<r} (prod_{j<i<r} a_i) F_j as weights over all N ranks, so that every rank's graph holds the gather
         # (its backward all-reduce is collective)
-        weights = []
-        for j in range(self.size):
-            w = torch.zeros_like(through) if j >= self.rank else throughs[j + 1 : self.rank].prod(0)
-            weights.append(w)
-        incoming = torch.einsum("nbh,nbhkv->bhkv", torch.stack(weights), finals)
+        weights = torch.stack([throughs[j + 1 : self.rank].prod(0) if j < self.rank else torch.zeros_like(through)
+                               for j in range(self.size)])  # [N, B, H]
+        incoming = torch.einsum("nbh,nbhkv->bhkv", weights, finals)
         mask = (first_doc & self.continues[:, None]).unsqueeze(-1)  # [B, T, 1]
         q_heads = q.float().repeat_interleave(heads // q.shape[2], dim=2)
         carried = torch.einsum("bthk,bhkv->bthv", q_heads, incoming) * (torch.exp(log_decay) * mask).unsqueeze(-1)
         return out + carried.to(out.dtype)
 
 
-def shard_rows(context: ContextGroup, position_ids: Tensor) -> tuple[slice, ContextShard | None]:
-    """The token slice this process holds of rows with these full-row positions [B, T], and its ContextShard
-    (None in a group of one). Documents restart where a position is 0 (as in `lctk.models.sequence`)."""
-    length = position_ids.shape[1]
-    if context.size == 1:
-        return slice(0, length), None
+def shard_batch(batch: dict[str, Tensor], context: ContextGroup) -> dict:
+    """A training micro-batch (input_ids, position_ids, labels of full rows [B, T]) -> this process's shard in a group
+    of N > 1: input_ids, position_ids, `targets` (labels shifted on the full rows before the split, so a shard's last
+    token predicts the next shard's first) and `context_shard`. Documents restart where a position is 0."""
+    positions = batch["position_ids"]
+    length = positions.shape[1]
     if length % context.size:
         raise UserError(f"train.context_parallel: {context.size} does not divide the row length {length}")
     per = length // context.size
     start, stop = context.rank * per, (context.rank + 1) * per
-    documents = document_index(position_ids)
-    continues = position_ids[:, start] != 0 if context.rank > 0 else position_ids.new_zeros(len(position_ids)).bool()
-    shard = ContextShard(context.group, context.rank, context.size, start, stop, continues, documents)
-    return slice(start, stop), shard
-
-
-def shard_batch(batch: dict[str, Tensor], context: ContextGroup) -> dict:
-    """A training micro-batch (input_ids, position_ids, labels of full rows) -> this process's shard: input_ids,
-    position_ids, `targets` (labels shifted on the full row before the split, so a shard's last token predicts the
-    next shard's first) and `context_shard` (None in a group of one)."""
-    from lctk.train.losses import shifted_targets
-
-    tokens, shard = shard_rows(context, batch["position_ids"])
+    continues = positions[:, start] != 0
+    if context.rank == 0:  # a row's first token starts a document whatever its position, as in one process
+        continues = torch.zeros_like(continues)
+    shard = ContextShard(context.group, context.rank, context.size, start, stop, continues, document_index(positions))
+    tokens = slice(start, stop)
     return {
         "input_ids": batch["input_ids"][:, tokens],
         "position_ids": batch["position_ids"][:, tokens],
