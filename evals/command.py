@@ -13,8 +13,9 @@ from lctk.models.loading import TRUST_REMOTE_CODE_HELP
 def eval_command(
     model: str = typer.Option(..., "--model", help="model folder(s) or .gguf file(s), comma separated"),
     suite: str = typer.Option(
-        "passkey", "--suite", help="passkey, niah, state-collapse, recall-throughput, perplexity (comma separated); "
-        "a niah task name (niah_single_1 ... niah_multiquery, niah_grid) runs that task only; \"\" with --lm-eval: "
+        "passkey", "--suite", help="passkey, niah, ruler, state-collapse, recall-throughput, perplexity (comma "
+        "separated); a niah task name (niah_single_1 ... niah_multiquery, niah_grid) or RULER task name (vt, cwe, fwe, "
+        "qa_1, qa_2) runs that task only, passkey_stuffed_mamba Stuffed Mamba's passkey; \"\" with --lm-eval: "
         "lm-eval tasks alone"
     ),
     lengths: str = typer.Option("1k,2k,4k", "--lengths", help="context lengths in tokens, e.g. 1k,4k,16k (k = 1024)"),
@@ -41,6 +42,16 @@ def eval_command(
         None, "--lm-eval-include", help="a folder of lm-eval task YAML files (lm-eval's --include_path)"
     ),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
+    chat_template: str = typer.Option(
+        "auto", "--chat-template", help="wrap prompts in the tokenizer's chat template: auto (when it has one), on, off"
+    ),
+    haystack: Path | None = typer.Option(
+        None, "--haystack", help="your essay text for RULER's essay haystack: a file or a folder of .txt/.md/.json "
+        "(e.g. RULER's Paul Graham essays); default: the builtin corpus"
+    ),
+    qa_data: Path | None = typer.Option(
+        None, "--qa-data", help="folder with RULER's squad.json and hotpotqa.json for qa_1 / qa_2 (else the hub, online)"
+    ),
 ) -> None:
     """Run evaluation suites on any Hugging Face causal LM and write results.json, samples.jsonl, plots, report.md."""
     from lctk.evals.models import load_weights, open_model_and_tokenizer, resolve_device, resolve_dtype
@@ -57,7 +68,8 @@ def eval_command(
     names = _unique_names(paths)
     outputs = [output if len(paths) == 1 else output / name for name in names]
     settings = dict(suites=suite, lengths=lengths, limit=limit, seed=seed, depths=depth_list, batch_size=batch_size,
-                    max_new_tokens=max_new_tokens, exact=exact, lm_eval=lm_eval, lm_eval_include=lm_eval_include)
+                    max_new_tokens=max_new_tokens, exact=exact, lm_eval=lm_eval, lm_eval_include=lm_eval_include,
+                    chat_template=chat_template, haystack=haystack, qa_data=qa_data)
     if lm_eval_limit is not None and lm_eval_limit < 1:
         raise UserError(f"--lm-eval-limit: must be at least 1, got {lm_eval_limit}")
     resolve_dtype(dtype, resolve_device(device))

@@ -135,11 +135,16 @@ class Haystack:
         return int(self.left_ends[best]), int(self.right_starts[best])
 
     def window_end(self, first: int, n: int) -> int:
-        """Character position where a window of n tokens from token `first` ends (moved back to a clean cut)."""
+        """Character position where a window of n tokens from token `first` ends: moved back to the end of the last
+        whole unit (sentence, line) inside it, or to a clean token cut when not even one unit fits."""
         end = first + n
         while end > first and not self.cut_ok[end]:
             end -= 1
-        return int(self.starts[end])
+        position = int(self.starts[end])
+        k = int(np.searchsorted(self.left_ends, position, side="right")) - 1
+        if k >= 0 and self.left_ends[k] > self.starts[first]:
+            return int(self.left_ends[k])
+        return position
 
 
 _haystacks: OrderedDict[tuple[str, str], Haystack] = OrderedDict()

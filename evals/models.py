@@ -197,9 +197,14 @@ def _measured_state(model, n_tokens: int) -> int:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of a batch of prompts (left-padded when their lengths differ), decoded without specials."""
-    from transformers import GenerationConfig
+def generate(
+    model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int, one_line: list[bool] | None = None
+) -> list[str]:
+    """Greedy continuations of a batch of prompts (left-padded when their lengths differ), decoded without specials.
+
+    Each row stops at the end-of-text token; a row marked in `one_line` also stops at the first newline after some
+    text (its answer is one line: the rest is never scored), and its output is cut there."""
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     device = model_device(model)
     width = max(len(p) for p in prompts)
@@ -213,8 +218,33 @@ def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int) -
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
     )
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
+    rows = list(one_line or [False] * len(prompts))
+    stopping = StoppingCriteriaList([_LineEnd(tokenizer, width, rows)]) if any(rows) else None
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                         stopping_criteria=stopping)
+    texts = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
+    return [_first_line(text) if cut else text for text, cut in zip(texts, rows, strict=True)]
+
+
+def _first_line(text: str) -> str:
+    """The text up to the first newline that follows some text (leading blank lines kept out of the way)."""
+    body = text.lstrip()
+    return text[: len(text) - len(body)] + body.split("\n", 1)[0]
+
+
+class _LineEnd:
+    """Stopping criterion: per row, True once a one-line row has written a newline after some text."""
+
+    def __init__(self, tokenizer, width: int, rows: list[bool]):
+        self.tokenizer, self.width, self.rows = tokenizer, width, rows
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, one_line in enumerate(self.rows):
+            if one_line:
+                text = self.tokenizer.decode(input_ids[row, self.width :], skip_special_tokens=True).lstrip()
+                done[row] = "\n" in text
+        return done
 
 
 @dataclass

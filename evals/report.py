@@ -9,7 +9,8 @@ from lctk.evals.plots import format_length
 
 MEANING = {
     "passkey": "accuracy (%)",
-    "niah": "string_match_all (%), mean over RULER tasks",
+    "niah": "string_match_all (%), mean over the NIAH tasks run (RULER's average is the ruler suite's)",
+    "ruler": "RULER average (%) over its 13 tasks",
     "state-collapse": "late / early loss ratio (about 1.0: no collapse)",
     "recall-throughput": "text key-value recall (%); MQAR accuracy in its section",
     "perplexity": "perplexity (all tokens)",
@@ -31,9 +32,11 @@ def model_report(results: dict, path: Path) -> None:
         "| --- | --- | --- |",
     ]
     for suite, entry in results["results"].items():
-        lines.append(f"| {suite} | {_number(entry.get('score'))} | {MEANING.get(suite, '')} |")
+        lines.append(f"| {suite} | {_number(entry.get('score'))} | {_meaning(suite, entry)} |")
     for suite, entry in results["results"].items():
         lines += ["", f"## {suite}", ""]
+        if entry.get("samples_per_s"):
+            lines += [f"{entry['samples_per_s']:.3g} samples/s (making the prompt and generating)", ""]
         by_length = entry.get("by_length") or {}
         if by_length:
             lines += ["| length | " + " | ".join(format_length(int(k)) for k in by_length) + " |",
@@ -50,6 +53,16 @@ def model_report(results: dict, path: Path) -> None:
         for name in results.get("files", {}).get(suite, []):
             lines += ["", f"![{name}]({name})"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _meaning(suite: str, entry: dict) -> str:
+    if suite == "ruler" and not entry.get("ruler_average"):
+        ran = entry.get("tasks_run") or []
+        return (f"no RULER average: {len(ran)} of 13 tasks ran ({', '.join(ran)}), their mean "
+                f"{_number(entry.get('mean_of_tasks_run'))}")
+    if suite == "passkey" and entry.get("variant"):
+        return f"accuracy (%); variant {entry['variant']}"
+    return MEANING.get(suite, "")
 
 
 def comparison_report(results_by_model: dict[str, dict], plots: list[str], path: Path) -> None:

@@ -19,8 +19,8 @@ from lctk.evals.plots import format_length
 from lctk.evals.report import comparison_report, model_report
 from lctk.evals.store import SampleStore, check_output_dir, write_json
 from lctk.evals.suites import SUITES, EvalContext
-from lctk.evals.tasks import niah
-from lctk.evals.tokens import fingerprint
+from lctk.evals.tasks import niah, passkey, ruler
+from lctk.evals.tokens import CHAT_MODES, fingerprint
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_LIMIT = 10
@@ -52,14 +52,16 @@ def parse_lengths(spec: str | Iterable[int | str]) -> list[int]:
 
 
 def parse_suites(spec: str | Iterable[str], allow_none: bool = False) -> tuple[list[str], dict[str, list[str]]]:
-    """Suite names (and niah task names, which select tasks of niah) -> (suites in order, sub-tasks per suite).
+    """Suite names and task names (a niah task selects it in niah, vt / cwe / fwe / qa_1 / qa_2 in ruler, a passkey
+    variant in passkey) -> (suites in order, sub-tasks per suite).
     allow_none: no suite is fine (lm-eval tasks alone)."""
     names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
     suites, tasks = [], {}
     for name in names:
-        suite = "niah" if name in niah.TASKS else name
+        suite = "niah" if name in niah.TASKS else "ruler" if name in ruler.TASKS else name
+        suite = "passkey" if name in passkey.VARIANTS else suite
         if suite not in SUITES:
-            known = ", ".join(list(SUITES) + ["niah_<task>"])
+            known = ", ".join(list(SUITES) + ["niah_<task>", *ruler.TASKS, *passkey.VARIANTS])
             raise UserError(f"--suite: unknown suite {name!r}; known: {known}")
         if suite not in suites:
             suites.append(suite)
@@ -93,6 +95,9 @@ def eval_plan(
     exact: bool = False,
     lm_eval: str | None = None,
     lm_eval_include: str | Path | None = None,
+    chat_template: str = "auto",
+    haystack: str | Path | None = None,
+    qa_data: str | Path | None = None,
 ) -> tuple[list[str], EvalContext]:
     """Check every setting that needs no model: (suite names, a context without model and tokenizer). Without
     suites (lm-eval tasks alone) there are no lengths: nothing else reads them."""
@@ -111,14 +116,21 @@ def eval_plan(
         check_output_dir(Path(output_dir))
     ctx = EvalContext(parse_lengths(lengths) if suite_names else [], limit, seed, depths, batch_size=batch_size, max_new_tokens=max_new_tokens,
                       exact=exact, tasks=tasks)
+    if max_new_tokens is not None and ctx.lengths and max_new_tokens >= min(ctx.lengths):
+        raise UserError(f"--max-new-tokens: {max_new_tokens} tokens leave no room for a prompt at the shortest length, "
+                        f"{min(ctx.lengths)} tokens")
+    if chat_template not in CHAT_MODES:
+        raise UserError(f"--chat-template: use one of {', '.join(CHAT_MODES)}, got {chat_template!r}")
+    for flag, path in (("--haystack", haystack), ("--qa-data", qa_data)):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{flag}: {path} does not exist")
+    ctx.chat_template = chat_template
+    ctx.haystack, ctx.qa_data = (str(p) if p is not None else None for p in (haystack, qa_data))
     return suite_names, ctx
 
 
 def check_model_fits(suite_names: list[str], ctx: EvalContext, config, tokenizer, allow_longer: bool) -> int | None:
     """Check what needs the model's config and tokenizer but not its weights: the vocabulary, the lengths against the
-    if max_new_tokens is not None and ctx.lengths and max_new_tokens >= min(ctx.lengths):
-        raise UserError(f"--max-new-tokens: {max_new_tokens} tokens leave no room for a prompt at the shortest length, "
-                        f"{min(ctx.lengths)} tokens")
     model's limit and each suite's prompts at the shortest length. Returns the model's length limit."""
     vocab_size = getattr(config, "vocab_size", None)
     if isinstance(vocab_size, int) and vocab_size < len(tokenizer):  # its ids past the embedding would crash the model
@@ -149,6 +161,9 @@ def run_suites(
     lm_eval_limit: int | None = None,
     lm_eval_include: str | Path | None = None,
     config: dict | None = None,
+    chat_template: str = "auto",
+    haystack: str | Path | None = None,
+    qa_data: str | Path | None = None,
 ) -> dict:
     """Run the suites on a loaded model; returns the results dict (the content of results.json).
 
@@ -159,7 +174,7 @@ def run_suites(
     sample runs."""
     started = time.perf_counter()
     suite_names, planned = eval_plan(suites, lengths, output_dir, limit, seed, depths, batch_size, max_new_tokens, exact,
-                                     lm_eval, lm_eval_include)
+                                     lm_eval, lm_eval_include, chat_template, haystack, qa_data)
     limit_tokens = check_model_fits(suite_names, planned, model.config, tokenizer, allow_longer)
     out = Path(output_dir) if output_dir is not None else None
     store = SampleStore(out)
@@ -192,6 +207,8 @@ def run_suites(
             "limit": limit,
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
+            "chat_template": chat_template,
+            "haystack": str(haystack) if haystack else "builtin",
             "length_limit": limit_tokens,
             "train_length": ctx.train_length,
             "device": str(ctx.device),

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lctk.errors import UserError
+
 _fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _specials: dict[str, tuple[list[int], list[int]]] = {}
 
@@ -73,3 +75,21 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
             raise ValueError("the tokenizer's special tokens wrap a text in a way lctk cannot split")
     return _specials[key]
 
+
+
+CHAT_MODES = ("auto", "on", "off")
+_MARK = "\x00LCTK-PROMPT\x00"
+
+
+def chat_wrap(tokenizer, mode: str) -> tuple[str, str]:
+    """(text before, text after) the user's message in the tokenizer's chat template, generation prompt included, as
+    RULER wraps its prompts for instruct models; ("", "") for mode "off", or "auto" without a chat template."""
+    if mode not in CHAT_MODES:
+        raise UserError(f"--chat-template: use one of {', '.join(CHAT_MODES)}, got {mode!r}")
+    if mode == "off" or (mode == "auto" and not getattr(tokenizer, "chat_template", None)):
+        return "", ""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("--chat-template on: the tokenizer has no chat template (use auto or off)")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True)
+    before, _, after = text.partition(_MARK)
+    return before, after

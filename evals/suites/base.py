@@ -31,6 +31,9 @@ class EvalContext:
     train_length: int | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tasks: dict[str, list[str]] = field(default_factory=dict)  # suite -> sub-tasks asked for (empty: all)
+    chat_template: str = "auto"  # wrap text prompts in the tokenizer's chat template: auto (when it has one), on, off
+    haystack: str | None = None  # the user's essay text (file or folder) for RULER's essay haystack
+    qa_data: str | None = None  # folder with RULER's squad.json / hotpotqa.json (else the hub, when online)
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,25 @@
-"""passkey and niah: generate a prompt per job at an exact token budget, decode greedily, score with string_match_all.
+"""passkey, niah and ruler: generate a prompt per job at an exact token budget, decode greedily, score as RULER does.
 
-passkey: lengths x depths grid, `limit` samples per cell, max_new_tokens 16 by default. Score = accuracy over all
-samples; by_length, by_depth and the grid (heatmap).
-niah: each RULER task at each length, `limit` samples (random needle depths), max_new_tokens 64 by default, plus the
-classic grid (niah_grid: one needle at each depth, `limit` per cell). Score = mean over the RULER tasks of their
-mean string_match_all (RULER's average); by_length likewise; by_task per task; grid for niah_grid.
-The prompt budget is length - max_new_tokens, so prompt and answer fit in `length`.
+passkey: lengths x depths grid, `limit` samples per cell, max_new_tokens 16 by default; the task name picks the
+variant (passkey: Landmark Attention's prompt, passkey_stuffed_mamba: Stuffed Mamba's), and the report names it.
+Score = accuracy over all samples; by_length, by_depth and the grid (heatmap).
+niah: each of RULER's 8 NIAH tasks at each length, `limit` samples, 128 tokens reserved (RULER's tokens_to_generate),
+plus the classic grid (niah_grid: one needle at each depth, `limit` per cell). Score = mean over the NIAH tasks run
+(not RULER's average, which needs all 13 tasks: see ruler); by_length likewise; by_task per task; grid for niah_grid.
+ruler: RULER's 13 tasks (the 8 NIAH + vt, cwe, fwe, qa_1, qa_2; tasks.ruler), each with RULER's tokens_to_generate
+reserved and its metric (string_match_all, or string_match_part for QA). Score = "RULER average" only when all 13
+ran; otherwise None, and `tasks_run` / the report name what ran. Without QA data the QA tasks are left out of
+`--suite ruler` with one warning line (asking for qa_1 / qa_2 by name fails instead).
+The prompt budget is length - reserve, so prompt and answer fit in `length`. Prompts are wrapped in the tokenizer's
+chat template per ctx.chat_template (RULER does this for instruct models). Generation stops at end-of-text, and at
+the first newline for tasks whose answer is one line (passkey, single-value NIAH, vt, QA). samples_per_s: samples over
+the seconds spent making and generating them (resumed samples count their recorded times).
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,21 +27,30 @@ from pathlib import Path
 
 from lctk.evals import plots
 from lctk.evals.models import generate
-from lctk.evals.scoring import string_match_all
+from lctk.evals.scoring import METRICS
 from lctk.evals.suites.base import EvalContext, Job, Suite, by, mean
-from lctk.evals.tasks import niah, passkey
+from lctk.evals.tasks import niah, passkey, ruler
 from lctk.evals.tasks.sample import Sample, sample_rng
+from lctk.evals.tokens import chat_wrap
+
+RULER_TASKS = niah.RULER_TASKS + ruler.TASKS
 
 
 class RetrievalSuite(Suite):
     batched = True
     default_new_tokens = 16
 
-    def reserve(self, ctx: EvalContext) -> int:
+    def reserve(self, ctx: EvalContext, task: str) -> int:
         return ctx.max_new_tokens or self.default_new_tokens
 
+    def one_line(self, task: str) -> bool:
+        return True
+
     def key(self, ctx: EvalContext, job: Job) -> str:
-        return job.key(ctx, reserve=self.reserve(ctx))
+        extra = {"reserve": self.reserve(ctx, job.task), "chat": chat_wrap(ctx.tokenizer, ctx.chat_template)}
+        if ctx.haystack:
+            extra["haystack"] = ctx.haystack
+        return job.key(ctx, **extra)
 
     def make(self, ctx: EvalContext, job: Job) -> Sample:
         raise NotImplementedError
@@ -46,11 +64,13 @@ class RetrievalSuite(Suite):
         started = time.perf_counter()
         samples = [self.make(ctx, job) for job in jobs]
         generated = time.perf_counter()
-        predictions = generate(ctx.model, ctx.tokenizer, [s.input_ids for s in samples], self.reserve(ctx))
+        predictions = generate(ctx.model, ctx.tokenizer, [s.input_ids for s in samples], max(s.reserve for s in samples),
+                               one_line=[self.one_line(job.task) for job in jobs])
         seconds = (time.perf_counter() - generated) / len(jobs)
         records = []
         for job, sample, prediction in zip(jobs, samples, predictions, strict=True):
-            score = string_match_all(prediction, sample.answers)
+            metric = sample.meta.get("metric", "all")
+            score = METRICS[metric](prediction, sample.answers)
             records.append(
                 {
                     "suite": self.name,
@@ -62,6 +82,7 @@ class RetrievalSuite(Suite):
                     "prompt_hash": hashlib.sha256(sample.prompt.encode()).hexdigest()[:16],
                     "prompt_tokens": len(sample.input_ids),
                     "reserve": sample.reserve,
+                    "metric": f"string_match_{metric}",
                     "answer": list(sample.answers),
                     "prediction": prediction,
                     "score": score,
@@ -78,7 +99,8 @@ class PasskeySuite(RetrievalSuite):
 
     def jobs(self, ctx: EvalContext) -> list[Job]:
         return [
-            Job(self.name, "passkey", length, index, depth)
+            Job(self.name, variant, length, index, depth)
+            for variant in ctx.tasks.get(self.name) or ["passkey"]
             for length in ctx.lengths
             for depth in ctx.depths
             for index in range(ctx.limit)
@@ -86,10 +108,14 @@ class PasskeySuite(RetrievalSuite):
 
     def make(self, ctx: EvalContext, job: Job) -> Sample:
         rng = sample_rng(job.task, job.length, job.depth, job.index, ctx.seed)
-        return passkey.make_sample(ctx.tokenizer, job.length, job.depth, rng, reserve=self.reserve(ctx), exact=ctx.exact)
+        return passkey.make_sample(ctx.tokenizer, job.length, job.depth, rng, reserve=self.reserve(ctx, job.task),
+                                   exact=ctx.exact, variant=job.task, chat=chat_wrap(ctx.tokenizer, ctx.chat_template))
 
     def summarize(self, ctx: EvalContext, records: list[dict]) -> dict:
+        variants = sorted({r["task"] for r in records})
         return {
+            "variant": ", ".join(f"{v}: {passkey.VARIANTS[v]}" for v in variants),
+            "samples_per_s": samples_per_second(records),
             "score": mean(r["score"] for r in records),
             "by_length": by(records, "length"),
             "by_depth": by(records, "depth"),
@@ -104,10 +130,14 @@ class PasskeySuite(RetrievalSuite):
 
 class NiahSuite(RetrievalSuite):
     name = "niah"
-    default_new_tokens = 64
+    default_new_tokens = niah.DEFAULT_RESERVE
 
     def tasks(self, ctx: EvalContext) -> list[str]:
         return ctx.tasks.get(self.name) or list(niah.TASKS)
+
+    def one_line(self, task: str) -> bool:
+        spec = niah.TASKS.get(task)
+        return spec.values * spec.queries == 1 if spec else task in ruler.ONE_LINE
 
     def jobs(self, ctx: EvalContext) -> list[Job]:
         jobs = []
@@ -123,12 +153,16 @@ class NiahSuite(RetrievalSuite):
 
     def make(self, ctx: EvalContext, job: Job) -> Sample:
         rng = sample_rng(job.task, job.length, job.depth, job.index, ctx.seed)
-        return niah.make_sample(
-            ctx.tokenizer, job.task, job.length, rng, depth=job.depth, reserve=self.reserve(ctx), exact=ctx.exact
-        )
+        chat = chat_wrap(ctx.tokenizer, ctx.chat_template)
+        reserve = self.reserve(ctx, job.task)
+        if job.task in ruler.TASKS:
+            return ruler.make_sample(ctx.tokenizer, job.task, job.length, rng, index=job.index, reserve=reserve,
+                                     chat=chat, qa_data=ctx.qa_data)
+        return niah.make_sample(ctx.tokenizer, job.task, job.length, rng, depth=job.depth, reserve=reserve,
+                                exact=ctx.exact, chat=chat, haystack=ctx.haystack)
 
     def summarize(self, ctx: EvalContext, records: list[dict]) -> dict:
-        ruler = [r for r in records if r["task"] != "niah_grid"]
+        listed = [r for r in records if r["task"] != "niah_grid"]
         per_task = {
             task: {"score": mean(r["score"] for r in group), "by_length": by(group, "length")}
             for task, group in _group(records, lambda r: r["task"]).items()
@@ -136,13 +170,15 @@ class NiahSuite(RetrievalSuite):
         ruler_tasks = [t for t in per_task if t != "niah_grid"]
         by_length = {
             length: mean(per_task[t]["by_length"][length] for t in ruler_tasks if length in per_task[t]["by_length"])
-            for length in by(ruler, "length")
+            for length in by(listed, "length")
         }
         summary = {
             "score": mean(per_task[t]["score"] for t in ruler_tasks),
             "by_length": by_length,
             "by_task": per_task,
+            "tasks_run": ruler_tasks,
             "samples": len(records),
+            "samples_per_s": samples_per_second(records),
         }
         grid_records = [r for r in records if r["task"] == "niah_grid"]
         if grid_records:
@@ -166,6 +202,54 @@ class NiahSuite(RetrievalSuite):
             plots.heatmap(summary["grid"], out_dir / "niah_grid_heatmap.png", "NIAH depth x length (%)")
             files.append("niah_grid_heatmap.png")
         return files
+
+
+class RulerSuite(NiahSuite):
+    name = "ruler"
+
+    def tasks(self, ctx: EvalContext) -> list[str]:
+        asked = ctx.tasks.get(self.name)
+        if asked:
+            return asked
+        try:  # the whole suite runs offline without the QA tasks (named in the report), rather than not at all
+            for task in ruler.QA_SETS.values():
+                ruler.load_qa(task, ctx.qa_data)
+        except ruler.QaUnavailable as error:
+            warn_once(f"ruler: leaving out qa_1, qa_2 ({error})")
+            return [t for t in RULER_TASKS if t not in ruler.QA_SETS]
+        return list(RULER_TASKS)
+
+    def reserve(self, ctx: EvalContext, task: str) -> int:
+        return ctx.max_new_tokens or ruler.TOKENS_TO_GENERATE.get(task, niah.DEFAULT_RESERVE)
+
+    def summarize(self, ctx: EvalContext, records: list[dict]) -> dict:
+        summary = super().summarize(ctx, records)
+        complete = set(summary["tasks_run"]) == set(RULER_TASKS)
+        summary["ruler_average"] = complete
+        if not complete:  # a mean over a subset is not RULER's average: no headline number, the table says what ran
+            summary["score"] = None
+            summary["mean_of_tasks_run"] = mean(summary["by_task"][t]["score"] for t in summary["tasks_run"])
+        return summary
+
+    def plot(self, ctx: EvalContext, summary: dict, records: list[dict], out_dir: Path) -> list[str]:
+        series = {task: {int(k): v for k, v in entry["by_length"].items()} for task, entry in summary["by_task"].items()}
+        plots.lines(series, out_dir / "ruler_by_length.png", "RULER tasks", "context length (tokens)", "score (%)",
+                    logx=True, percent=True)
+        return ["ruler_by_length.png"]
+
+
+_warned: set[str] = set()
+
+
+def warn_once(line: str) -> None:
+    if line not in _warned:
+        _warned.add(line)
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def samples_per_second(records: list[dict]) -> float | None:
+    seconds = sum(r.get("sample_seconds", 0) + r.get("generate_seconds", 0) for r in records)
+    return round(len(records) / seconds, 3) if seconds > 0 else None
 
 
 def _group(records: list[dict], key: Callable[[dict], object]) -> dict:

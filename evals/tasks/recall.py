@@ -27,7 +27,7 @@ import numpy as np
 from lctk.errors import UserError
 from lctk.evals.context import Piece, PromptTooShort, fit_prompt
 from lctk.evals.tasks.sample import Sample
-from lctk.evals.tasks.text import pairs_haystack, window_start
+from lctk.evals.tasks.text import PAIRS_START_RANGE, pairs_haystack, window_start
 
 TEXT_INSTRUCTION = (
     "Below is a list of keys and their values. Memorize them: you will be asked for the values afterwards.\n"
@@ -93,7 +93,7 @@ def make_text_recall_sample(
     haystack = pairs_haystack(tokenizer)
     if not haystack.offsets_available:
         raise UserError("text recall needs a fast tokenizer (one that returns character offsets)")
-    start = window_start(haystack, rng)
+    start = window_start(haystack, rng, PAIRS_START_RANGE)
     pick_seed = rng.getrandbits(63)
 
     def layout(a: int, b: int) -> list[Piece]:

@@ -10,15 +10,18 @@ in the style of RULER's adjective-noun pairs, without shipping a word list.
 from __future__ import annotations
 
 import functools
+import json
 import random
 import re
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from lctk.data.corpus import builtin_documents
+from lctk.errors import UserError
 from lctk.evals.context import Haystack, cached_haystack
 from lctk.evals.tokens import encode_batch
 
@@ -26,7 +29,9 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 SENTENCE_BOUNDARY = r"(?<=[.!?])\s+(?=\S)"
 LINE_BOUNDARY = r"\n"
 NEEDLE = "One of the special magic {type} for {key} is: {value}."
-ESSAY_START_RANGE = 1 << 16  # windows of the essay / distractor haystacks start at a random unit in this prefix
+PAIRS_START_RANGE = 1 << 16  # text-recall listings start at a random line in this prefix (any line is as good)
+DISTRACTOR_RANGE = 1 << 21  # distractor windows start at a random line in this prefix (~30K lines): fresh per sample
+HAYSTACK_SUFFIXES = (".txt", ".md", ".json", ".jsonl")
 
 
 def word_key(rng: random.Random) -> str:
@@ -64,9 +69,41 @@ def noise_haystack(tokenizer) -> Haystack:
     return cached_haystack(tokenizer, "noise", lambda: (_repeat(FILLER, "\n"), LINE_BOUNDARY))
 
 
-def essay_haystack(tokenizer) -> Haystack:
-    """The builtin corpus with whitespace collapsed to single spaces (RULER's essay haystack); cycles at its end."""
-    return cached_haystack(tokenizer, "essay", lambda: (_cycle(_essay_text, " "), SENTENCE_BOUNDARY))
+def essay_haystack(tokenizer, source: str | None = None) -> Haystack:
+    """RULER's essay haystack: the builtin corpus, or the user's text (`source`: a file or a folder of .txt / .md /
+    .json {"text": ...} / .jsonl files, e.g. RULER's Paul Graham essays), whitespace collapsed to single spaces;
+    cycles at its end."""
+    name = f"essay:{Path(source).resolve()}" if source else "essay"
+    return cached_haystack(tokenizer, name, lambda: (_cycle(lambda: essay_text(source), " "), SENTENCE_BOUNDARY))
+
+
+def essay_text(source: str | None = None) -> str:
+    """The text of the essay haystack: all of it, so that windows may start anywhere in it."""
+    return _essay_text() if source is None else _user_text(str(Path(source).resolve()))
+
+
+@functools.cache
+def _user_text(source: str) -> str:
+    path = Path(source)
+    files = sorted(f for f in path.rglob("*") if f.suffix in HAYSTACK_SUFFIXES) if path.is_dir() else [path]
+    documents = []
+    for file in files:
+        try:
+            raw = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"--haystack: cannot read {file} ({error})") from None
+        if file.suffix in (".json", ".jsonl"):
+            try:
+                records = [json.loads(line) for line in raw.splitlines() if line.strip()] if file.suffix == ".jsonl" else [json.loads(raw)]
+            except ValueError:
+                raise UserError(f"--haystack: {file} is not valid JSON") from None
+            documents += [r["text"] for r in records if isinstance(r, dict) and isinstance(r.get("text"), str)]
+        else:
+            documents.append(raw)
+    text = " ".join(re.sub(r"\s+", " ", document).strip() for document in documents).strip()
+    if len(text) < 4096:
+        raise UserError(f"--haystack: {source} holds {len(text)} characters of text; a haystack needs at least 4096")
+    return text
 
 
 def corpus_haystack(tokenizer) -> Haystack:
@@ -143,7 +180,7 @@ def _key_words() -> tuple[str, ...]:
     return tuple(ranked[100:2100])
 
 
-def window_start(haystack: Haystack, rng: random.Random, spread: int = ESSAY_START_RANGE) -> int:
+def window_start(haystack: Haystack, rng: random.Random, spread: int) -> int:
     """A random unit start in the first `spread` characters (draws once from rng)."""
     return haystack.unit_start(rng.randrange(spread))
 

@@ -15,9 +15,11 @@ FEW = 3  # "a few tokens under": one haystack token more would overflow the budg
 
 
 def check_budget(tokenizer, sample, budget):
+    """Exactly the prompt's tokens, never over budget, and under it by less than a haystack unit: windows end at a
+    whole sentence or line (an eighth of the budget bounds one here)."""
     real = tokenizer(sample.prompt)["input_ids"]
     assert list(sample.input_ids) == list(real), "input_ids must be the tokenisation of the prompt text"
-    assert budget - FEW <= len(real) <= budget
+    assert budget - max(FEW, budget // 8) <= len(real) <= budget
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)

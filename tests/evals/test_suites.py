@@ -15,7 +15,7 @@ LENGTHS = [320, 512]
 def test_perfect_retriever_scores_100(bpe_tokenizer, tmp_path):
     model = ScriptedLM(bpe_tokenizer, expected_answer)
     results = run_suites(model, bpe_tokenizer, suites="passkey,niah", lengths=LENGTHS, output_dir=tmp_path, limit=2,
-                         depths=[0.0, 0.5, 1.0], batch_size=3, progress=False)  # batches of left-padded prompts
+                         depths=[0.0, 0.5, 1.0], batch_size=3, max_new_tokens=64, progress=False)  # left-padded batches
     passkey, niah = results["results"]["passkey"], results["results"]["niah"]
     assert passkey["score"] == 100.0 and passkey["by_length"] == {"320": 100.0, "512": 100.0}
     assert set(passkey["by_depth"]) == {"0.0", "0.5", "1.0"} and passkey["grid"]["512"]["0.5"] == 100.0
