@@ -138,7 +138,7 @@ def ssd_rows(
     boundary.
     initial: the per-row state to continue, or None (then no final state is returned).
     A shard of split rows runs from a zero state and gets the earlier shards' state from the group
-    (ContextShard.carry_ssd_states)."""
+    (ContextShard.carry_ssd_states); `tag` names the layer type in the count of bytes sent."""
     if seq.shard is not None:
         zero = v.new_zeros(v.shape[0], v.shape[2], k.shape[-1], v.shape[-1], dtype=torch.float32)
         out, final = ssd_rows(q, k, v, g, replace(seq, shard=None), zero, chunk_size)
