@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from lctk.errors import UserError
 from lctk.evals import plots
 from lctk.evals.models import generate
 from lctk.evals.scoring import METRICS
@@ -58,6 +59,10 @@ class RetrievalSuite(Suite):
     def check(self, ctx: EvalContext) -> None:
         """The first prompt of every task and depth must fit the shortest length (PromptTooShort otherwise)."""
         for job in self.jobs(replace(ctx, lengths=[min(ctx.lengths)], limit=1)):
+            reserve = self.reserve(ctx, job.task)
+            if reserve >= job.length:  # no prompt at all: say which length and reserve, not "a -N-token prompt"
+                raise UserError(f"--lengths: {job.length} tokens leave no room for a {job.task} prompt: {reserve} are "
+                                "kept for the answer (raise --lengths or lower --max-new-tokens)")
             self.make(ctx, job)
 
     def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:

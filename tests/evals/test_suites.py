@@ -122,6 +122,14 @@ def test_parsers_read_lengths_and_suites():
         parse_suites("passkey,nope")
 
 
+def test_a_length_that_leaves_no_room_for_the_answer_says_so(bpe_tokenizer):
+    from lctk.evals.runner import check_model_fits, eval_plan
+
+    names, ctx = eval_plan(suites="niah", lengths="32")
+    with pytest.raises(UserError, match=r"^--lengths: 32 tokens leave no room for a niah_\w+ prompt: \d+ are kept"):
+        check_model_fits(names, ctx, None, bpe_tokenizer, allow_longer=True)
+
+
 def test_lengths_above_the_model_limit_are_refused(bpe_tokenizer):
     model = ScriptedLM(bpe_tokenizer, expected_answer, max_position_embeddings=300)
     with pytest.raises(UserError, match="above the model's limit of 300"):
