@@ -200,6 +200,17 @@ def test_default_memory_stays_finite_on_a_long_input(variant):
     assert logits.abs().max() < 100
 
 
+def test_memory_stays_finite_with_theta_pinned_at_its_bound():
+    """The default bound (2, on the chunk's mean gradient) with every theta at the bound; 4 gave NaN here."""
+    torch.manual_seed(0)
+    config = HybridConfig(vocab_size=97, pattern="T", hidden_size=256, num_attention_heads=4, titans={"variant": "MAL"})
+    model = HybridForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.layers[0].mixer.gates.bias[:4] = 20.0  # sigmoid = 1: theta at its bound
+        logits = model(torch.randint(0, 97, (1, 2048))).logits
+    assert torch.isfinite(logits).all() and logits.abs().max() < 10
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["titans-mag", "titans-mac", "titans-mal"])
 def test_the_shipped_recipes_start_finite_at_2048_tokens(name):
