@@ -17,16 +17,32 @@ from pathlib import Path
 from lctk.errors import UserError, check_creatable
 
 OUTPUT_FILES = ("samples.jsonl", "results.json", "report.md")
+REPLACED = ("results.json", "report.md")  # rewritten whole; samples.jsonl is only appended to
 
 
 def check_output_dir(output_dir: Path) -> None:
-    """The eval output folder can be made (or is one) and none of the files lctk writes there is a folder."""
+    """The eval output folder can be made (or is one), none of the files lctk writes there is a folder, and the
+    results.json and report.md it would replace are an earlier lctk eval's, not a user's."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"eval output folder {output_dir} is an existing file, not a folder")
     for name in OUTPUT_FILES:
         if (output_dir / name).is_dir():
             raise UserError(f"{output_dir / name} is a folder; lctk writes its {name} file there (move the folder away)")
+        if name in REPLACED and (output_dir / name).is_file() and not _written_by_lctk(output_dir / name):
+            raise UserError(f"eval output folder {output_dir} holds a {name} that lctk did not write, which an eval "
+                            "would replace; choose another --output")
     check_creatable(output_dir, "eval output folder")
+
+
+def _written_by_lctk(file: Path) -> bool:
+    """results.json names the lctk version that wrote it, report.md starts with lctk's title."""
+    try:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix == ".md":
+            return text.startswith("# lctk eval: ")
+        return "lctk" in json.loads(text).get("versions", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+        return False
 
 
 class SampleStore:

@@ -113,7 +113,7 @@ def test_every_model_and_setting_is_checked_before_the_first_sample(monkeypatch,
     # every NIAH task's prompt must fit the shortest length: refused before any sample runs
     code, _, err = lctk(monkeypatch, capsys, "--model", llama_dir, "--suite", "niah", "--lengths", "96,256",
                         "--limit", "1", "--output", out)
-    assert code == 2 and "too short for niah_" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--lengths: 96 tokens leave no room for a niah_" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 

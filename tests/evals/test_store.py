@@ -113,3 +113,17 @@ def test_output_folders_and_settings_that_cannot_work_are_refused_before_any_sam
         eval_plan(lengths="64,1k", max_new_tokens=64)
     with pytest.raises(UserError, match=r"^--batch-size: must be at least 1, got 0$"):
         eval_plan(batch_size=0)
+
+
+def test_a_results_or_report_file_lctk_did_not_write_is_never_replaced(tmp_path):
+    from lctk.evals.store import check_output_dir
+
+    (tmp_path / "report.md").write_text("# my notes\n")
+    with pytest.raises(UserError, match="holds a report.md that lctk did not write"):
+        check_output_dir(tmp_path)
+    (tmp_path / "report.md").write_text("# lctk eval: model\n")
+    (tmp_path / "results.json").write_text('{"results": {}, "versions": {"lctk": "0.1"}}')
+    check_output_dir(tmp_path)  # an earlier eval's: rerunning resumes and rewrites them
+    (tmp_path / "results.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="holds a results.json that lctk did not write"):
+        check_output_dir(tmp_path)
