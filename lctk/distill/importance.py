@@ -8,6 +8,11 @@ MMR probes (`mmr`, Apriel-H1's "Mamba-replacement" ranking): layer l is converte
 distilled for `probe_steps` steps (only the new mixer trains), and the held-out divergence it reaches is the score.
 Low = the layer is easy to replace.
 
+whole-layer leave-one-out (`loo-layer`, Apriel-H1's importance): decoder layer l of the teacher becomes the
+identity (h -> h, mixer and MLP both skipped) and the held-out divergence from the teacher is the layer's score,
+ranked once on the teacher, so every stage continues the same ranking. Use more held-out batches than for `loo`
+(distill.importance_batches): the scores of the least important layers are close together.
+
 Both rank ascending: the first layers of the ranking are replaced first. Ties are broken by layer index, and every
 score is a deterministic function of the model, the held-out rows and the seed.
 """
@@ -33,6 +38,16 @@ def attention_removed(model, layer: int) -> Iterator[None]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def layer_removed(model, layer: int) -> Iterator[None]:
+    """Decoder layer `layer` returns its input: the whole block (mixer and MLP) is the identity."""
+    handle = model.model.layers[layer].register_forward_hook(lambda module, args, out: args[0])
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def divergence(student, teacher, batches: Sequence[dict], kind: str = "reverse_kl") -> float:
     """Mean per-position divergence to the teacher over the counted positions of `batches`."""
@@ -41,13 +56,15 @@ def divergence(student, teacher, batches: Sequence[dict], kind: str = "reverse_k
 
 @torch.no_grad()
 def leave_one_out(student, teacher, batches: Sequence[dict], candidates: Sequence[int],
-                  kind: str = "reverse_kl") -> dict[int, dict[str, float]]:
-    """{layer: {"score": rise, "divergence": D without the layer}} for each candidate attention layer."""
-    found = _divergences(student, teacher, batches, [None, *candidates], kind)
+                  kind: str = "reverse_kl", remove=attention_removed) -> dict[int, dict[str, float]]:
+    """{layer: {"score": rise, "divergence": D without the layer}} for each candidate attention layer; `remove`:
+    attention_removed (the mixer's branch) or layer_removed (the whole decoder layer)."""
+    found = _divergences(student, teacher, batches, [None, *candidates], kind, remove)
     return {layer: {"score": found[layer] - found[None], "divergence": found[layer]} for layer in candidates}
 
 
-def _divergences(student, teacher, batches: Sequence[dict], removed: Sequence[int | None], kind: str) -> dict:
+def _divergences(student, teacher, batches: Sequence[dict], removed: Sequence[int | None], kind: str,
+                 remove=attention_removed) -> dict:
     """{layer or None: mean divergence with that layer's attention removed (None: nothing removed)}; the teacher
     runs once per batch."""
     was_training = student.training
@@ -58,7 +75,7 @@ def _divergences(student, teacher, batches: Sequence[dict], removed: Sequence[in
         inputs = model_inputs(batch)
         reference, _ = final_hidden(teacher, inputs)
         for layer in removed:
-            with contextlib.nullcontext() if layer is None else attention_removed(student, layer):
+            with contextlib.nullcontext() if layer is None else remove(student, layer):
                 hidden, _ = final_hidden(student, inputs)
             totals[layer] += float(kd_loss_sum(hidden, student_head, reference, teacher_head, batch["labels"], kind))
         count += float(target_mask(batch).sum())

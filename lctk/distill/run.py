@@ -39,6 +39,8 @@ from lctk.errors import UserError
 from lctk.train import rundir
 
 PROBE_WANDB = {"mode": "disabled"}
+FREEZE_NOTES = {"mixers": "every converted mixer trains at each stage", "new": "only each stage's new mixers train",
+                "none": "every weight trains"}
 SECTIONS_FIXED_ON_RESUME = ("data", "distill")
 
 
@@ -116,7 +118,7 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
                                          spec.student.settings, seed=recipe.run.seed + number)
         replaced = convert.layout(student)["replaced_layers"]
         freeze = stage.freeze if stage.freeze is not None else spec.freeze
-        _set_trainable(student, chosen if freeze else None)
+        _set_trainable(student, {"mixers": replaced, "new": chosen, "none": None}[freeze])
         train = recipe.train.model_copy(update={"lr": stage.lr} if stage.lr is not None else {})
         batches = _batches(data, recipe, accelerator)
         if spec.loss.align_steps and replaced:
@@ -135,24 +137,54 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
             evidence.write_report(run_dir, rows, f"{recipe.run.name}: distillation of {spec.teacher}", _notes(recipe))
         accelerator.wait_for_everyone()
 
+    if spec.end_to_end.steps:
+        student = _end_to_end(student, teacher, tokenizer, held_out, data, recipe, accelerator, data_offset, resume,
+                              rows, main, say)
+
     if main:
         final = run_dir / "final"
         if final.is_symlink():
             final.unlink()
         elif final.exists():
             shutil.rmtree(final)
-        final.symlink_to(Path(f"stage-{len(spec.stages)}") / "model", target_is_directory=True)
+        final.symlink_to(Path(f"stage-{len(rows) - 1}") / "model", target_is_directory=True)
         report = evidence.write_report(run_dir, rows, f"{recipe.run.name}: distillation of {spec.teacher}", _notes(recipe))
         if recipe.eval.suites:
             _final_eval(recipe, student, tokenizer, run_dir / "eval")
         say(evidence.markdown_table(rows))
         last = rows[-1]
-        say(f"done: {len(spec.stages)} stages, {last['replaced']}/{total_layers} attention layers replaced, "
+        say(f"done: {len(rows) - 1} stages, {last['replaced']}/{total_layers} attention layers replaced, "
             f"held-out KL {last['kl_rev']:.4f}, top-1 agreement {last['top1']:.3f} -> {report}")
         log_results(accelerator, {f"stage-{number}": row for number, row in enumerate(rows)})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return rows
+
+
+def _end_to_end(student, teacher, tokenizer, held_out, data, recipe: DistillRecipe, accelerator, data_offset: int,
+                resume: str | None, rows: list[dict], main: bool, say):
+    """The optional last stage: every student weight trains on KD + next-token CE, no layer replaced."""
+    spec = recipe.distill
+    number = len(spec.stages) + 1
+    stage_dir = recipe.run.dir / f"stage-{number}"
+    if (stage_dir / "evidence.json").exists():
+        rows.append(json.loads((stage_dir / "evidence.json").read_text()))
+        say(f"stage {number} (end to end): done before, loaded {stage_dir / 'model'}")
+        return _load_student(stage_dir / "model", accelerator)
+    say(f"stage {number}: end to end, every weight trains ({spec.end_to_end.steps} steps, CE weight "
+        f"{spec.end_to_end.ce_weight:g})")
+    _set_trainable(student, None)
+    loss = spec.loss.model_copy(update={"ce_weight": spec.end_to_end.ce_weight})
+    lr = spec.end_to_end.lr
+    train = recipe.train.model_copy(update={"lr": lr} if lr is not None else {})
+    student = _fit(student, distill_loss_fn(teacher, loss, convert.layout(student)["replaced_layers"]),
+                   _offset(_batches(data, recipe, accelerator), data_offset), spec.end_to_end.steps, train, recipe,
+                   accelerator, stage_dir / "distill", resume, f"{recipe.run.name}-stage-{number}")
+    rows.append(_stage_row(stage_dir, number, student, teacher, tokenizer, held_out, recipe, main, say))
+    if main:
+        shutil.rmtree(stage_dir / "distill" / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return student
 
 
 def check_schedule(stages: list[StageSection], pattern: str) -> None:
@@ -263,6 +295,9 @@ def _choose_layers(number: int, stage: StageSection, student, teacher, held_out,
             return record["chosen"]
     if stage.by == "loo":
         scores = importance.leave_one_out(student, teacher, held_out, candidates, recipe.distill.loss.divergence)
+    elif stage.by == "loo-layer":  # ranked once on the teacher (the same for every stage), as Apriel-H1
+        scores = importance.leave_one_out(teacher, teacher, held_out, candidates, recipe.distill.loss.divergence,
+                                          importance.layer_removed)
     else:
         scores = importance.mmr_probes(
             teacher, held_out, candidates,
@@ -288,7 +323,7 @@ def _probe(student, teacher, layer: int, stage: StageSection, data, recipe: Dist
     spec = recipe.distill
     probed = convert.replace_layers(student, [layer], spec.student.mixer, spec.student.init, spec.student.settings,
                                     seed=recipe.run.seed)
-    _set_trainable(probed, [layer])
+    _set_trainable(probed, [layer])  # the probe: only the candidate's mixer, whatever distill.freeze says
     train = recipe.train.model_copy(update={"warmup_steps": 0, **({"lr": stage.lr} if stage.lr else {})})
     probed = _fit(
         probed, distill_loss_fn(teacher, spec.loss, []), _offset(_batches(data, recipe, accelerator), data_offset),
@@ -385,7 +420,9 @@ def _notes(recipe: DistillRecipe) -> list[str]:
     spec = recipe.distill
     return [
         f"Student mixer {spec.student.mixer} ({spec.student.init} init); loss {spec.loss.divergence} at temperature "
-        f"{spec.loss.temperature:g}; {'only the new mixers train' if spec.freeze else 'every weight trains'}.",
+        f"{spec.loss.temperature:g}; {FREEZE_NOTES[spec.freeze]}"
+        + (f"; then {spec.end_to_end.steps} end-to-end steps (every weight, CE weight {spec.end_to_end.ce_weight:g})."
+           if spec.end_to_end.steps else "."),
         f"KL and top-1 agreement over {spec.evidence.held_out_batches} held-out batches of "
         f"{recipe.train.batch_size} x {recipe.data.seq_len} tokens; cache = inference state at batch 1 in bf16; "
         f"speed at batch 1 (prefill {spec.evidence.speed_prefill} tokens, {spec.evidence.speed_decode} decode steps).",

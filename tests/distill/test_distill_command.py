@@ -51,7 +51,7 @@ def finished_run(tmp_path_factory):
     from tiny_teachers import save_teacher
 
     folder = tmp_path_factory.mktemp("distill")
-    recipe = write_recipe(folder, save_teacher(folder / "teacher"))
+    recipe = write_recipe(folder, save_teacher(folder / "teacher"), end_to_end={"steps": 2})
     result = run_cli("distill", str(recipe), cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder, recipe, result
@@ -66,7 +66,7 @@ def test_each_stage_leaves_a_student_that_reloads_and_generates(finished_run):
     folder, _, result = finished_run
     run_dir = folder / "run"
     assert "Traceback" not in result.stderr
-    assert result.stdout.strip().splitlines()[-1].startswith("done: 2 stages, 2/4 attention layers replaced")
+    assert result.stdout.strip().splitlines()[-1].startswith("done: 3 stages, 2/4 attention layers replaced")
     for stage, replaced in ((1, 1), (2, 2)):
         layout = json.loads((run_dir / f"stage-{stage}" / "layout.json").read_text())
         assert layout["pattern"].count("M") == replaced and len(layout["attention_layers"]) == 4 - replaced
@@ -75,10 +75,16 @@ def test_each_stage_leaves_a_student_that_reloads_and_generates(finished_run):
         assert model.config.pattern == layout["pattern"]
         ids = tokenizer("the cat", return_tensors="pt")["input_ids"]
         assert model.generate(ids, max_new_tokens=5, do_sample=False).shape == (1, ids.shape[1] + 5)
-    assert (run_dir / "final").resolve() == (run_dir / "stage-2" / "model").resolve()
+    assert (run_dir / "final").resolve() == (run_dir / "stage-3" / "model").resolve()  # the end-to-end stage
     first, second = (json.loads((run_dir / f"stage-{n}" / "importance.json").read_text()) for n in (1, 2))
     assert first["by"] == "loo" and len(first["scores"]) == 4 and len(first["chosen"]) == 1
     assert second["by"] == "mmr" and len(second["scores"]) == 3 and first["chosen"][0] not in second["chosen"]
+    # freeze: mixers (the default): stage 2 trains stage 1's mixer too; the end-to-end stage trains the MLPs
+    weights = [AutoModelForCausalLM.from_pretrained(run_dir / f"stage-{n}" / "model").model.layers for n in (1, 2, 3)]
+    layer = first["chosen"][0]
+    assert not torch.equal(weights[0][layer].mixer.in_proj.weight, weights[1][layer].mixer.in_proj.weight)
+    assert torch.equal(weights[0][layer].mlp.up_proj.weight, weights[1][layer].mlp.up_proj.weight)
+    assert not torch.equal(weights[1][layer].mlp.up_proj.weight, weights[2][layer].mlp.up_proj.weight)
     assert not (run_dir / "stage-1" / "distill" / "checkpoints").exists()  # superseded by the saved student
 
 
@@ -87,8 +93,8 @@ def test_the_report_holds_one_row_per_stage_with_every_figure(finished_run):
     folder, _, _ = finished_run
     run_dir = folder / "run"
     rows = json.loads((run_dir / "stages.json").read_text())
-    assert [row["stage"] for row in rows] == [0, 1, 2]
-    assert [row["attention_layers"] for row in rows] == [4, 3, 2]
+    assert [row["stage"] for row in rows] == [0, 1, 2, 3]
+    assert [row["attention_layers"] for row in rows] == [4, 3, 2, 2]
     assert rows[0]["kl_rev"] == 0 and rows[0]["top1"] == 1
     for row in rows:
         for key in ("kl_rev", "kl_fwd", "ppl_teacher", "ppl_student", "top1", "passkey_5x", "cache_mib_8k",
@@ -97,7 +103,7 @@ def test_the_report_holds_one_row_per_stage_with_every_figure(finished_run):
     assert rows[2]["cache_mib_32k"] < rows[1]["cache_mib_32k"] < rows[0]["cache_mib_32k"]
     assert rows[0]["cache_mib_32k"] == pytest.approx(4 * 2 * 2 * 16 * 32768 * 2 / 2**20)  # layers x K,V x kv heads x d
     report = (run_dir / "report.md").read_text()
-    assert report.count("\n| ") == 4 and "passkey 5x" in report and (run_dir / "quality.png").stat().st_size > 0
+    assert report.count("\n| ") == 5 and "passkey 5x" in report and (run_dir / "quality.png").stat().st_size > 0
 
 
 @pytest.mark.slow

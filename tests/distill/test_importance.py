@@ -6,7 +6,7 @@ import torch
 from tiny_teachers import tiny_llama
 
 from lctk.distill.convert import student_from_teacher
-from lctk.distill.importance import attention_removed, leave_one_out, mmr_probes, ranking
+from lctk.distill.importance import attention_removed, layer_removed, leave_one_out, mmr_probes, ranking
 
 
 def _held_out(seed: int):
@@ -49,3 +49,18 @@ def test_mmr_probes_rank_by_the_divergence_each_probe_reaches():
     scores = mmr_probes(teacher, _held_out(3), [0, 1], probes.__getitem__)
     assert scores[1]["score"] < 1e-7 < scores[0]["score"]
     assert ranking(scores) == [1, 0]
+
+
+def test_whole_layer_leave_one_out_makes_the_block_the_identity():
+    teacher = student_from_teacher(tiny_llama(seed=7)).requires_grad_(False)
+    seen = {}
+    hooks = [teacher.model.layers[i].register_forward_hook(lambda m, args, out, i=i: seen.update({i: args[0]}))
+             for i in (1, 2)]
+    with torch.no_grad(), layer_removed(teacher, 1):
+        teacher(input_ids=_held_out(3)[0]["input_ids"])
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(seen[1], seen[2])  # layer 2 received what layer 1 was given
+    scores = leave_one_out(teacher, teacher, _held_out(1), [0, 1, 2, 3], remove=layer_removed)
+    assert all(score["score"] > 0 for score in scores.values()) and sorted(ranking(scores)) == [0, 1, 2, 3]
+    assert scores != leave_one_out(teacher, teacher, _held_out(1), [0, 1, 2, 3])  # not the attention-only variant
