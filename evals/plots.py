@@ -71,6 +71,31 @@ def lines(
     _save(figure, path)
 
 
+def head_heatmaps(panels: dict, positions: list[int], path: Path, title: str, mark: int | None = None) -> None:
+    """One heatmap per panel (name -> heads x chunks array), heads down and position across, each with its own
+    colour scale (log10 where the values span more than a decade); `mark` draws the training length."""
+    import numpy as np
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(panels), 1, figsize=(8, 0.9 + 1.3 * len(panels)), squeeze=False)
+    for axis, (name, values) in zip(axes[:, 0], panels.items(), strict=True):
+        values = np.asarray(values, dtype=float)
+        positive = values[values > 0]
+        log = positive.size == values.size and positive.max() > 10 * positive.min()
+        shown = np.log10(values) if log else values
+        image = axis.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest",
+                            extent=(0, positions[len(values[0]) - 1], values.shape[0] - 0.5, -0.5))
+        if mark:
+            axis.axvline(mark, color="red", linestyle="--", linewidth=1)
+        axis.set_ylabel("head", fontsize=7)
+        axis.set_title(name + (" (log10)" if log else ""), fontsize=8)
+        axis.tick_params(labelsize=7)
+        figure.colorbar(image, ax=axis, pad=0.01)
+    axes[-1, 0].set_xlabel("position (tokens)")
+    figure.suptitle(title, fontsize=9)
+    _save(figure, path)
+
+
 def format_length(tokens: int) -> str:
     return f"{tokens // 1024}k" if tokens % 1024 == 0 and tokens >= 1024 else str(tokens)
 

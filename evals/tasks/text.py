@@ -185,9 +185,37 @@ def window_start(haystack: Haystack, rng: random.Random, spread: int) -> int:
     return haystack.unit_start(rng.randrange(spread))
 
 
+def heldout_tokens(tokenizer, count: int) -> tuple[np.ndarray, int]:
+    """(the first `count` tokens of the builtin corpus's held-out documents, the token where they first repeat): past
+    the end of the held-out text (~250K characters) its documents come again, in a new order each pass, so long
+    windows never read training text."""
+    haystack = cached_haystack(tokenizer, "heldout", lambda: (_passes(builtin_documents("heldout")), r"\n\n"))
+    ids = _tokens(haystack, tokenizer, 0, count)
+    once = sum(len(d) + 2 for d in builtin_documents("heldout"))
+    return ids, int(np.searchsorted(haystack.starts, once)) if haystack.offsets_available else count
+
+
+def _passes(documents: list[str]) -> Callable[[int], str]:
+    def stream(n_chars: int) -> str:
+        parts, size, k = [], 0, 0
+        while size < n_chars:
+            order = list(documents)
+            if k:  # the first pass in the corpus's order, later ones reshuffled
+                random.Random(k).shuffle(order)
+            parts += order
+            size += sum(len(d) + 2 for d in order)
+            k += 1
+        return "\n\n".join(parts)[:n_chars]
+
+    return stream
+
+
 def corpus_tokens(tokenizer, first: int, count: int) -> np.ndarray:
     """Tokens [first, first + count) of the builtin corpus (held-out documents first), without special tokens."""
-    haystack = corpus_haystack(tokenizer)
+    return _tokens(corpus_haystack(tokenizer), tokenizer, first, count)
+
+
+def _tokens(haystack: Haystack, tokenizer, first: int, count: int) -> np.ndarray:
     if haystack.offsets_available:
         haystack.ensure(first + count)
         return haystack.ids[first : first + count]

@@ -20,8 +20,8 @@ BY_LENGTH = (
     ("perplexity", "by_length", "perplexity", "perplexity_by_length.png"),
     ("passkey", "by_length", "passkey accuracy (%)", "passkey_by_length.png"),
     ("state-collapse", "by_length", "late / early loss ratio", "loss_ratio_by_length.png"),
-    ("state-collapse", "state_growth", "state growth (final / first RMS)", None),
-    ("state-collapse", "newlines_by_length", "late / early loss ratio, repeated newlines", None),
+    ("state-collapse", "state_growth", "largest per-head state-norm growth (end / training length)", None),
+    ("state-collapse", "newlines_by_length", "loss over the last quarter (nats), repeated newlines", None),
     ("state-collapse", "newlines_state_growth", "state growth, repeated newlines", None),
 )
 

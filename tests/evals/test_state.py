@@ -92,8 +92,47 @@ def test_state_collapse_and_perplexity_suites(mamba2, bpe_tokenizer, tmp_path):
     assert list(ppl["by_position"]) == ["2", "4", "8", "16", "32", "64", "128", "256"]
     per_window = [np.exp(r["nll_sum"] / r["tokens"]) for r in _records(tmp_path, "perplexity")]
     assert ppl["by_length"]["128"] == pytest.approx(np.exp(np.mean(np.log(per_window[:2]))), rel=1e-6)
-    for name in ("state_collapse_loss.png", "state_collapse_states.png", "perplexity_by_position.png"):
+    for name in ("state_collapse_loss.png", "state_collapse_states.png", "perplexity_by_position.png",
+                 "state_collapse_heads_corpus.png", "state_collapse_heads_newlines.png"):
         assert (tmp_path / name).exists()
+    # Stuffed Mamba's view: per-head norms over position, and the absolute loss of the newline input
+    (record,) = [r for r in _records(tmp_path, "state-collapse") if r["task"] == "newlines" and r["length"] == 256]
+    assert collapse["newlines_by_length"]["256"] == record["late_loss"] > 0
+    norms = record["states"]["layers.0.recurrent_states.0"]["head_norm"]
+    assert np.asarray(norms).shape == (len(record["chunk_ends"]), 4)
+
+
+def test_mamba2_probe_reads_dt_decay_b_and_x_per_head(bpe_tokenizer):
+    """lctk's Mamba-2: the probe sees Δ = softplus(dt + dt_bias), the decay exp(-exp(A_log) Δ), B and x per head."""
+    from lctk.evals.suites.state_collapse import mixer_probes
+    from lctk.models import HybridConfig, HybridForCausalLM
+
+    torch.manual_seed(0)
+    model = HybridForCausalLM(HybridConfig(pattern="MA", vocab_size=VOCAB, hidden_size=32, num_attention_heads=2)).eval()
+    ids = text_ids(bpe_tokenizer, 128)
+    with mixer_probes(model) as stats:
+        _, ends, states = trace_states(model, ids, chunk=32)
+    (layer,) = stats
+    mixer = model.model.layers[0].mixer
+    assert set(stats[layer]) == {"dt", "decay", "B", "x"} and mixer.probe is None  # removed on the way out
+    dt, decay = np.asarray(stats[layer]["dt"]), np.asarray(stats[layer]["decay"])
+    assert dt.shape == decay.shape == (len(ends), mixer.num_heads) and (dt > 0).all()
+    assert np.allclose(decay, np.exp(-np.exp(mixer.A_log.detach().numpy()) * dt), rtol=0.2)  # mean of exp vs exp of mean
+    assert ((decay > 0) & (decay < 1)).all() and (np.asarray(stats[layer]["B"]) > 0).all()
+    ssm = next(t for path, t in states.items() if t["head_norm"])
+    assert np.asarray(ssm["head_norm"]).shape == (len(ends), mixer.num_heads)
+
+
+def test_long_corpus_windows_stay_in_held_out_text(bpe_tokenizer):
+    from lctk.data.corpus import builtin_documents
+    from lctk.evals.tasks.text import heldout_tokens
+
+    ids, repeats_from = heldout_tokens(bpe_tokenizer, 100_000)
+    assert len(ids) == 100_000 and 0 < repeats_from < 100_000
+    heldout = "\n\n".join(builtin_documents("heldout"))
+    for at in (repeats_from - 3000, repeats_from + 500, len(ids) - 2000):  # before and after the first pass ends
+        text = bpe_tokenizer.decode(ids[at : at + 1000])
+        assert text[100:400] in heldout
 
 
 def _records(folder, suite):

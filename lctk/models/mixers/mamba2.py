@@ -224,6 +224,9 @@ class Mamba2(Mixer):
         if b_scale not in (None, 1.0):
             b = b * b_scale
         c = c.unflatten(-1, (self.n_groups, self.d_state))
+        probe = getattr(self, "probe", None)  # set by lctk.evals' state-collapse suite to read Δ, decay, B and x
+        if probe is not None:
+            probe(dt=dt, decay=torch.exp(g), b=b, x=x)
         v = x * dt.unsqueeze(-1).to(x.dtype)
 
         window, cap = self.length_setting("state_window"), self.length_setting("state_norm_cap")
