@@ -56,6 +56,7 @@ def eval_command(
     """Run evaluation suites on any Hugging Face causal LM and write results.json, samples.jsonl, plots, report.md."""
     from lctk.evals.models import load_weights, open_model_and_tokenizer, resolve_device, resolve_dtype
     from lctk.evals.runner import check_model_fits, compare, eval_plan, run_suites
+    from lctk.evals.store import check_output_dir
     from lctk.models.loading import trusting_remote_code
 
     paths = [p.strip() for p in model.split(",") if p.strip()]
@@ -73,6 +74,8 @@ def eval_command(
     if lm_eval_limit is not None and lm_eval_limit < 1:
         raise UserError(f"--lm-eval-limit: must be at least 1, got {lm_eval_limit}")
     resolve_dtype(dtype, resolve_device(device))
+    if len(paths) > 1:  # the comparison's report.md and comparison.json go into --output itself
+        check_output_dir(output)
     with trusting_remote_code(trust_remote_code):
         # every input is checked before the first model is evaluated: flags, output folders, each model's files,
         # config and tokenizer, and whether the prompts fit its lengths

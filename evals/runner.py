@@ -25,6 +25,7 @@ from lctk.evals.tokens import CHAT_MODES, fingerprint
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_LIMIT = 10
 LENGTH = re.compile(r"^(\d+(?:\.\d+)?)([kKmM]?)$")
+MAX_LIMIT = 10**6  # samples per length (and depth)
 MAX_LENGTH = 2**25  # tokens (32m): past any model's context, and a prompt that long would not fit in memory to build
 
 
@@ -110,6 +111,8 @@ def eval_plan(
     for flag, value in (("--limit", limit), ("--batch-size", batch_size)):
         if value < 1:
             raise UserError(f"{flag}: must be at least 1, got {value}")
+    if limit > MAX_LIMIT:  # every job is listed up front
+        raise UserError(f"--limit: at most {MAX_LIMIT} samples per length, got {limit}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
     if output_dir is not None:

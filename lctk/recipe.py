@@ -72,6 +72,8 @@ class RunSection(Section):
         if name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0"):
             raise ValueError(f"must be a plain folder name (no '/', '..' or absolute path; put paths in "
                              f"run.output_dir), got {name!r}")
+        if len(name.encode()) > 255:  # found here, not when the folder is made after the data is tokenised
+            raise ValueError(f"is {len(name.encode())} bytes long; a folder name may have at most 255")
         return name
 
     @property

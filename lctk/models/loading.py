@@ -91,6 +91,8 @@ def open_model(path: str, where: str) -> ModelFiles:
 
 def resolve(path: str, where: str) -> ModelFiles:
     """A folder, a .gguf file or (reachable) hub name -> ModelFiles without a config; UserError otherwise."""
+    if not path.strip():  # Path("") is the current folder
+        raise UserError(f"{where}: give a model folder, got an empty path")
     local = Path(path).expanduser()
     if path.endswith(".gguf"):
         if not local.is_file():

@@ -124,6 +124,14 @@ def test_an_output_path_that_is_a_file_is_one_line(monkeypatch, capsys, llama_di
     assert (tmp_path / "taken").read_text() == "mine"
 
 
+def test_a_comparison_never_replaces_a_report_lctk_did_not_write(monkeypatch, capsys, llama_dir, tmp_path):
+    (tmp_path / "report.md").write_text("mine")
+    code, _, err = lctk(monkeypatch, capsys, "--model", f"{llama_dir},{llama_dir}", *PASSKEY_RUN, "--output", tmp_path)
+    assert code == 2 and err.strip().endswith("holds a report.md that lctk did not write, which an eval would replace; "
+                                              "choose another --output")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"] and (tmp_path / "report.md").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     "damage",
     [

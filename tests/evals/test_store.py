@@ -113,6 +113,8 @@ def test_output_folders_and_settings_that_cannot_work_are_refused_before_any_sam
         eval_plan(lengths="64,1k", max_new_tokens=64)
     with pytest.raises(UserError, match=r"^--batch-size: must be at least 1, got 0$"):
         eval_plan(batch_size=0)
+    with pytest.raises(UserError, match=r"^--limit: at most 1000000 samples per length"):
+        eval_plan(limit=10**12)  # every job is listed up front: this was a MemoryError minutes later
 
 
 def test_a_results_or_report_file_lctk_did_not_write_is_never_replaced(tmp_path):

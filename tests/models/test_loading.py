@@ -136,6 +136,12 @@ def test_a_missing_local_path_fails_in_seconds_without_the_hub(monkeypatch, path
     assert time.perf_counter() - started < 5
 
 
+@pytest.mark.parametrize("path", ["", " "])
+def test_an_empty_path_is_not_the_current_folder(path):
+    with pytest.raises(UserError, match="^distill.teacher: give a model folder, got an empty path$"):
+        open_model(path, "distill.teacher")
+
+
 def test_a_model_folders_own_code_runs_only_when_trusted(model_dir, tmp_path):
     folder = copy(model_dir, tmp_path)
     ran = tmp_path / "ran"

@@ -58,6 +58,11 @@ def test_run_name_must_be_a_plain_name(tmp_path, make_recipe, name):
         load_recipe(recipe)
 
 
+def test_a_run_name_too_long_for_a_folder_fails_at_load(tmp_path, make_recipe):
+    with pytest.raises(UserError, match=r"^run\.name: is 300 bytes long; a folder name may have at most 255$"):
+        load_recipe(make_recipe(tmp_path, "long", run={"name": "n" * 300}))
+
+
 def test_a_fresh_run_into_a_folder_lctk_did_not_make_is_refused(tmp_path, make_recipe):
     recipe = make_recipe(tmp_path, "user", train={"steps": 2})
     folder = tmp_path / "runs" / "user"
