@@ -104,12 +104,14 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
+            record = json.loads(line)
         except ValueError:
-            continue  # a line cut by a kill
+            continue  # a line cut by a kill, or bytes that are not text
+        at = record.get("step", 0) if isinstance(record, dict) else None
+        if isinstance(at, int) and at <= step:
+            kept.append(line.decode())
     path.write_text("".join(f"{line}\n" for line in kept))
 
 

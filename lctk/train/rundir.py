@@ -55,10 +55,11 @@ def marker(folder: Path) -> dict | None:
 
 
 def check_folder(folder: Path, kind: str, where: str, *, holds_run: bool = False, resuming: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, folders: Iterable[str] = ()) -> None:
     """Before anything is written: may a `kind` run use `folder`? holds_run: it holds a run (a fresh start then needs
-    --overwrite); resuming: the run continues what the folder holds. An unmarked folder holding a run and its
-    recipe.yaml is an lctk run from before markers existed: it may be resumed, not deleted."""
+    --overwrite); resuming: the run continues what the folder holds; folders: the names the run keeps folders under,
+    which must not be files. An unmarked folder holding a run and its recipe.yaml is an lctk run from before markers
+    existed: it may be resumed, not deleted."""
     if overwrite and resuming:
         raise UserError("--overwrite: starts the run again, so it cannot go with --resume")
     if folder.exists() and not folder.is_dir():
@@ -66,6 +67,9 @@ def check_folder(folder: Path, kind: str, where: str, *, holds_run: bool = False
     check_creatable(folder, where)
     if not folder.is_dir() or not any(folder.iterdir()):
         return
+    blocked = next((name for name in folders if (folder / name).exists() and not (folder / name).is_dir()), None)
+    if blocked is not None and not overwrite:
+        raise UserError(f"{where}: {folder / blocked} is a file where the run keeps its {blocked} folder (move it away)")
     found = marker(folder)
     if found is None:
         if overwrite:

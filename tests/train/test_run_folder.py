@@ -154,6 +154,24 @@ def test_a_folder_that_cannot_be_made_is_refused_before_any_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link"]
 
 
+def test_a_file_where_the_run_keeps_a_folder_is_refused_before_any_write(tmp_path):
+    with rundir.claim(tmp_path / "run", "train", "t", "run.name"):
+        (tmp_path / "run" / "checkpoints").write_text("mine")
+    with pytest.raises(UserError, match=r"^run\.name: .*run/checkpoints is a file where the run keeps its checkpoints"):
+        rundir.check_folder(tmp_path / "run", "train", "run.name", resuming=True, folders=("final", "checkpoints"))
+    assert (tmp_path / "run" / "checkpoints").read_text() == "mine"
+
+
+def test_a_damaged_results_file_of_a_resumed_run_is_redone_not_a_traceback(tmp_path, capsys):
+    from lctk.train.run import _saved_results
+
+    for damaged in (b"\xff\xfe", b"[1]", b"{"):
+        (tmp_path / "results.json").write_bytes(damaged)
+        assert _saved_results(tmp_path / "results.json") == {}
+        assert "results.json is damaged; its evaluations run again" in capsys.readouterr().out
+    assert _saved_results(tmp_path / "missing.json") == {}
+
+
 def test_a_run_from_before_markers_may_be_resumed_not_deleted(tmp_path):
     legacy = tmp_path / "run"
     (legacy / "checkpoints").mkdir(parents=True)
