@@ -105,10 +105,10 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
     for number, stage in enumerate(spec.stages, start=1):
         stage_dir = run_dir / f"stage-{number}"
         steps = stage.steps if stage.steps is not None else recipe.train.total_steps(seq_len, accelerator.num_processes)
-        finished = stage_dir / "evidence.json"
-        if finished.exists():
+        finished = rundir.saved_record(stage_dir / "evidence.json")
+        if finished is not None:
             student = _load_student(stage_dir / "model", accelerator)
-            rows.append(json.loads(finished.read_text()))
+            rows.append(finished)
             say(f"stage {number}: done before, loaded {stage_dir / 'model'}")
             data_offset += spec.loss.align_steps + steps
             continue
@@ -167,8 +167,9 @@ def _end_to_end(student, teacher, tokenizer, held_out, data, recipe: DistillReci
     spec = recipe.distill
     number = len(spec.stages) + 1
     stage_dir = recipe.run.dir / f"stage-{number}"
-    if (stage_dir / "evidence.json").exists():
-        rows.append(json.loads((stage_dir / "evidence.json").read_text()))
+    finished = rundir.saved_record(stage_dir / "evidence.json")
+    if finished is not None:
+        rows.append(finished)
         say(f"stage {number} (end to end): done before, loaded {stage_dir / 'model'}")
         return _load_student(stage_dir / "model", accelerator)
     say(f"stage {number}: end to end, every weight trains ({spec.end_to_end.steps} steps, CE weight "
@@ -216,7 +217,8 @@ def _check_run_dir(run_dir: Path, recipe: DistillRecipe, resume: str | None, ove
     if resume not in (None, "auto"):
         raise UserError(f"--resume: distill runs resume with 'auto' (stage by stage), got {resume!r}")
     rundir.check_folder(run_dir, "distill", rundir.key_of(recipe.run), holds_run=any(run_dir.glob("stage-*")),
-                        resuming=resume is not None, overwrite=overwrite)
+                        resuming=resume is not None, overwrite=overwrite,
+                        folders=[f"stage-{number}" for number in range(len(recipe.distill.stages) + 2)])
     if resume is not None:
         rundir.check_same_recipe(run_dir, recipe, SECTIONS_FIXED_ON_RESUME)
 
@@ -288,9 +290,8 @@ def _choose_layers(number: int, stage: StageSection, student, teacher, held_out,
         _save_json(stage_dir / "importance.json", {"by": "given", "chosen": chosen}, accelerator)
         return chosen
     count = stage.target(total - len(candidates), total) - (total - len(candidates))  # checked by check_schedule
-    saved = stage_dir / "importance.json"
-    if saved.exists():
-        record = json.loads(saved.read_text())
+    record = rundir.saved_record(stage_dir / "importance.json")
+    if record is not None:
         if record.get("by") == stage.by and record.get("count") == count:
             return record["chosen"]
     if stage.by == "loo":
@@ -309,7 +310,7 @@ def _choose_layers(number: int, stage: StageSection, student, teacher, held_out,
     if accelerator.is_main_process:
         shown = ", ".join(f"{layer}: {scores[layer]['score']:.4f}" for layer in importance.ranking(scores))
         print(f"stage {number}: {stage.by} scores (lowest first) {shown}", flush=True)
-    _save_json(saved, {"by": stage.by, "count": count, "chosen": chosen,
+    _save_json(stage_dir / "importance.json", {"by": stage.by, "count": count, "chosen": chosen,
                        "scores": {str(layer): value for layer, value in scores.items()}}, accelerator)
     return chosen
 
@@ -341,8 +342,9 @@ def _stage_row(stage_dir: Path, number: int, student, teacher, tokenizer, held_o
                main: bool, say) -> dict:
     """Measure the student, save it (stages >= 1) with its layout, and return its table row."""
     saved = stage_dir / "evidence.json"
-    if saved.exists():
-        return json.loads(saved.read_text())
+    finished = rundir.saved_record(saved)
+    if finished is not None:
+        return finished
     from lctk.train.run import save_hf_folder
 
     spec = recipe.distill.evidence

@@ -168,7 +168,8 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
 
 def _check_run_dir(run_dir: Path, recipe: ExtendRecipe, overwrite: bool) -> None:
     """A rerun continues the run in run_dir, so it needs the same data and extend sections."""
-    rundir.check_folder(run_dir, "extend", rundir.key_of(recipe.run), resuming=not overwrite, overwrite=overwrite)
+    rundir.check_folder(run_dir, "extend", rundir.key_of(recipe.run), resuming=not overwrite, overwrite=overwrite,
+                        folders=("stages", "final", "eval"))
     if not overwrite:
         rundir.check_same_recipe(run_dir, recipe, SECTIONS_FIXED_ON_RERUN)
 

@@ -86,7 +86,7 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
     say(f"train: {total_steps} steps x {tokens_per_step} tokens on {world} process(es){split}, {recipe.train.precision}")
 
     results_file = run_dir / "results.json"
-    results = _saved_results(results_file) if resume is not None else {}
+    results = (rundir.saved_record(results_file) or {}) if resume is not None else {}
     if main and recipe.eval.before and "before" not in results:
         results["before"] = _evaluate(recipe, model, tokenizer, data.held_out, accelerator, run_dir / "eval" / "before")
     accelerator.wait_for_everyone()
@@ -127,21 +127,6 @@ def _check_run_dir(run_dir: Path, recipe: TrainRecipe, resume: str | None, overw
                         resuming=resume is not None, overwrite=overwrite, folders=RUN_FOLDERS)
     if resume is not None:
         rundir.check_same_recipe(run_dir, recipe, SECTIONS_FIXED_ON_RESUME)
-
-
-def _saved_results(file: Path) -> dict:
-    """The figures of the run being resumed; a damaged results.json is set aside like a damaged checkpoint: its
-    evaluations run again."""
-    try:
-        saved = json.loads(file.read_bytes())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
-        saved = None
-    if not isinstance(saved, dict):
-        print(f"warning: {file} is damaged; its evaluations run again", flush=True)
-        return {}
-    return saved
 
 
 def _start_over(run_dir: Path, resume: str | None, overwrite: bool) -> None:

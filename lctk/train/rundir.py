@@ -85,6 +85,21 @@ def check_folder(folder: Path, kind: str, where: str, *, holds_run: bool = False
                         "again, or --set run.name=<new name>")
 
 
+def saved_record(path: Path) -> dict | None:
+    """A JSON object a run saved for a step it finished (results.json, evidence.json, importance.json); None when
+    it is absent, or damaged (with a warning): the step is redone, as a damaged checkpoint is passed over."""
+    try:
+        record = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        print(f"warning: {path} is damaged; what it records is done again", flush=True)
+        return None
+    return record
+
+
 def check_same_recipe(folder: Path, recipe, sections: Iterable[str]) -> None:
     """The run in `folder` continues only with the same `sections` as its saved recipe.yaml (if it has one)."""
     saved_file = folder / "recipe.yaml"

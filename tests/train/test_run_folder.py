@@ -162,14 +162,14 @@ def test_a_file_where_the_run_keeps_a_folder_is_refused_before_any_write(tmp_pat
     assert (tmp_path / "run" / "checkpoints").read_text() == "mine"
 
 
-def test_a_damaged_results_file_of_a_resumed_run_is_redone_not_a_traceback(tmp_path, capsys):
-    from lctk.train.run import _saved_results
-
+def test_a_damaged_record_of_a_finished_step_is_redone_not_a_traceback(tmp_path, capsys):
     for damaged in (b"\xff\xfe", b"[1]", b"{"):
-        (tmp_path / "results.json").write_bytes(damaged)
-        assert _saved_results(tmp_path / "results.json") == {}
-        assert "results.json is damaged; its evaluations run again" in capsys.readouterr().out
-    assert _saved_results(tmp_path / "missing.json") == {}
+        (tmp_path / "evidence.json").write_bytes(damaged)
+        assert rundir.saved_record(tmp_path / "evidence.json") is None
+        assert "evidence.json is damaged; what it records is done again" in capsys.readouterr().out
+    assert rundir.saved_record(tmp_path / "missing.json") is None and not capsys.readouterr().out
+    (tmp_path / "evidence.json").write_text('{"top1": 0.5}')
+    assert rundir.saved_record(tmp_path / "evidence.json") == {"top1": 0.5}
 
 
 def test_a_run_from_before_markers_may_be_resumed_not_deleted(tmp_path):
