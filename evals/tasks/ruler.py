@@ -41,7 +41,7 @@ from lctk.errors import UserError
 from lctk.evals.context import PromptTooShort
 from lctk.evals.tasks.niah import wrap
 from lctk.evals.tasks.sample import Sample
-from lctk.evals.tasks.text import FILLER, _essay_text
+from lctk.evals.tasks.text import FILLER, essay_text
 
 TEMPLATES = {
     "vt": (
@@ -221,7 +221,7 @@ def _numbered(words: list[str]) -> str:
 @functools.cache
 def _cwe_words() -> list[str]:
     """Distinct lowercase words of the builtin corpus (4-12 letters, seen at least twice), in a fixed order."""
-    counts = Counter(re.findall(r"\b[a-z]{4,12}\b", _essay_text()))
+    counts = Counter(re.findall(r"\b[a-z]{4,12}\b", essay_text()))
     return sorted(word for word, count in counts.items() if count >= 2)
 
 
