@@ -202,8 +202,9 @@ def generate(
 ) -> list[str]:
     """Greedy continuations of a batch of prompts (left-padded when their lengths differ), decoded without specials.
 
-    Each row stops at the end-of-text token; a row marked in `one_line` also stops at the first newline after some
-    text (its answer is one line: the rest is never scored), and its output is cut there."""
+    Each row stops at the end-of-text token; a row marked in `one_line` also stops at the first newline after a
+    letter or digit (its answer is one line: the rest is never scored; a leading ":" or blank line is not the
+    answer yet), and its output is cut there."""
     from transformers import GenerationConfig, StoppingCriteriaList
 
     device = model_device(model)
@@ -227,13 +228,14 @@ def generate(
 
 
 def _first_line(text: str) -> str:
-    """The text up to the first newline that follows some text (leading blank lines kept out of the way)."""
-    body = text.lstrip()
-    return text[: len(text) - len(body)] + body.split("\n", 1)[0]
+    """The text up to the first newline after its first letter or digit (all of it when there is none)."""
+    start = next((i for i, char in enumerate(text) if char.isalnum()), len(text))
+    end = text.find("\n", start)
+    return text if end < 0 else text[:end]
 
 
 class _LineEnd:
-    """Stopping criterion: per row, True once a one-line row has written a newline after some text."""
+    """Stopping criterion: per row, True once a one-line row has written a newline after a letter or digit."""
 
     def __init__(self, tokenizer, width: int, rows: list[bool]):
         self.tokenizer, self.width, self.rows = tokenizer, width, rows
@@ -242,8 +244,8 @@ class _LineEnd:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for row, one_line in enumerate(self.rows):
             if one_line:
-                text = self.tokenizer.decode(input_ids[row, self.width :], skip_special_tokens=True).lstrip()
-                done[row] = "\n" in text
+                text = self.tokenizer.decode(input_ids[row, self.width :], skip_special_tokens=True)
+                done[row] = _first_line(text) != text
         return done
 
 

@@ -208,3 +208,11 @@ def test_smollm2_instruct_retrieves_passkeys_and_needles_at_1k():
                          depths=[0.0, 0.5, 1.0], batch_size=3, progress=False)["results"]
     assert results["passkey"]["score"] >= 80.0 and "Landmark" in results["passkey"]["variant"]
     assert results["niah"]["score"] >= 75.0
+
+
+def test_one_line_answers_are_cut_at_the_newline_after_the_answer():
+    from lctk.evals.models import _first_line
+
+    assert _first_line(" 1234567.\nThe grass is green.") == " 1234567."
+    assert _first_line(":\n 9438df69-09b0\nmore") == ":\n 9438df69-09b0"  # a colon line is not the answer yet
+    assert _first_line("\n\n") == "\n\n" and _first_line(" Denver Broncos") == " Denver Broncos"
