@@ -68,6 +68,8 @@ def parse_suites(spec: str | Iterable[str], allow_none: bool = False) -> tuple[l
             suites.append(suite)
         if name != suite:
             tasks.setdefault(suite, []).append(name)
+    if "passkey" in tasks and "passkey" in names:  # "passkey" next to a variant runs both variants
+        tasks["passkey"].insert(0, "passkey")
     if not suites and not allow_none:
         raise UserError("--suite: give at least one suite, e.g. passkey,niah (or none with --lm-eval TASKS)")
     return suites, tasks
