@@ -83,6 +83,7 @@ class TrainerState:
     bad_in_a_row: int = 0
     wandb_id: str | None = None
     world_size: int = 1  # the data each step reads depends on it, so a run resumes with as many processes
+    context_parallel: int = 1  # and on how they split into data-parallel groups (train.context_parallel)
 
 
 @dataclass
@@ -132,7 +133,7 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         if train.compile:
             self.model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
-        self.state = TrainerState(world_size=accelerator.num_processes)
+        self.state = TrainerState(world_size=accelerator.num_processes, context_parallel=self.context.size)
 
     def fit(self, resume: str | None = None) -> TrainResult:
         """Train to total_steps. resume: None (fresh), "auto" (the latest valid checkpoint, if any) or a path."""
@@ -287,6 +288,11 @@ class Trainer:
                 raise UserError(
                     f"--resume: {path} was written by {saved.get('world_size', 1)} process(es); resume it with as many "
                     f"(this run has {self.accelerator.num_processes})"
+                )
+            if saved.get("context_parallel", 1) != self.context.size:
+                raise UserError(
+                    f"train.context_parallel: {path} was written with context_parallel {saved.get('context_parallel', 1)};"
+                    f" resume it with the same (this run has {self.context.size}), or the global batch would change"
                 )
             load_checkpoint(self.accelerator, path, self.model, self.optimizer)
             self.state = TrainerState(**saved)

@@ -211,6 +211,18 @@ def test_a_checkpoint_whose_files_match_but_do_not_fit_is_one_line(tmp_path, cha
     assert "\n" not in str(error.value)
 
 
+def test_a_checkpoint_written_with_another_context_split_is_refused(tmp_path):
+    trainer(tmp_path, tiny_model(), steps=1).fit()
+    checkpoint = tmp_path / "checkpoints" / "step-00000001"
+    state = json.loads((checkpoint / "trainer.json").read_text())
+    assert state["context_parallel"] == 1
+    (checkpoint / "trainer.json").write_text(json.dumps({**state, "context_parallel": 2}))
+    _rehash(checkpoint)
+    with pytest.raises(UserError, match=r"^train\.context_parallel: .* written with context_parallel 2; resume it with "
+                                        r"the same \(this run has 1\)"):
+        trainer(tmp_path, tiny_model(), steps=2)._resume(str(checkpoint))
+
+
 def test_activation_checkpointing_changes_memory_not_results(tmp_path):
     plain = trainer(tmp_path / "plain", tiny_model(), steps=2)
     plain.fit()
