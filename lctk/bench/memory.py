@@ -268,13 +268,15 @@ def sweep(device_name: str, dry_run: bool) -> dict:
         # (in-process dry runs on a CPU may see no growth of the high-water mark at all)
         longest, per_layer = (int((budget - intercept) / slope) if slope > 0 else None), slope / len(PATTERN)
         # how straight the line is: the largest gap between a measured point and the line, relative to the point
-        off_line = max(abs(b - slope * t - intercept) / b for t, b in measured[name].items()) if slope > 0 else None
+        off_line = max((abs(b - slope * t - intercept) / b for t, b in measured[name].items() if b > 0),
+                       default=None) if slope > 0 else None
         results["variants"][name] = {"points": row, "bytes_per_token": slope, "bytes_per_token_per_layer": per_layer,
                                      "intercept_bytes": intercept, "longest_T": longest, "off_line": off_line,
                                      "seconds": times[name]}
         cells = [f"{row[t]['bytes'] / gib:>6.2f}{' ' if row[t]['measured'] else '*'}" for t in lengths]
         print(f"{name:<20} | " + " | ".join(cells) + f" | {per_layer:>13,.0f} | "
-              + (f"{longest:,} (measured points within {off_line:.1%} of the line)" if longest else "n/a"))
+              + (f"{longest:,}" + (f" (measured points within {off_line:.1%} of the line)" if off_line is not None
+                                   else "") if longest else "n/a"))
     step = results["variants"]["hybrid chunked+ckpt"]["points"]
     loss_slope, loss_intercept = fit(loss) if loss else (0.0, 0.0)
     results["loss_alone"] = {t: {"bytes": loss.get(t, loss_slope * t + loss_intercept), "measured": t in loss,

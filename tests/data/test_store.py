@@ -157,7 +157,8 @@ from pathlib import Path
 from lctk.data import store
 from lctk.data.tokenizer import build_tokenizer
 from lctk.recipe import Source
-store.SHARD_TOKENS, store.BATCH_CHARS = 2000, 500
+store.SHARD_TOKENS = 2000
+store._char_batches = lambda batches: ([document] for batch in batches for document in batch)  # one per call
 encode = store.encode_batch
 store.encode_batch = lambda *args: (time.sleep(0.2), encode(*args))[1]
 store.token_store(Source(text={str(corpus)!r}), "s", build_tokenizer("bytes", None, None), Path({str(cache)!r}))
