@@ -10,6 +10,7 @@ MLP and vocabulary (SDPA attention). Variants:
     hybrid full loss      the loss as it was: every logit, then cross-entropy in fp32 ([T, vocab] tensors)
     hybrid chunked        lctk.train.losses: cross-entropy from the final hidden states, chunk by chunk
     hybrid chunked+ckpt   the same with activation checkpointing of every block
+    hybrid +segments      the same, and each Mamba-2 layer recomputes in segments (mamba2.recompute_segment)
     llama full loss       Llama as transformers trains it (logits, then cross-entropy)
     llama chunked+ckpt    Llama with lctk's chunked loss and activation checkpointing: the best Llama gets here
 
@@ -23,8 +24,12 @@ is not run but extrapolated (the table marks it) when its predicted peak passes 
 or its predicted run time passes MAX_RUN_SECONDS or what is left of BUDGET_SECONDS (one CPU thread: the LM head and
 attention's T^2 make long rows slow).
 
-`loss alone` runs the chunked loss by itself on random final hidden states at each T (its peak minus its inputs,
-gradients of the hidden states and of the LM head included): the share of the step's peak that the loss takes.
+The loss's share of the step is measured two ways. `loss alone` runs the chunked loss by itself on random final
+hidden states (its peak minus its inputs, gradients of the hidden states and of the LM head included): an upper
+bound, since most of it is freed before the backward pass reaches its peak. `without the loss` runs the step of
+hybrid +segments with a loss that reads no LM head (the mean square of the final hidden states: a gradient of the
+same shape flows back, and the tied embeddings still get theirs): the difference of the two steps' forward +
+backward peaks is what the loss adds to the step's peak, which is what limits T.
 """
 
 from __future__ import annotations
@@ -43,13 +48,18 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "hybrid-150m.yaml"
 PATTERN = "MMMA"
 VOCAB = 32768
 LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536)
-VARIANTS = {  # name: (model, loss, activation checkpointing)
-    "hybrid full loss": ("hybrid", "full", False),
-    "hybrid chunked": ("hybrid", "chunked", False),
-    "hybrid chunked+ckpt": ("hybrid", "chunked", True),
-    "llama full loss": ("llama", "full", False),
-    "llama chunked+ckpt": ("llama", "chunked", True),
+SEGMENT = 2048  # mamba2.recompute_segment of the segmented variant
+VARIANTS = {  # name: (model, loss, activation checkpointing, Mamba-2 recompute segment)
+    "hybrid full loss": ("hybrid", "full", False, None),
+    "hybrid chunked": ("hybrid", "chunked", False, None),
+    "hybrid chunked+ckpt": ("hybrid", "chunked", True, None),
+    "hybrid +segments": ("hybrid", "chunked", True, SEGMENT),
+    "llama full loss": ("llama", "full", False, None),
+    "llama chunked+ckpt": ("llama", "chunked", True, None),
 }
+WITHOUT_LOSS = "hybrid +segments, no head"  # measured at LOSS_LENGTHS only, against hybrid +segments
+VARIANTS_OFF_TABLE = {WITHOUT_LOSS: ("hybrid", "none", True, SEGMENT)}
+BEST = "hybrid +segments"
 LOSS_LENGTHS = (2048, 8192)
 MAX_RUN_BYTES = 14 * 2**30  # the CPU box is shared: beyond this a point is extrapolated, not run
 MAX_RUN_SECONDS = 150.0  # one measurement, process start included
@@ -58,7 +68,7 @@ STARTUP_SECONDS = 12.0  # a fresh process importing torch, transformers and lctk
 DRY_RUN = {"lengths": (64, 128, 256), "hidden_size": 64, "vocab": 512}
 
 
-def build(kind: str, dry_run: bool = False):
+def build(kind: str, dry_run: bool = False, segment: int | None = None):
     """The hybrid (hybrid-150m's settings, read with PyYAML alone: the GPU image has no pydantic) or its Llama twin."""
     import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -67,11 +77,13 @@ def build(kind: str, dry_run: bool = False):
 
     settings = dict(yaml.safe_load(RECIPE.read_text())["model"], pattern=PATTERN)
     settings["attention"] = {**settings.get("attention", {}), "backend": "sdpa"}  # as the Llama twin
+    settings["mamba2"] = {**settings["mamba2"], "recompute_segment": segment}
     vocab = VOCAB
     if dry_run:
         vocab = DRY_RUN["vocab"]
         settings.update(hidden_size=DRY_RUN["hidden_size"], num_attention_heads=4, num_key_value_heads=2)
-        settings["mamba2"] = {**settings["mamba2"], "state_size": 16, "head_dim": 16, "chunk_size": 16}
+        settings["mamba2"].update(state_size=16, head_dim=16, chunk_size=16,
+                                  recompute_segment=segment and DRY_RUN["lengths"][0] // 2)
     hybrid = HybridConfig(vocab_size=vocab, **settings)
     if kind == "hybrid":
         return HybridForCausalLM(hybrid)
@@ -110,14 +122,15 @@ def measure_step(variant: str, length: int, device_name: str, dry_run: bool) -> 
     import torch
     import torch.nn.functional as F
 
+    from lctk.train.losses import final_hidden
     from lctk.train.trainer import causal_lm_loss
 
     torch.set_num_threads(1)
     device = torch.device(device_name)
-    kind, loss_kind, checkpointing = VARIANTS[variant]
+    kind, loss_kind, checkpointing, segment = {**VARIANTS, **VARIANTS_OFF_TABLE}[variant]
     start = start_bytes(device)
     torch.manual_seed(0)
-    model = build(kind, dry_run).to(device).train()
+    model = build(kind, dry_run, segment).to(device).train()
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -127,6 +140,8 @@ def measure_step(variant: str, length: int, device_name: str, dry_run: bool) -> 
     with torch.autocast(device.type, dtype=torch.bfloat16):
         if loss_kind == "chunked":
             loss = causal_lm_loss(model, batch)
+        elif loss_kind == "none":
+            loss = final_hidden(model, {"input_ids": ids, "position_ids": batch["position_ids"]})[0].square().mean()
         else:  # the old causal_lm_loss
             logits = model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
@@ -233,6 +248,11 @@ def sweep(device_name: str, dry_run: bool) -> dict:
         figures = child(["loss", str(length)], device_name, dry_run, timeout=2 * MAX_RUN_SECONDS)
         if figures is not None:
             loss[length] = figures["peak"]
+    without_loss = {}
+    for length in (lengths[0], lengths[-2]) if dry_run else LOSS_LENGTHS:
+        figures = child([WITHOUT_LOSS, str(length)], device_name, dry_run, timeout=2 * MAX_RUN_SECONDS)
+        if figures is not None:
+            without_loss[length] = figures["forward_backward"]
     measured: dict[str, dict[int, float]] = {name: {} for name in VARIANTS}  # forward + backward peaks
     steps: dict[str, dict[int, float]] = {name: {} for name in VARIANTS}  # whole-step peaks
     times: dict[str, dict[int, float]] = {name: {} for name in VARIANTS}
@@ -277,14 +297,26 @@ def sweep(device_name: str, dry_run: bool) -> dict:
         print(f"{name:<20} | " + " | ".join(cells) + f" | {per_layer:>13,.0f} | "
               + (f"{longest:,}" + (f" (measured points within {off_line:.1%} of the line)" if off_line is not None
                                    else "") if longest else "n/a"))
-    step = results["variants"]["hybrid chunked+ckpt"]["points"]
+    step = results["variants"][BEST]["points"]
     loss_slope, loss_intercept = fit(loss) if loss else (0.0, 0.0)
     results["loss_alone"] = {t: {"bytes": loss.get(t, loss_slope * t + loss_intercept), "measured": t in loss,
                                  "share_of_step": loss.get(t, loss_slope * t + loss_intercept) / max(step[t]["bytes"], 1)}
                              for t in lengths}
-    print("the chunked loss alone (its gradients included), share of the step of hybrid chunked+ckpt: " + ", ".join(
+    print(f"the chunked loss alone (its gradients included), share of the step of {BEST}: " + ", ".join(
         f"T={t}: {v['bytes'] / gib:.2f} GiB{'' if v['measured'] else '*'} = {v['share_of_step']:.1%}"
         for t, v in results["loss_alone"].items()))
+    with_loss = results["variants"][BEST]
+    if without_loss and with_loss["bytes_per_token"]:
+        # both lines have the slope of the blocks; what the loss adds is the gap between them
+        slope, intercept = fit(without_loss)
+        added = {t: with_loss["bytes_per_token"] * t + with_loss["intercept_bytes"] - (slope * t + intercept)
+                 for t in lengths}
+        results["loss_added"] = {t: {"bytes": added[t], "share_of_step": added[t] / max(step[t]["bytes"], 1),
+                                     "without_loss_forward_backward": without_loss.get(t)} for t in lengths}
+        print(f"what the loss adds to the forward + backward peak of {BEST} (against the same step with a "
+              "loss that reads no head), share of the step: " + ", ".join(
+                  f"T={t}: {v['bytes'] / 2**20:.0f} MiB = {v['share_of_step']:.1%}"
+                  for t, v in results["loss_added"].items()))
     if all(v["longest_T"] for v in results["variants"].values()):
         ratios(results)
     return results
@@ -292,8 +324,8 @@ def sweep(device_name: str, dry_run: bool) -> dict:
 
 def ratios(results: dict) -> None:
     longest = {name: v["longest_T"] for name, v in results["variants"].items()}
-    best = longest["hybrid chunked+ckpt"]
-    print(f"longest trainable T, hybrid chunked+ckpt: {best:,} = {best / longest['hybrid full loss']:.1f}x the full "
+    best = longest[BEST]
+    print(f"longest trainable T, {BEST}: {best:,} = {best / longest['hybrid full loss']:.1f}x the full "
           f"loss's, {best / longest['llama full loss']:.1f}x Llama's (full loss), "
           f"{best / longest['llama chunked+ckpt']:.2f}x Llama's with chunked loss + checkpointing", flush=True)
 

@@ -51,6 +51,17 @@ class SequenceInfo:
         states[self.first_doc] = row_states
         return states
 
+    def segment(self, part: slice) -> SequenceInfo:
+        """Tokens `part` of whole rows without padding, as a call that continues a cache holding the tokens before
+        them (its first document continues the row's carried state: a caller resets that state where a document
+        starts at part.start)."""
+        assert self.token_mask is None and self.shard is None, "segments of padded or split rows are not supported"
+        positions = self.position_ids[:, part]
+        info = build_sequence_info(positions.shape[0], positions.shape[1], part.start, positions.device, positions)
+        if self.rotary is not None:
+            info.rotary = tuple(table[:, part] for table in self.rotary)
+        return info
+
     def row_final_states(self, doc_states: Tensor) -> Tensor:
         """Per-document final states [N, ...] -> the state each row ends with [B, ...]."""
         return doc_states[self.last_doc]

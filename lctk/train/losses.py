@@ -3,13 +3,16 @@ distill).
 
 `head_loss` sums a per-position loss of the logits W h_t (+ b) over all positions, CHUNK rows at a time. For each
 chunk it computes the logits, the chunk's loss, and right there the gradient of that loss with respect to the logits
-(by autograd on the chunk alone), then folds it into dL/dh for the chunk's rows and into dL/dW, which it keeps for
+(by autograd on the chunk alone, or in closed form where the loss gives one), then folds it into dL/dh for the chunk's
+rows and into dL/dW, which it keeps for
 backward; backward only scales them by the incoming gradient. This is Liger's choice for its fused linear
 cross-entropy, taken here rather than recomputing each chunk's logits in backward because a training loss is always
 followed by its backward pass: computing the gradients in forward costs three matmuls per chunk (logits, dh, dW)
 instead of four, and what it keeps between forward and backward (dh, the size of h, and dW, which the parameter's
 .grad holds anyway) does not grow with the vocabulary. Without grad (evaluation) only the loss is computed. Peak
-memory of the loss is O(chunk x vocab): a few [chunk, vocab] fp32 tensors at a time, CHUNK_LOGITS logits per chunk.
+memory of the loss is O(chunk x vocab), CHUNK_LOGITS logits per chunk: for cross-entropy one fp32 [chunk, vocab]
+buffer turned into softmax - onehot in place plus its bf16 copy under autocast (autograd would hold about four fp32
+copies: logits, log-softmax, its gradient, and the gradient again for dL/dW).
 
 Chunked and full computations run the same row-wise ops on the same rows, so they agree to rounding: the softmax
 math is fp32 inside the chunk, and under bf16 autocast the matmuls are bf16 as in the full path. On CUDA, when
@@ -97,20 +100,42 @@ def cross_entropy_sum(hidden: Tensor, head: LMHead, labels: Tensor, chunk: int |
     if liger is not None:
         kwargs = {"softcap": head.softcap} if head.softcap else {}
         return liger(ignore_index=-100, reduction="sum", **kwargs)(head.weight, hidden.flatten(0, -2), targets, head.bias)
-    return head_loss(hidden, head, lambda logits, rows: token_ce(logits, targets[rows]).sum(), chunk)
+    plain_logits = head.scale == 1.0 and not head.softcap  # the closed form is for the raw logits
+    return head_loss(hidden, head, lambda logits, rows: token_ce(logits, targets[rows]).sum(), chunk,
+                     (lambda raw, rows: ce_value_and_grad(raw, targets[rows])) if plain_logits else None)
 
 
-def head_loss(hidden: Tensor, head: LMHead, loss: ChunkLoss, chunk: int | None = None) -> Tensor:
-    """sum over chunks of loss(head.logits(h[rows]), rows), rows running over the flattened positions [B*T]."""
+def ce_value_and_grad(raw: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy of logits raw [rows, vocab] against targets [rows] (-100: none) and its gradient,
+    softmax - onehot in fp32, made in one buffer in place (raw itself is overwritten when it is already fp32)."""
+    grad = raw.float()
+    counted = (targets != -100).unsqueeze(1)
+    picked = targets.clamp(min=0).unsqueeze(1)
+    top = grad.amax(-1, keepdim=True)
+    target_logit = grad.gather(1, picked)
+    total = grad.sub_(top).exp_().sum(-1, keepdim=True)
+    value = ((total.log() + top - target_logit) * counted).sum()
+    grad.div_(total).scatter_add_(1, picked, -counted.to(grad.dtype))
+    return value, grad.mul_(counted)
+
+
+LossGrad = Callable[[Tensor, slice], tuple[Tensor, Tensor]]  # (raw logits, rows) -> (summed loss, its fp32 gradient)
+
+
+def head_loss(hidden: Tensor, head: LMHead, loss: ChunkLoss, chunk: int | None = None,
+              loss_grad: LossGrad | None = None) -> Tensor:
+    """sum over chunks of loss(head.logits(h[rows]), rows), rows running over the flattened positions [B*T].
+    loss_grad, where given, computes the same loss of the raw logits (head.finish must be the identity) with its
+    gradient, in place of autograd."""
     chunk = chunk or max(1, CHUNK_LOGITS // head.weight.shape[0])
     # under no_grad, needs_input_grad still says True for parameters: pass whether gradients will be asked for
     return _HeadLoss.apply(hidden.flatten(0, -2), head.weight, head.bias, head.finish, loss, chunk,
-                           torch.is_grad_enabled())
+                           torch.is_grad_enabled(), loss_grad)
 
 
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, finish, loss, chunk, grad_enabled):
+    def forward(ctx, hidden, weight, bias, finish, loss, chunk, grad_enabled, loss_grad):
         wants = [grad_enabled and needed for needed in ctx.needs_input_grad[:3]]
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         grad_hidden = torch.empty_like(hidden) if wants[0] else None
@@ -128,17 +153,24 @@ class _HeadLoss(torch.autograd.Function):
             if not any(wants):
                 total += loss(finish(raw), rows)
                 continue
-            with torch.enable_grad():
-                raw = raw.detach().requires_grad_()
-                value = loss(finish(raw), rows)
-                (grad_raw,) = torch.autograd.grad(value, raw)
+            if loss_grad is not None:
+                value, grad_fp32 = loss_grad(raw, rows)
+                del raw
+                grad_raw = grad_fp32.to(weight.dtype)
+            else:
+                with torch.enable_grad():
+                    raw = raw.detach().requires_grad_()
+                    value = loss(finish(raw), rows)
+                    (grad_raw,) = torch.autograd.grad(value, raw)
+                grad_fp32 = None
             total += value.detach()
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_raw @ weight
             if grad_weight is not None:  # in place, in fp32: no [vocab, D] temporary per chunk
-                grad_weight.addmm_(grad_raw.t().float(), h.float())
+                grad_weight.addmm_(grad_raw.t().float() if grad_fp32 is None else grad_fp32.t(), h.float())
             if grad_bias is not None:
                 grad_bias += grad_raw.sum(0)
+            del grad_raw, grad_fp32
         # kept on ctx, not save_for_backward: they are results, not inputs, and backward frees them
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
         return total
@@ -147,7 +179,7 @@ class _HeadLoss(torch.autograd.Function):
     def backward(ctx, grad_total):
         grads = [None if g is None else g.mul_(grad_total).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
         ctx.grads = None
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 @functools.cache

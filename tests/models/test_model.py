@@ -270,3 +270,38 @@ def test_blocked_sliding_window_equals_the_masked_one_on_packed_rows():
         blocked = tiny_model("S")(ids, position_ids=position_ids).logits
         masked = tiny_model("S", attention={"window": 8, "backend": "eager"})(ids, position_ids=position_ids).logits
     assert_close(blocked, masked)
+
+
+@pytest.mark.parametrize("block_checkpointing", [False, True])
+def test_segmented_mamba2_recompute_gives_the_same_loss_and_gradients(block_checkpointing):
+    """mamba2.recompute_segment: documents crossing segment edges, one starting exactly at an edge, a last segment of
+    one token, two rows; alone and nested inside per-block activation checkpointing."""
+    segmented_settings = {"state_size": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 16, "recompute_segment": 8}
+    whole, segmented = tiny_model("MAM").train(), tiny_model("MAM", mamba2=segmented_settings).train()
+    if block_checkpointing:
+        segmented.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    position_ids = torch.cat([torch.arange(5), torch.arange(11), torch.arange(17)]).expand(2, -1).clone()
+    position_ids[1] = torch.arange(33)  # second row: one document over every edge
+    ids = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(1))
+    grads, losses = [], []
+    for model in (whole, segmented):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        loss = model(inputs_embeds=embeds, position_ids=position_ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([embeds.grad] + [p.grad for p in model.parameters()])
+    assert_close(losses[1], losses[0], tol=1e-5)
+    for got, want in zip(grads[1], grads[0]):
+        assert_close(got, want, tol=1e-4)
+
+
+def test_segmented_mamba2_recompute_differs_without_the_reset_at_a_document_edge():
+    """The reset is what keeps a document starting at a segment edge apart from the one before it."""
+    settings = {"state_size": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 16, "recompute_segment": 8}
+    model = tiny_model("M", mamba2=settings).train()
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
+    split = torch.cat([torch.arange(8), torch.arange(8)])[None]
+    joined = torch.arange(16)[None]
+    second_alone = model(ids[:, 8:]).logits
+    assert_close(model(ids, position_ids=split).logits[:, 8:], second_alone, tol=1e-5)
+    assert (model(ids, position_ids=joined).logits[:, 8:] - second_alone).abs().max() > 1e-3

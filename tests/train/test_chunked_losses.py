@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lctk.models import HybridConfig, HybridForCausalLM
-from lctk.train.losses import LMHead, cross_entropy_sum, final_hidden
+from lctk.train.losses import LMHead, ce_value_and_grad, cross_entropy_sum, final_hidden
 from lctk.train.trainer import causal_lm_loss
 
 
@@ -44,6 +44,24 @@ def test_chunked_cross_entropy_equals_the_full_one(chunk, bias):
     # a non-unit incoming gradient, as the Trainer's loss * scale gives
     for got, want in zip(grads_of(ours * 2.5, (hidden, weight, b)), grads_of(reference * 2.5, (hidden, weight, b))):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_closed_form_cross_entropy_gradient_equals_autograd():
+    """softmax - onehot made in place: large logits (no overflow), ignored rows (zero gradient), a row of ties."""
+    generator = torch.Generator().manual_seed(3)
+    raw = torch.randn(6, 11, generator=generator) * 40
+    raw[2] = 0.0
+    targets = torch.tensor([3, -100, 0, 10, -100, 7])
+    leaf = raw.clone().requires_grad_()
+    want = F.cross_entropy(leaf, targets, ignore_index=-100, reduction="sum")
+    (want_grad,) = torch.autograd.grad(want, leaf)
+    value, grad = ce_value_and_grad(raw.clone(), targets)
+    torch.testing.assert_close(value, want.detach())
+    torch.testing.assert_close(grad, want_grad)
+    assert grad[[1, 4]].abs().sum() == 0
+    # every target ignored: no loss, no gradient
+    value, grad = ce_value_and_grad(raw.clone(), torch.full((6,), -100))
+    assert value == 0 and grad.abs().sum() == 0
 
 
 def test_without_grad_only_the_loss_is_computed():

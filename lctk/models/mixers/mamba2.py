@@ -18,6 +18,13 @@ xb_heads heads of x and xb_heads groups of B, repeated up to H heads and G group
 shape an attention layer maps onto (Mamba-in-Llama / Apriel-H1 initialisation: V -> x, K -> B, Q -> C, O -> out_proj
 with n_groups = query heads, xb_heads = kv heads, state_size = head_dim = attention head_dim).
 
+Long rows in training: with `recompute_segment` S (tokens; null = off) the layer runs a row longer than S in
+segments of S tokens, each under activation checkpointing, carrying the conv inputs and the SSD state from one
+segment to the next (as a cache does). Autograd keeps only each segment's input and carried state; backward
+recomputes one segment at a time, last first, so the layer's working set in backward is O(S) instead of O(T): at
+width 768 it holds ~106 KB per token fwd + bwd when whole. The price is one more forward of the layer. Rows with
+padding, and the state_window / state_norm_cap settings, run whole.
+
 Length generalisation (training-free, from the state-collapse literature; all off by default, and then the layer
 runs exactly as above). Each setting is one value for every Mamba-2 layer, or a list with one entry per layer of
 the pattern (index = the layer's position in `config.pattern`, as in `model.model.layers[i]` and the cache; null
@@ -47,6 +54,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 
 from lctk.kernels.ssd import ssd_step
@@ -124,6 +132,7 @@ class Mamba2(Mixer):
             "state_norm_cap": None,
             "state_norm_every": 64,
             "state_window": None,
+            "recompute_segment": None,
         }
 
     @classmethod
@@ -143,6 +152,8 @@ class Mamba2(Mixer):
                 )
         if not 0 < settings["dt_min"] <= settings["dt_max"]:
             raise ValueError("mamba2.dt_min: needs 0 < dt_min <= dt_max")
+        if settings["recompute_segment"] is not None:
+            require_positive("mamba2.recompute_segment", settings["recompute_segment"], integer=True)
         check_length_settings(settings, config.pattern, heads)
 
     @torch.no_grad()
@@ -200,6 +211,9 @@ class Mamba2(Mixer):
 
     def forward(self, hidden_states: Tensor, seq: SequenceInfo, state: Mamba2State | None = None) -> Tensor:
         batch, length, _ = hidden_states.shape
+        segment = self.settings["recompute_segment"]
+        if segment and length > segment and state is None and torch.is_grad_enabled() and self._runs_segmented(seq):
+            return self._segmented(hidden_states, seq, segment)
         z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         if seq.token_mask is not None:
             xbc = xbc * seq.token_mask.unsqueeze(-1).to(xbc.dtype)
@@ -247,6 +261,29 @@ class Mamba2(Mixer):
                 state.ssm = final
         y = y + x * self.D.to(x.dtype).unsqueeze(-1)
         return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def _runs_segmented(self, seq: SequenceInfo) -> bool:
+        plain = all(self.length_setting(key) is None for key in ("state_window", "state_norm_cap"))
+        return plain and seq.token_mask is None and seq.shard is None
+
+    def _segmented(self, hidden_states: Tensor, seq: SequenceInfo, segment: int) -> Tensor:
+        """The layer over segments of `segment` tokens, each checkpointed, the state carried between them."""
+        batch, length, _ = hidden_states.shape
+        carried = self.init_state(batch, hidden_states.device, hidden_states.dtype)
+        conv, ssm, outputs = carried.conv, carried.ssm, []
+        for start in range(0, length, segment):
+            part = slice(start, start + segment)
+            if start:  # a document starting exactly here does not continue the carried state
+                continues = (seq.position_ids[:, start] != 0).view(-1, 1, 1)
+                conv, ssm = conv * continues.to(conv.dtype), ssm * continues.unsqueeze(-1).to(ssm.dtype)
+            out, conv, ssm = checkpoint(self._segment, hidden_states[:, part], conv, ssm, seq.segment(part),
+                                        use_reentrant=False, preserve_rng_state=False)
+            outputs.append(out)
+        return torch.cat(outputs, dim=1)
+
+    def _segment(self, hidden_states: Tensor, conv: Tensor, ssm: Tensor, seq: SequenceInfo):
+        state = Mamba2State(conv=conv, ssm=ssm)
+        return self.forward(hidden_states, seq, state), state.conv, state.ssm
 
     def _windowed(
         self, c: Tensor, b: Tensor, v: Tensor, g: Tensor, seq: SequenceInfo, state: Mamba2WindowState | None, window: int
