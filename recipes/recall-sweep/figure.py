@@ -1,7 +1,8 @@
 """The recall sweep's figure (the BASED paper's Figure 2 with run.sh's default preset): MQAR accuracy against state size, one line per mixer family.
 
 Reads the comparison.json that `lctk eval --suite recall-throughput` wrote over the sweep's models (named
-recall-<family>-d<width>-final, as run.sh passes runs/recall-<family>-d<width>/final) and writes next to it
+recall-<family>-d<width>-final, as run.sh passes runs/recall-<family>-d<width>/final; results.json when there was
+only one model) and writes next to it
 mqar_vs_state.md (family, width, state size, MQAR accuracy and tokens/s per length) and mqar_vs_state_<length>.png.
 
     python recipes/recall-sweep/figure.py runs/recall-sweep
@@ -41,8 +42,19 @@ def table(rows: list[dict], lengths: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def recall_by_model(folder: Path) -> dict:
+    """comparison.json's recall_vs_state; one model (run.sh with one family and one width) writes only results.json."""
+    if (folder / "comparison.json").is_file():
+        return json.loads((folder / "comparison.json").read_text())
+    results = json.loads((folder / "results.json").read_text())
+    e = results["results"]["recall-throughput"]
+    return {"recall_vs_state": {results["model"]: {
+        "state_size": e["state_size"], "recall": e["by_length"], "mqar": e["mqar_by_length"],
+        "prefill_tokens_per_s": e["prefill_tokens_per_s"], "decode_tokens_per_s": e["decode_tokens_per_s"]}}}
+
+
 def main(folder: Path) -> None:
-    rows = rows_of(json.loads((folder / "comparison.json").read_text()))
+    rows = rows_of(recall_by_model(folder))
     lengths = sorted(rows[0]["mqar"], key=int)
     (folder / "mqar_vs_state.md").write_text(table(rows, lengths))
     for n in lengths:

@@ -3,9 +3,11 @@
 # Default (GPU): the recipes as written, set up like the BASED paper's Figure 2 (Zoology's 2 x [BaseConv, mixer]
 # without MLPs, vocabulary 8,192, BASED's train mixture, its test lengths 64-1024 and pair counts up to L/4).
 # PRESET=cpu: a small preset, NOT Figure 2: 600 steps of 32 x 64 tokens (MQAR documents of 16-64 tokens, Zoology's
-# L/16 pairs), windows scaled to the shorter context, widths 32 64 128, evaluated at 32 and 64 tokens; about 45
-# minutes on one core (OMP_NUM_THREADS=1).
-# Usage: [PRESET=cpu] [STEPS=n] recipes/recall-sweep/run.sh [widths...]
+# L/16 pairs), byte vocabulary (tokenizer bytes, 257 ids: the recipes' bpe:8192 must be trained on text and these
+# runs have only MQAR sources), windows scaled to the shorter context, widths 32 64 128, evaluated at 32 and 64
+# tokens; about 45 minutes on one core (OMP_NUM_THREADS=1).
+# FAMILIES="lact titans" trains and evaluates only those families (default: all six).
+# Usage: [PRESET=cpu] [STEPS=n] [FAMILIES="..."] recipes/recall-sweep/run.sh [widths...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v lctk >/dev/null || lctk() { python -m lctk.cli "$@"; }
@@ -15,7 +17,8 @@ case "$preset" in
   gpu) default_widths="64 128 256"; lengths=64,128,256,512,1024 ;;
   cpu)
     default_widths="32 64 128"; lengths=32,64
-    common=(--set data.seq_len=64 --set 'data.sources=[{task: mqar, options: {min_length: 16, max_length: 64}}]'
+    common=(--set tokenizer=bytes --set model.vocab_size=257
+            --set data.seq_len=64 --set 'data.sources=[{task: mqar, options: {min_length: 16, max_length: 64}}]'
             --set train.steps=600 --set train.batch_size=32 --set train.lr=3.0e-3 --set train.warmup_steps=20
             --set eval.suites=[]) ;;
   *) echo "PRESET must be gpu or cpu, got '$preset'" >&2; exit 2 ;;
@@ -23,7 +26,7 @@ esac
 widths=("${@:-$default_widths}")
 [[ -n "${STEPS:-}" ]] && common+=(--set "train.steps=${STEPS}")
 models=()
-for family in attention sliding-window mamba2 based titans lact; do
+for family in ${FAMILIES:-attention sliding-window mamba2 based titans lact}; do
   extra=()
   if [[ "$preset" == cpu ]]; then  # windows below the 64-token context, chunks that update inside it
     case "$family" in
