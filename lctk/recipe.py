@@ -131,6 +131,8 @@ class TrainSection(Section):
     clip: Float | None = Field(1.0, gt=0, description="max grad norm; null disables clipping")
     precision: Literal["fp32", "bf16"] = "bf16"
     activation_checkpointing: bool = False
+    recompute_segment: int | None = Field(
+        None, gt=0, description="lctk hybrids: rows longer than this run norm + MLP and Mamba-2 in recomputed segments")
     compile: bool = False
     max_bad_steps: int = Field(10, gt=0, description="non-finite losses in a row that stop the run")
     context_parallel: int = Field(1, gt=0, description="processes that split each row (world = data parallel x this)")

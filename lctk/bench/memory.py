@@ -10,7 +10,8 @@ MLP and vocabulary (SDPA attention). Variants:
     hybrid full loss      the loss as it was: every logit, then cross-entropy in fp32 ([T, vocab] tensors)
     hybrid chunked        lctk.train.losses: cross-entropy from the final hidden states, chunk by chunk
     hybrid chunked+ckpt   the same with activation checkpointing of every block
-    hybrid +segments      the same, and each Mamba-2 layer recomputes in segments (mamba2.recompute_segment)
+    hybrid +segments      the same, and rows recomputed in segments of 2,048 tokens inside each block (norm + MLP,
+                          and the Mamba-2 layers: train.recompute_segment)
     llama full loss       Llama as transformers trains it (logits, then cross-entropy)
     llama chunked+ckpt    Llama with lctk's chunked loss and activation checkpointing: the best Llama gets here
 
@@ -48,7 +49,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "hybrid-150m.yaml"
 PATTERN = "MMMA"
 VOCAB = 32768
 LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536)
-SEGMENT = 2048  # mamba2.recompute_segment of the segmented variant
+SEGMENT = 2048  # train.recompute_segment of the segmented variant
 VARIANTS = {  # name: (model, loss, activation checkpointing, Mamba-2 recompute segment)
     "hybrid full loss": ("hybrid", "full", False, None),
     "hybrid chunked": ("hybrid", "chunked", False, None),
@@ -68,7 +69,7 @@ STARTUP_SECONDS = 12.0  # a fresh process importing torch, transformers and lctk
 DRY_RUN = {"lengths": (64, 128, 256), "hidden_size": 64, "vocab": 512}
 
 
-def build(kind: str, dry_run: bool = False, segment: int | None = None):
+def build(kind: str, dry_run: bool = False):
     """The hybrid (hybrid-150m's settings, read with PyYAML alone: the GPU image has no pydantic) or its Llama twin."""
     import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -77,13 +78,11 @@ def build(kind: str, dry_run: bool = False, segment: int | None = None):
 
     settings = dict(yaml.safe_load(RECIPE.read_text())["model"], pattern=PATTERN)
     settings["attention"] = {**settings.get("attention", {}), "backend": "sdpa"}  # as the Llama twin
-    settings["mamba2"] = {**settings["mamba2"], "recompute_segment": segment}
     vocab = VOCAB
     if dry_run:
         vocab = DRY_RUN["vocab"]
         settings.update(hidden_size=DRY_RUN["hidden_size"], num_attention_heads=4, num_key_value_heads=2)
-        settings["mamba2"].update(state_size=16, head_dim=16, chunk_size=16,
-                                  recompute_segment=segment and DRY_RUN["lengths"][0] // 2)
+        settings["mamba2"] = {**settings["mamba2"], "state_size": 16, "head_dim": 16, "chunk_size": 16}
     hybrid = HybridConfig(vocab_size=vocab, **settings)
     if kind == "hybrid":
         return HybridForCausalLM(hybrid)
@@ -130,7 +129,9 @@ def measure_step(variant: str, length: int, device_name: str, dry_run: bool) -> 
     kind, loss_kind, checkpointing, segment = {**VARIANTS, **VARIANTS_OFF_TABLE}[variant]
     start = start_bytes(device)
     torch.manual_seed(0)
-    model = build(kind, dry_run, segment).to(device).train()
+    model = build(kind, dry_run).to(device).train()
+    if segment:
+        model.recompute_in_segments(DRY_RUN["lengths"][0] // 2 if dry_run else segment)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -238,9 +239,9 @@ def child(args: list[str], device_name: str, dry_run: bool, timeout: float) -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def sweep(device_name: str, dry_run: bool) -> dict:
+def sweep(device_name: str, dry_run: bool, lengths: tuple[int, ...] = LENGTHS) -> dict:
     """Every variant at every T, shortest T first across variants, while the time budget lasts; the loss alone first."""
-    lengths = DRY_RUN["lengths"] if dry_run else LENGTHS
+    lengths = DRY_RUN["lengths"] if dry_run else lengths
     budget = machine_bytes(device_name)
     gib, deadline = 2**30, time.monotonic() + BUDGET_SECONDS
     loss = {}
@@ -268,7 +269,9 @@ def sweep(device_name: str, dry_run: bool) -> dict:
             left = deadline - time.monotonic()
             if expected > min(left, MAX_RUN_SECONDS):
                 continue
-            figures = child([name, str(length)], device_name, dry_run, timeout=max(120.0, min(left, 2 * expected)))
+            # a loaded machine can take several times the predicted time: only the budget cuts a run short
+            figures = child([name, str(length)], device_name, dry_run,
+                            timeout=max(120.0, min(left, max(MAX_RUN_SECONDS, 3 * expected))))
             if figures is not None:
                 measured[name][length], steps[name][length] = figures["forward_backward"], figures["peak"]
                 times[name][length] = figures["seconds"] + STARTUP_SECONDS
@@ -337,10 +340,14 @@ def run() -> None:
 
 
 def main(argv: list[str]) -> None:
+    global BUDGET_SECONDS, MAX_RUN_SECONDS  # sweep() reads them
     parser = argparse.ArgumentParser(prog="python -m lctk.bench.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes, seconds")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="T values, comma-separated")
+    parser.add_argument("--budget", type=float, default=BUDGET_SECONDS, help="seconds for all measurements")
+    parser.add_argument("--max-run-seconds", type=float, default=MAX_RUN_SECONDS, help="seconds for one measurement")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import torch
@@ -349,7 +356,14 @@ def main(argv: list[str]) -> None:
     if args.child:
         print(json.dumps(measure(*args.child, device, args.dry_run)))
         return
-    results = sweep(device, args.dry_run)
+    try:
+        lengths = tuple(sorted(int(t) for t in args.lengths.split(",")))
+    except ValueError:
+        parser.error(f"--lengths: comma-separated token counts, got {args.lengths!r}")
+    if len(lengths) < 2 or lengths[0] < 1:
+        parser.error(f"--lengths: at least two positive token counts, got {args.lengths!r}")
+    BUDGET_SECONDS, MAX_RUN_SECONDS = args.budget, args.max_run_seconds
+    results = sweep(device, args.dry_run, lengths)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -42,6 +43,14 @@ class HybridBlock(GradientCheckpointingLayer):
         hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), seq, state)
         if self.mlp is None:
             return hidden_states
+        segment = seq.recompute_segment
+        if segment and hidden_states.shape[1] > segment and torch.is_grad_enabled():
+            # position-wise: each segment keeps only its input, and backward recomputes one segment at a time
+            return torch.cat([checkpoint(self._mlp_half, part, use_reentrant=False, preserve_rng_state=False)
+                              for part in hidden_states.split(segment, dim=1)], dim=1)
+        return self._mlp_half(hidden_states)
+
+    def _mlp_half(self, hidden_states: Tensor) -> Tensor:
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
@@ -72,6 +81,16 @@ class HybridPreTrainedModel(PreTrainedModel):
     def register_for_auto_class(cls, auto_class="AutoModel") -> None:
         """Nothing to register: the config writes lctk's auto_map and code files (see HybridConfig's)."""
 
+    def recompute_in_segments(self, tokens: int | None) -> None:
+        """Training memory: rows longer than `tokens` run each block's norm + MLP, and each Mamba-2 layer, in segments of
+        `tokens`, every segment checkpointed (its input kept, the rest recomputed in backward, one segment at a time),
+        so that what those parts hold in backward no longer grows with T. The results are the same; the price is
+        one more forward of the segmented parts. None turns it off. With activation checkpointing of whole blocks
+        it bounds the recompute of each block too."""
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"recompute_in_segments: needs a positive number of tokens or None, got {tokens!r}")
+        getattr(self, "model", self).recompute_segment = tokens
+
     def state_size(self, seq_len: int) -> list[int]:
         """Per-layer inference state in elements per sequence after seq_len tokens: attention grows with seq_len,
         recurrent mixers do not."""
@@ -87,6 +106,7 @@ class HybridModel(HybridPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.recompute_segment: int | None = None  # set by recompute_in_segments
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -131,6 +151,7 @@ class HybridModel(HybridPreTrainedModel):
             batch, length, past_length, hidden_states.device, position_ids, attention_mask, cu_seqlens, context_shard
         )
         seq.rotary = self.rotary_emb(hidden_states, seq.position_ids)
+        seq.recompute_segment = self.recompute_segment if self.training else None
         if self.config.output_attentions if output_attentions is None else output_attentions:
             if self.config._attn_implementation != "eager" and any(letter in "AS" for letter in self.config.pattern):
                 logger.warning_once("output_attentions: attention weights need attn_implementation='eager'; "

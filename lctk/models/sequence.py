@@ -37,6 +37,7 @@ class SequenceInfo:
     rotary: tuple[Tensor, Tensor] | None = None  # cos, sin [B, T, head_dim], computed once per forward
     shard: ContextShard | None = None  # this call's shard of rows split across processes; None: whole rows
     attentions: dict[int, Tensor] | None = None  # output_attentions: layer -> weights [B, H, T, S] of eager attention
+    recompute_segment: int | None = None  # training: layers that can recompute a long row in segments of this many tokens
 
     @property
     def has_documents(self) -> bool:

@@ -128,6 +128,10 @@ class Trainer:
         self.run_config, self.run_name = run_config, run_name
         if train.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if train.recompute_segment is not None:
+            if not hasattr(model, "recompute_in_segments"):
+                raise UserError(f"train.recompute_segment: needs an lctk hybrid model, not {type(model).__name__}")
+            model.recompute_in_segments(train.recompute_segment)
         optimizer = make_optimizer(model, train)
         self.plain_class = type(model)  # FSDP2 swaps the class in prepare(); trained_model() rebuilds the plain one
         self.model, self.optimizer = accelerator.prepare(model, optimizer)

@@ -273,11 +273,12 @@ def test_blocked_sliding_window_equals_the_masked_one_on_packed_rows():
 
 
 @pytest.mark.parametrize("block_checkpointing", [False, True])
-def test_segmented_mamba2_recompute_gives_the_same_loss_and_gradients(block_checkpointing):
-    """mamba2.recompute_segment: documents crossing segment edges, one starting exactly at an edge, a last segment of
-    one token, two rows; alone and nested inside per-block activation checkpointing."""
-    segmented_settings = {"state_size": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 16, "recompute_segment": 8}
-    whole, segmented = tiny_model("MAM").train(), tiny_model("MAM", mamba2=segmented_settings).train()
+def test_segmented_recompute_gives_the_same_loss_and_gradients(block_checkpointing):
+    """recompute_in_segments (norm + MLP of every block, Mamba-2 layers): documents crossing segment edges, one
+    starting exactly at an edge, a last segment of one token, two rows; alone and nested inside per-block activation
+    checkpointing."""
+    whole, segmented = tiny_model("MAM").train(), tiny_model("MAM").train()
+    segmented.recompute_in_segments(8)
     if block_checkpointing:
         segmented.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     position_ids = torch.cat([torch.arange(5), torch.arange(11), torch.arange(17)]).expand(2, -1).clone()
@@ -295,13 +296,33 @@ def test_segmented_mamba2_recompute_gives_the_same_loss_and_gradients(block_chec
         assert_close(got, want, tol=1e-4)
 
 
-def test_segmented_mamba2_recompute_differs_without_the_reset_at_a_document_edge():
-    """The reset is what keeps a document starting at a segment edge apart from the one before it."""
-    settings = {"state_size": 16, "head_dim": 16, "n_groups": 2, "chunk_size": 16, "recompute_segment": 8}
-    model = tiny_model("M", mamba2=settings).train()
+def test_segmented_recompute_resets_the_state_where_a_document_starts_at_an_edge():
+    model = tiny_model("M").train()
+    model.recompute_in_segments(8)
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
     split = torch.cat([torch.arange(8), torch.arange(8)])[None]
     joined = torch.arange(16)[None]
     second_alone = model(ids[:, 8:]).logits
     assert_close(model(ids, position_ids=split).logits[:, 8:], second_alone, tol=1e-5)
     assert (model(ids, position_ids=joined).logits[:, 8:] - second_alone).abs().max() > 1e-3
+
+
+def test_segmented_recompute_keeps_less_for_backward():
+    """What autograd saves for backward: with segments, the Mamba-2 layer and the MLP keep their inputs only."""
+    def saved_bytes(model) -> int:
+        storages = {}
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(torch.randint(0, VOCAB, (1, 256)), use_cache=False)
+        return sum(storages.values())
+
+    model = tiny_model("M").train()
+    whole = saved_bytes(model)
+    model.recompute_in_segments(32)
+    assert saved_bytes(model) < 0.5 * whole
+    model.recompute_in_segments(None)
+    assert saved_bytes(model) == whole
+    with pytest.raises(ValueError, match="positive number of tokens"):
+        model.recompute_in_segments(0)

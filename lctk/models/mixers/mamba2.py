@@ -18,12 +18,13 @@ xb_heads heads of x and xb_heads groups of B, repeated up to H heads and G group
 shape an attention layer maps onto (Mamba-in-Llama / Apriel-H1 initialisation: V -> x, K -> B, Q -> C, O -> out_proj
 with n_groups = query heads, xb_heads = kv heads, state_size = head_dim = attention head_dim).
 
-Long rows in training: with `recompute_segment` S (tokens; null = off) the layer runs a row longer than S in
-segments of S tokens, each under activation checkpointing, carrying the conv inputs and the SSD state from one
-segment to the next (as a cache does). Autograd keeps only each segment's input and carried state; backward
-recomputes one segment at a time, last first, so the layer's working set in backward is O(S) instead of O(T): at
-width 768 it holds ~106 KB per token fwd + bwd when whole. The price is one more forward of the layer. Rows with
-padding, and the state_window / state_norm_cap settings, run whole.
+Long rows in training: with segment recompute on (`HybridForCausalLM.recompute_in_segments`, the recipe's
+`train.recompute_segment` S) the layer runs a row longer than S in segments of S tokens, each under activation
+checkpointing, carrying the conv inputs and the SSD state from one segment to the next (as a cache does). Autograd
+keeps only each segment's input and carried state; backward recomputes one segment at a time, last first, so the
+layer's working set in backward is O(S) instead of O(T) (at width 768 the whole layer holds ~106 KB per token in
+forward + backward). The price is one more forward of the layer. Rows with padding, rows split across processes and
+the state_window / state_norm_cap settings run whole.
 
 Length generalisation (training-free, from the state-collapse literature; all off by default, and then the layer
 runs exactly as above). Each setting is one value for every Mamba-2 layer, or a list with one entry per layer of
@@ -132,7 +133,6 @@ class Mamba2(Mixer):
             "state_norm_cap": None,
             "state_norm_every": 64,
             "state_window": None,
-            "recompute_segment": None,
         }
 
     @classmethod
@@ -152,8 +152,6 @@ class Mamba2(Mixer):
                 )
         if not 0 < settings["dt_min"] <= settings["dt_max"]:
             raise ValueError("mamba2.dt_min: needs 0 < dt_min <= dt_max")
-        if settings["recompute_segment"] is not None:
-            require_positive("mamba2.recompute_segment", settings["recompute_segment"], integer=True)
         check_length_settings(settings, config.pattern, heads)
 
     @torch.no_grad()
@@ -211,7 +209,7 @@ class Mamba2(Mixer):
 
     def forward(self, hidden_states: Tensor, seq: SequenceInfo, state: Mamba2State | None = None) -> Tensor:
         batch, length, _ = hidden_states.shape
-        segment = self.settings["recompute_segment"]
+        segment = seq.recompute_segment
         if segment and length > segment and state is None and torch.is_grad_enabled() and self._runs_segmented(seq):
             return self._segmented(hidden_states, seq, segment)
         z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
