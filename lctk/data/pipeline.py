@@ -29,7 +29,8 @@ def cache_folder(data) -> Path:
 
 
 def load_tokenizer(spec: str, data):
-    """The recipe's tokenizer; `bpe:N` is trained on the text sources of `data`."""
+    """The recipe's tokenizer; `bpe:N` is trained on the text sources of `data`, or on the builtin corpus when it has
+    only synthetic tasks (MQAR draws its ids from the tokenizer: the recall sweep's vocabulary of 8,192)."""
 
     def training_text() -> list[str]:
         documents, chars = [], 0
@@ -40,8 +41,10 @@ def load_tokenizer(spec: str, data):
                     chars += len(document)
                     if chars > BPE_TRAINING_CHARS:
                         return documents
-        if not documents:
-            raise UserError("tokenizer: bpe needs at least one text source in data.sources to learn from")
+        if not documents:  # synthetic tasks only
+            from lctk.recipe import Source
+
+            documents = list(TextSource(Source(text="builtin"), "tokenizer").documents())
         return documents
 
     return build_tokenizer(spec, training_text, cache_folder(data))

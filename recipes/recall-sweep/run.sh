@@ -3,9 +3,9 @@
 # Default (GPU): the recipes as written, set up like the BASED paper's Figure 2 (Zoology's 2 x [BaseConv, mixer]
 # without MLPs, vocabulary 8,192, BASED's train mixture, its test lengths 64-1024 and pair counts up to L/4).
 # PRESET=cpu: a small preset, NOT Figure 2: 600 steps of 32 x 64 tokens (MQAR documents of 16-64 tokens, Zoology's
-# L/16 pairs), byte vocabulary (tokenizer bytes, 257 ids: the recipes' bpe:8192 must be trained on text and these
-# runs have only MQAR sources), windows scaled to the shorter context, widths 32 64 128, evaluated at 32 and 64
-# tokens; about 45 minutes on one core (OMP_NUM_THREADS=1).
+# L/16 pairs), byte vocabulary (tokenizer bytes, model.vocab_size 257, as in the 2026-11-28 CPU table), windows
+# scaled to the shorter context, widths 32 64 128, evaluated at 32 and 64 tokens; about 45 minutes on one core
+# (OMP_NUM_THREADS=1).
 # FAMILIES="lact titans" trains and evaluates only those families (default: all six).
 # Usage: [PRESET=cpu] [STEPS=n] [FAMILIES="..."] recipes/recall-sweep/run.sh [widths...]
 set -euo pipefail
