@@ -3,7 +3,8 @@
 - `bytes`: one token per UTF-8 byte (id = byte value) plus `<|endoftext|>` (id 256).
 - `bpe:N`: byte-level BPE trained with the `tokenizers` library on the recipe's text sources (on the builtin corpus
   when it has only synthetic tasks). Digits are split one per token before BPE (as Llama does), so numbers such as
-  pass keys are spelled digit by digit, the same way in every context. The trained tokenizer is cached by (vocab size, hash of the training text) and saved in the run dir.
+  pass keys are spelled digit by digit, the same way in every context. The trained tokenizer is cached by (vocab
+  size, hash of the training text) and saved in the run dir.
 - a folder: loaded with AutoTokenizer, local files only.
 Every tokenizer is returned as a transformers tokenizer with an end-of-text token, which separates packed documents.
 """

@@ -4,8 +4,8 @@ distill).
 `head_loss` sums a per-position loss of the logits W h_t (+ b) over all positions, CHUNK rows at a time. For each
 chunk it computes the logits, the chunk's loss, and right there the gradient of that loss with respect to the logits
 (by autograd on the chunk alone, or in closed form where the loss gives one), then folds it into dL/dh for the chunk's
-rows and into dL/dW, which it keeps for
-backward; backward only scales them by the incoming gradient. This is Liger's choice for its fused linear
+rows and into dL/dW, which it keeps for backward; backward only scales them by the incoming gradient. This is Liger's
+choice for its fused linear
 cross-entropy, taken here rather than recomputing each chunk's logits in backward because a training loss is always
 followed by its backward pass: computing the gradients in forward costs three matmuls per chunk (logits, dh, dW)
 instead of four, and what it keeps between forward and backward (dh, the size of h, and dW, which the parameter's
