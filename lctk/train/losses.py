@@ -5,9 +5,8 @@ distill).
 chunk it computes the logits, the chunk's loss, and right there the gradient of that loss with respect to the logits
 (by autograd on the chunk alone, or in closed form where the loss gives one), then folds it into dL/dh for the chunk's
 rows and into dL/dW, which it keeps for backward; backward only scales them by the incoming gradient. This is Liger's
-choice for its fused linear
-cross-entropy, taken here rather than recomputing each chunk's logits in backward because a training loss is always
-followed by its backward pass: computing the gradients in forward costs three matmuls per chunk (logits, dh, dW)
+choice for its fused linear cross-entropy, taken here rather than recomputing each chunk's logits in backward because
+a training loss is always followed by its backward pass: computing the gradients in forward costs three matmuls per chunk (logits, dh, dW)
 instead of four, and what it keeps between forward and backward (dh, the size of h, and dW, which the parameter's
 .grad holds anyway) does not grow with the vocabulary. Without grad (evaluation) only the loss is computed. Peak
 memory of the loss is O(chunk x vocab), CHUNK_LOGITS logits per chunk: for cross-entropy one fp32 [chunk, vocab]
