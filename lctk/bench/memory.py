@@ -50,7 +50,7 @@ PATTERN = "MMMA"
 VOCAB = 32768
 LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536)
 SEGMENT = 2048  # train.recompute_segment of the segmented variant
-VARIANTS = {  # name: (model, loss, activation checkpointing, Mamba-2 recompute segment)
+VARIANTS = {  # name: (model, loss, activation checkpointing, train.recompute_segment)
     "hybrid full loss": ("hybrid", "full", False, None),
     "hybrid chunked": ("hybrid", "chunked", False, None),
     "hybrid chunked+ckpt": ("hybrid", "chunked", True, None),
@@ -308,12 +308,10 @@ def sweep(device_name: str, dry_run: bool, lengths: tuple[int, ...] = LENGTHS) -
     print(f"the chunked loss alone (its gradients included), share of the step of {BEST}: " + ", ".join(
         f"T={t}: {v['bytes'] / gib:.2f} GiB{'' if v['measured'] else '*'} = {v['share_of_step']:.1%}"
         for t, v in results["loss_alone"].items()))
-    with_loss = results["variants"][BEST]
-    if without_loss and with_loss["bytes_per_token"]:
-        # both lines have the slope of the blocks; what the loss adds is the gap between them
-        slope, intercept = fit(without_loss)
-        added = {t: with_loss["bytes_per_token"] * t + with_loss["intercept_bytes"] - (slope * t + intercept)
-                 for t in lengths}
+    # what the loss adds does not grow with T: the mean gap between the two steps where both were measured
+    gaps = [measured[BEST][t] - without_loss[t] for t in without_loss if t in measured[BEST]]
+    if gaps:
+        added = dict.fromkeys(lengths, sum(gaps) / len(gaps))
         results["loss_added"] = {t: {"bytes": added[t], "share_of_step": added[t] / max(step[t]["bytes"], 1),
                                      "without_loss_forward_backward": without_loss.get(t)} for t in lengths}
         print(f"what the loss adds to the forward + backward peak of {BEST} (against the same step with a "
