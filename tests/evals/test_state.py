@@ -4,10 +4,10 @@ against a full forward pass, state sizes, and the state-collapse / perplexity su
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MistralConfig, MistralForCausalLM
 
-from lctk.evals import run_suites, state_size
-from lctk.evals.models import stream
+from lctk.evals.api import run_suites, state_size
+from lctk.evals.models import cache_of, iter_tensors, stream
 from lctk.evals.suites.state_collapse import trace_states
 from lctk.evals.tasks.text import corpus_tokens
 
@@ -140,3 +140,15 @@ def _records(folder, suite):
 
     lines = (folder / "samples.jsonl").read_text().splitlines()
     return sorted((r for r in map(json.loads, lines) if r["suite"] == suite), key=lambda r: (r["length"], r["index"]))
+
+
+def test_sliding_window_state_stops_growing_where_the_installed_cache_does(llama):
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=12)
+    model = MistralForCausalLM(config).eval()
+    with torch.no_grad():
+        cache = cache_of(model(input_ids=torch.ones((1, 40), dtype=torch.long), use_cache=True))
+    held = sum(t.numel() for _, t in iter_tensors(cache) if t.is_floating_point())
+    assert state_size(model, 40) == state_size(model, 1000) == held
+    assert held <= 2 * 2 * 2 * 8 * 12 < state_size(llama, 40)  # the same shape without a window keeps all 40

@@ -7,7 +7,7 @@ import pytest
 from scripted_models import InductionLM, ScriptedLM, expected_answer
 
 from lctk.errors import UserError
-from lctk.evals import parse_lengths, parse_suites, run_suites
+from lctk.evals.api import parse_lengths, parse_suites, run_suites
 
 LENGTHS = [320, 512]
 

@@ -1,17 +1,17 @@
-"""lctk.evals: evaluation suites for any Hugging Face causal LM (lctk models, Llama, transformers' Mamba-2, ...).
+"""lctk.evals.api, the public surface of lctk.evals: evaluation suites for any Hugging Face causal LM (lctk models, Llama, transformers' Mamba-2, ...).
 
 Suites (`lctk eval --suite ...`): passkey, niah (RULER tasks + the classic depth x length grid), state-collapse,
 recall-throughput, perplexity. Each suite = seeded sample generator (exact token budgets) + scorer + plots; results
 follow one schema (results.json: {"model", "results": {suite: {"score", "by_length", ...}}, "config", "versions",
 "seed", "timings", "files"}; samples.jsonl: one record per finished job) and a rerun into the same folder resumes
 the samples of the same weights and tokenizer (models.weights_fingerprint, tokens.fingerprint).
-Evals never import training code.
+Evals never import training code. (`lctk.evals` itself is a namespace package: see lctk/__init__.py.)
 
 Python API
 ----------
 Run suites on a loaded model (the trainer does this at the end of training)::
 
-    from lctk.evals import run_suites, load_model
+    from lctk.evals.api import run_suites, load_model
     model, tokenizer = load_model("runs/quickstart/final")           # or any model + tokenizer in memory
     results = run_suites(model, tokenizer, suites=["passkey", "niah_single_1"], lengths=["512", "1k"],
                          output_dir="runs/quickstart/eval", limit=20, seed=0)
