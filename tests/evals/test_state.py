@@ -4,7 +4,14 @@ against a full forward pass, state sizes, and the state-collapse / perplexity su
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from lctk.evals.api import run_suites, state_size
 from lctk.evals.models import cache_of, iter_tensors, stream
