@@ -54,8 +54,9 @@ def eval_command(
     ),
 ) -> None:
     """Run evaluation suites on any Hugging Face causal LM and write results.json, samples.jsonl, plots, report.md."""
-    from lctk.evals.models import load_weights, open_model_and_tokenizer, resolve_device, resolve_dtype
-    from lctk.evals.runner import check_model_fits, compare, eval_plan, run_suites
+    from lctk.evals.loading import load_weights, open_model_and_tokenizer, resolve_device, resolve_dtype
+    from lctk.evals.runner import check_model_fits, compare, run_suites
+    from lctk.evals.settings import EvalSettings
     from lctk.evals.store import check_output_dir
     from lctk.models.loading import trusting_remote_code
 
@@ -66,38 +67,30 @@ def eval_command(
         depth_list = [float(d) for d in depths.split(",") if d.strip()]
     except ValueError as error:
         raise UserError(f"--depths: cannot read {depths!r} (use e.g. 0,0.5,1)") from error
+    settings = EvalSettings(
+        suites=suite, lengths=lengths, limit=limit, seed=seed, depths=depth_list, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, allow_longer=allow_longer, exact=exact, chat_template=chat_template,
+        haystack=haystack, qa_data=qa_data, lm_eval=lm_eval, lm_eval_limit=lm_eval_limit,
+        lm_eval_include=lm_eval_include,
+    )
     names = _unique_names(paths)
     outputs = [output if len(paths) == 1 else output / name for name in names]
-    settings = dict(suites=suite, lengths=lengths, limit=limit, seed=seed, depths=depth_list, batch_size=batch_size,
-                    max_new_tokens=max_new_tokens, exact=exact, lm_eval=lm_eval, lm_eval_include=lm_eval_include,
-                    chat_template=chat_template, haystack=haystack, qa_data=qa_data)
-    if lm_eval_limit is not None and lm_eval_limit < 1:
-        raise UserError(f"--lm-eval-limit: must be at least 1, got {lm_eval_limit}")
     resolve_dtype(dtype, resolve_device(device))
-    if len(paths) > 1:  # the comparison's report.md and comparison.json go into --output itself
-        check_output_dir(output)
+    for out in [output] * (len(paths) > 1) + outputs:  # the comparison's report.md goes into --output itself
+        check_output_dir(out)
     with trusting_remote_code(trust_remote_code):
         # every input is checked before the first model is evaluated: flags, output folders, each model's files,
         # config and tokenizer, and whether the prompts fit its lengths
         opened = []
-        for path, out in zip(paths, outputs, strict=True):
-            suite_names, ctx = eval_plan(output_dir=out, **settings)
+        for path in paths:
             files, loaded_tokenizer = open_model_and_tokenizer(path, tokenizer)
-            check_model_fits(suite_names, ctx, files.config, loaded_tokenizer, allow_longer)
+            check_model_fits(settings, files.config, loaded_tokenizer)
             opened.append((files, loaded_tokenizer))
         everything = {}
         for (files, loaded_tokenizer), name, out in zip(opened, names, outputs, strict=True):
             loaded_model = load_weights(files, device=device, dtype=dtype)
-            results = run_suites(
-                loaded_model,
-                loaded_tokenizer,
-                output_dir=out,
-                allow_longer=allow_longer,
-                model_name=name,
-                lm_eval_limit=lm_eval_limit,
-                config={"model_path": files.path, "dtype_flag": dtype, "device_flag": device},
-                **settings,
-            )
+            results = run_suites(loaded_model, loaded_tokenizer, settings, output_dir=out, model_name=name,
+                                 config={"model_path": files.path, "dtype_flag": dtype, "device_flag": device})
             everything[name] = results
             scores = " | ".join(f"{s} {_short(e.get('score'))}" for s, e in results["results"].items())
             typer.echo(f"{name}: {scores} ({results['timings']['total_s']:.1f} s) -> {out / 'report.md'}")
@@ -108,7 +101,7 @@ def eval_command(
 
 
 def _unique_names(paths: list[str]) -> list[str]:
-    from lctk.evals.models import model_name
+    from lctk.evals.loading import model_name
 
     names: list[str] = []
     for path in paths:

@@ -17,8 +17,8 @@ sections have defaults: `data` is the builtin text at seq_len 512, `tokenizer` b
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import inspect
 import re
 import typing
 from pathlib import Path
@@ -38,6 +38,7 @@ from pydantic import (
 from lctk.data.tasks import check_task
 from lctk.errors import UserError
 from lctk.schema import Section, describe_error, suggest
+from lctk.sizes import parse_size
 
 
 def _yaml_float(value: Any) -> Any:
@@ -105,13 +106,12 @@ ModelSection = create_model("ModelSection", __base__=Section, **_model_fields())
 
 
 def _count(value: Any) -> Any:
-    """Accept 10_000, "10k", "5M", "1.5B" for token counts."""
+    """Accept 10_000, "10k", "5M", "1.5B" for token counts (the field checks integers itself)."""
     if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMbB]?)\s*", value)
-        if not match:
-            raise ValueError(f"expected a count such as 500000, 500k or 2M, got {value!r}")
-        scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[match.group(2).lower()]
-        return int(float(match.group(1)) * scale)
+        try:
+            return parse_size(value, base=1000)
+        except ValueError:
+            raise ValueError(f"expected a count such as 500000, 500k or 2M, got {value!r}") from None
     return value
 
 
@@ -233,14 +233,30 @@ class EvalSection(Section):
     limit: int | None = Field(None, gt=0, description="samples per length (and depth)")
     before: bool = True
     held_out_loss: bool = True
-    options: dict[str, Any] = Field(default_factory=dict)  # more keyword arguments of lctk.evals.run_suites
+    options: dict[str, Any] = Field(default_factory=dict)  # more lctk.evals.settings.EvalSettings fields
 
-    # run_suites arguments the trainer sets itself
-    SET_BY_TRAINER: typing.ClassVar = ("model", "tokenizer", "suites", "lengths", "output_dir", "seed", "limit",
-                                       "allow_longer", "model_name", "progress")
+    # EvalSettings fields that come from this section's own keys or the run
+    SET_BY_RUN: typing.ClassVar = ("suites", "lengths", "limit", "seed", "allow_longer")
 
     def token_lengths(self, seq_len: int) -> list[int]:
         return [_length_in_tokens(value, seq_len) for value in self.lengths]
+
+    def settings(self, reference_length: int, seed: int, default_limit: int | None = None):
+        """The EvalSettings of this section: lengths resolved against reference_length (data.seq_len, or the length a
+        model was trained at), lengths past the model's limit allowed (measuring there is the point)."""
+        from lctk.evals.settings import EvalSettings
+
+        limit = self.limit or default_limit
+        return EvalSettings(suites=tuple(self.suites), lengths=self.token_lengths(reference_length), seed=seed,
+                            allow_longer=True, **({"limit": limit} if limit else {}), **self.options)
+
+    def run(self, model, tokenizer, reference_length: int, seed: int, out_dir: Path, name: str,
+            default_limit: int | None = None) -> dict:
+        """Run this section's suites on `model` into out_dir (what train, distill and extend end with)."""
+        from lctk.evals.runner import run_suites
+
+        settings = self.settings(reference_length, seed, default_limit)
+        return run_suites(model, tokenizer, settings, output_dir=out_dir, model_name=name, progress=False)
 
     @field_validator("lengths")
     @classmethod
@@ -253,7 +269,7 @@ class EvalSection(Section):
     @classmethod
     def _known_suites(cls, names: list[str]) -> list[str]:
         if names:
-            from lctk.evals.api import parse_suites
+            from lctk.evals.settings import parse_suites
 
             try:
                 parse_suites(names)
@@ -264,9 +280,9 @@ class EvalSection(Section):
     @field_validator("options")
     @classmethod
     def _known_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        from lctk.evals.api import run_suites
+        from lctk.evals.settings import EvalSettings
 
-        known = [name for name in inspect.signature(run_suites).parameters if name not in cls.SET_BY_TRAINER]
+        known = [f.name for f in dataclasses.fields(EvalSettings) if f.init and f.name not in cls.SET_BY_RUN]
         for name in options:
             if name not in known:
                 raise ValueError(f"{name}: unknown eval option{suggest(name, known)}; known: {', '.join(known)}")
@@ -275,14 +291,14 @@ class EvalSection(Section):
     @model_validator(mode="after")
     def _option_values(self) -> EvalSection:
         """Each option's value gets the checks `lctk eval` makes on its flag, here rather than after training."""
-        from lctk.evals.runner import MAX_LENGTH, eval_plan
+        from lctk.evals.settings import MAX_LENGTH, EvalSettings
 
         planned = {"suites": self.suites, "lengths": [MAX_LENGTH], "limit": self.limit or 1}  # lengths: checked above
         for name, value in self.options.items():
-            if name not in inspect.signature(eval_plan).parameters or not (self.suites or name == "lm_eval"):
+            if not (self.suites or name == "lm_eval"):
                 continue
             try:
-                eval_plan(**planned, **{name: value})
+                EvalSettings(**planned, **{name: value})
             except UserError as error:
                 raise ValueError(f"options.{name}: {str(error).split(': ', 1)[-1]}") from None
             except (TypeError, ValueError):  # e.g. a string where a number goes
@@ -291,16 +307,10 @@ class EvalSection(Section):
 
 
 def _length_in_tokens(value: Any, seq_len: int) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9.]+)\s*([xXkK])\s*", value)
-        if match:
-            number = float(match.group(1))
-            tokens = int(number * seq_len) if match.group(2) in "xX" else int(number * 1024)
-            if tokens > 0:
-                return tokens
-    raise ValueError(f"expected a length such as 4096, '4k' or '2x' (times data.seq_len), got {value!r}")
+    try:
+        return parse_size(value, base=1024, relative_to=seq_len)
+    except ValueError:
+        raise ValueError(f"expected a length such as 4096, '4k' or '2x' (times data.seq_len), got {value!r}") from None
 
 
 class Recipe(Section):
@@ -363,8 +373,10 @@ def _check_fits(config, tokens: int) -> None:
     import psutil
     import torch
 
+    from lctk.models.modeling import parameter_count
+
     try:
-        count = config.num_parameters()
+        count = parameter_count(config)
     except (OverflowError, RuntimeError, TypeError):  # a size past what torch can index, e.g. hidden_size: 1e30
         count = float("inf")
     memory = psutil.virtual_memory().total

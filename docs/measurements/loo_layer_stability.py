@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lctk.data.corpus import builtin_documents
+from lctk.tasks.corpus import builtin_documents
 from lctk.distill.convert import student_from_teacher
 from lctk.distill.importance import layer_removed, leave_one_out, ranking
 

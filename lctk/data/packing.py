@@ -2,7 +2,7 @@
 
 A row is `seq_len` tokens with three arrays: input_ids, position_ids (restarting at 0 at every document start, the
 boundary convention `lctk.models` reads, so no state or attention crosses documents) and labels (the token where it
-is a training target, -100 elsewhere; a document's first token is never a target, since the model would predict it
+is a training target, IGNORE (lctk.labels) elsewhere; a document's first token is never a target, since the model would predict it
 from the previous document). Labels are not shifted: the model shifts them.
 
 Every row source is addressable: `row(i)` is a pure function of i and the seed, so resuming needs only the step
@@ -15,7 +15,7 @@ number, and each of N processes takes its own slice of every global batch:
   the memory maps, so no process holds a copy of the corpus.
 - TaskRows: row i holds task documents drawn from a random source seeded by (seed, source, i), each of a random
   length in [min_length, min(max_length, space left)], stretched to fill the row when no other document would fit
-  after it; what is left (only when max_length < seq_len) is padding (labels -100). A document may come out a few
+  after it; what is left (only when max_length < seq_len) is padding (labels IGNORE). A document may come out a few
   tokens shorter than asked (the eval generators never exceed a budget), which is padded too.
 - Mixture: row k comes from source c_k, with c_k drawn with probabilities proportional to the weights (so weights
   are shares of training tokens); the source's own row index is the number of earlier rows drawn from it.
@@ -32,9 +32,8 @@ import numpy as np
 import torch
 
 from lctk.data.store import TokenStore
-from lctk.evals.tasks.sample import sample_rng
-
-IGNORE = -100
+from lctk.labels import IGNORE
+from lctk.tasks.sample import sample_rng
 
 
 @dataclass

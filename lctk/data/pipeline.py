@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lctk.data.corpus import cache_dir as default_cache_dir
 from lctk.data.packing import Mixture, Pieces, Row, RowSource, TaskRows, TextRows, split_held_out
 from lctk.data.store import token_store
 from lctk.data.tasks import Task
 from lctk.data.text import TextSource
 from lctk.data.tokenizer import build_tokenizer
 from lctk.errors import UserError
+from lctk.tasks import corpus
 
 BPE_TRAINING_CHARS = 50_000_000  # BPE is trained on at most this much of the text sources
 HELD_OUT_ROWS = 64
@@ -25,7 +25,7 @@ class TrainingData:
 
 
 def cache_folder(data) -> Path:
-    return Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+    return Path(data.cache_dir) if data.cache_dir else corpus.cache_dir()
 
 
 def load_tokenizer(spec: str, data):
@@ -42,9 +42,7 @@ def load_tokenizer(spec: str, data):
                     if chars > BPE_TRAINING_CHARS:
                         return documents
         if not documents:  # synthetic tasks only
-            from lctk.recipe import Source
-
-            documents = list(TextSource(Source(text="builtin"), "tokenizer").documents())
+            documents = list(corpus.builtin_documents())
         return documents
 
     return build_tokenizer(spec, training_text, cache_folder(data))

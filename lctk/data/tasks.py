@@ -1,8 +1,8 @@
 """Synthetic training tasks, generated on the fly from a seeded random source (the same documents on every run).
 
-    passkey  the classic passkey prompt + its answer, from `lctk.evals.tasks.passkey` (the eval's own generator)
-    niah     RULER needle-in-a-haystack prompts + answers, from `lctk.evals.tasks.niah` (options.tasks picks which)
-    mqar     multi-query associative recall on raw token ids, from `lctk.evals.tasks.recall` (loss on the values)
+    passkey  the classic passkey prompt + its answer, from `lctk.tasks.passkey` (the eval's own generator)
+    niah     RULER needle-in-a-haystack prompts + answers, from `lctk.tasks.niah` (options.tasks picks which)
+    mqar     multi-query associative recall on raw token ids, from `lctk.tasks.recall` (loss on the values)
     copy     x_1 .. x_n SEP x_1 .. x_n over random token ids (loss on the copy)
 
 A document is token ids and a mask of the tokens that get a loss: every token for `loss: all` (the default for text
@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import Field, ValidationError, model_validator
 
 from lctk.errors import UserError
+from lctk.labels import IGNORE
 from lctk.schema import Section, describe_error, suggest
 
 
@@ -76,7 +77,7 @@ def check_task(name: str, options: dict[str, Any]) -> Section:
     except ValidationError as error:
         raise ValueError(f"options.{describe_error(error, OPTIONS[name])}") from None
     if isinstance(parsed, NiahOptions):
-        from lctk.evals.tasks.niah import TASKS
+        from lctk.tasks.niah import TASKS
 
         for task in parsed.tasks:
             if task not in TASKS:
@@ -117,11 +118,11 @@ class Task:
     def _text_document(self, rng: random.Random, length: int) -> Document:
         budget = length - 1  # room for end-of-text
         if self.name == "passkey":
-            from lctk.evals.tasks import passkey
+            from lctk.tasks import passkey
 
             sample = passkey.make_sample(self.tokenizer, budget, rng.random(), rng)
         else:
-            from lctk.evals.tasks import niah
+            from lctk.tasks import niah
 
             sample = niah.make_sample(self.tokenizer, rng.choice(self.options.tasks), budget, rng)
         answer = self.tokenizer(sample.target, add_special_tokens=False)["input_ids"] + [self.eos]
@@ -132,12 +133,12 @@ class Task:
         return Document(ids, trained)
 
     def _mqar(self, rng: random.Random, length: int) -> Document:
-        from lctk.evals.tasks.recall import make_mqar_sample
+        from lctk.tasks.recall import make_mqar_sample
 
         # the loss targets are the next input tokens, so the queried values stay in the input (eval: random ids)
         sample = make_mqar_sample(length, rng, self.vocab_size, self.options.num_kv_pairs, self.options.power_a,
                                   value_in_input=True)
-        return Document(sample.input_ids, sample.labels != -100)
+        return Document(sample.input_ids, sample.labels != IGNORE)
 
     def _copy(self, rng: random.Random, length: int) -> Document:
         alphabet = np.setdiff1d(np.arange(self.vocab_size), self.tokenizer.all_special_ids)  # no special tokens

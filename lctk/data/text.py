@@ -46,7 +46,7 @@ class TextSource:
         if source.hub is not None:
             described |= {"hub": source.hub, "config": source.config, "split": source.split, "revision": source.revision}
         elif self.path is None:
-            from lctk.data.corpus import builtin_documents
+            from lctk.tasks.corpus import builtin_documents
 
             described["builtin"] = hashlib.sha256("\n\n".join(builtin_documents()).encode()).hexdigest()
         else:
@@ -79,7 +79,7 @@ class TextSource:
             split = (info.splits or {}).get(self.source.split) if info else None
             total = split.num_examples if split else None
         elif self.path is None:
-            from lctk.data.corpus import builtin_documents
+            from lctk.tasks.corpus import builtin_documents
 
             total = len(builtin_documents())
         elif self.saved:
@@ -96,7 +96,7 @@ class TextSource:
         if self.source.hub is not None:
             yield from self._dataset_batches(self._hub_dataset, self.source.hub, f"{self.key}.hub")
         elif self.path is None:
-            from lctk.data.corpus import builtin_documents
+            from lctk.tasks.corpus import builtin_documents
 
             documents = builtin_documents()
             for start in range(0, len(documents), BATCH_ROWS):

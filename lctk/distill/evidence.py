@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from lctk.distill.losses import model_inputs, target_mask, token_kl
-from lctk.train.losses import shifted_targets, token_ce
+from lctk.labels import shifted_targets
+from lctk.train.losses import token_ce
 
 CACHE_BYTES_PER_ELEMENT = 2
 

@@ -1,4 +1,4 @@
-"""Distillation losses, per position; a position t counts when token t+1 is a training target (labels[t+1] != -100,
+"""Distillation losses, per position; a position t counts when token t+1 is a training target (labels[t+1] != IGNORE,
 the Trainer's target count), so a document's last token, which would predict the next document, never counts.
 
 With student distribution q = softmax(s / T) and teacher distribution p = softmax(t / T) over the vocabulary:
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lctk.train.losses import LMHead, final_hidden, head_loss, shifted_targets, token_ce
+from lctk.labels import IGNORE, shifted_targets
+from lctk.train.losses import LMHead, final_hidden, head_loss, token_ce
 
 KINDS = ("reverse_kl", "forward_kl", "mix")
 MODEL_INPUTS = ("input_ids", "position_ids")
@@ -57,7 +58,7 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
 
 def target_mask(batch: dict) -> Tensor:
     """[B, T] bool: position t counts when labels[t+1] is a target; the last position never does."""
-    return shifted_targets(batch["labels"]) != -100
+    return shifted_targets(batch["labels"]) != IGNORE
 
 
 def model_inputs(batch: dict) -> dict:
@@ -88,7 +89,7 @@ def kd_loss_sum(student_hidden: Tensor, student_head: LMHead, teacher_hidden: Te
         per_position = token_kl(logits, theirs, kind, temperature, forward_weight)
         if ce_weight > 0:
             per_position = per_position + ce_weight * token_ce(logits, targets[rows])
-        return (per_position * (targets[rows] != -100)).sum()
+        return (per_position * (targets[rows] != IGNORE)).sum()
 
     return head_loss(student_hidden, student_head, chunk_loss)
 

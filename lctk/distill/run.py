@@ -150,7 +150,7 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
         final.symlink_to(Path(f"stage-{len(rows) - 1}") / "model", target_is_directory=True)
         report = evidence.write_report(run_dir, rows, f"{recipe.run.name}: distillation of {spec.teacher}", _notes(recipe))
         if recipe.eval.suites:
-            _final_eval(recipe, student, tokenizer, run_dir / "eval")
+            recipe.eval.run(student, tokenizer, recipe.data.seq_len, recipe.run.seed, run_dir / "eval", recipe.run.name)
         say(evidence.markdown_table(rows))
         last = rows[-1]
         say(f"done: {len(rows) - 1} stages, {last['replaced']}/{total_layers} attention layers replaced, "
@@ -375,6 +375,7 @@ def _stage_row(stage_dir: Path, number: int, student, teacher, tokenizer, held_o
 def _passkey(model, tokenizer, recipe: DistillRecipe, out_dir: Path) -> dict:
     """Passkey accuracy (%) at each evidence length, keyed passkey_<N>x (times data.seq_len) or passkey_<tokens>."""
     from lctk.evals.runner import run_suites
+    from lctk.evals.settings import EvalSettings
     from lctk.recipe import EvalSection
 
     spec = recipe.distill.evidence
@@ -383,9 +384,10 @@ def _passkey(model, tokenizer, recipe: DistillRecipe, out_dir: Path) -> dict:
     seq_len = recipe.data.seq_len
     lengths = EvalSection(lengths=spec.passkey_lengths).token_lengths(seq_len)
     try:
-        results = run_suites(model, tokenizer, suites=["passkey"], lengths=lengths, output_dir=out_dir,
-                             limit=spec.passkey_samples, depths=spec.passkey_depths, seed=recipe.run.seed,
-                             allow_longer=True, progress=False, model_name=out_dir.parent.name)
+        settings = EvalSettings(suites=("passkey",), lengths=lengths, limit=spec.passkey_samples,
+                                depths=spec.passkey_depths, seed=recipe.run.seed, allow_longer=True)
+        results = run_suites(model, tokenizer, settings, output_dir=out_dir, progress=False,
+                             model_name=out_dir.parent.name)
     except UserError as error:  # e.g. a length too short for the passkey prompt with this tokenizer
         raise UserError(f"distill.evidence.passkey_lengths: {error}") from None
     by_length = results["results"]["passkey"]["by_length"]
@@ -394,15 +396,6 @@ def _passkey(model, tokenizer, recipe: DistillRecipe, out_dir: Path) -> dict:
         name = f"passkey_{length // seq_len}x" if length % seq_len == 0 else f"passkey_{length}"
         figures[name] = by_length.get(str(length), by_length.get(length))
     return figures
-
-
-def _final_eval(recipe: DistillRecipe, student, tokenizer, out_dir: Path) -> None:
-    from lctk.evals.runner import run_suites
-
-    options = {"limit": recipe.eval.limit} if recipe.eval.limit else {}
-    run_suites(student, tokenizer, suites=recipe.eval.suites, lengths=recipe.eval.token_lengths(recipe.data.seq_len),
-               output_dir=out_dir, seed=recipe.run.seed, allow_longer=True, model_name=recipe.run.name,
-               progress=False, **options, **recipe.eval.options)
 
 
 def _load_student(folder: Path, accelerator):

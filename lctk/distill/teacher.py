@@ -20,10 +20,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lctk.data.corpus import cache_dir
 from lctk.data.tokenizer import load_local_tokenizer
 from lctk.errors import UserError
 from lctk.models.loading import load_causal_lm, load_tokenizer, open_model, resolve
+from lctk.tasks.corpus import cache_dir
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 WHERE = "distill.teacher"

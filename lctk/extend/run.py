@@ -66,7 +66,7 @@ def extend_recipe(recipe: ExtendRecipe, log: Callable[[str], None] = print, over
 
 
 def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, held: contextlib.ExitStack) -> dict:
-    from lctk.evals.models import load_weights
+    from lctk.evals.loading import load_weights
     from lctk.models.loading import load_tokenizer, open_model
 
     ext, run_dir = recipe.extend, recipe.run.dir
@@ -108,7 +108,7 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
 
     results: dict[str, Any] = {"model": ext.model, "original_length": original, "target_length": target}
     if recipe.eval.suites and recipe.eval.before and main:
-        results["before"] = evaluate(recipe, model, tokenizer, lengths, run_dir / "eval" / "before", "before")
+        results["before"] = evaluate(recipe, model, tokenizer, original, run_dir / "eval" / "before", "before")
 
     rope_start = _rope_state(config)
     if ext.rope is not None:
@@ -155,7 +155,7 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
     log(f"saved: {final_dir}")
     results["extension"], results["recurrent"] = record, applied
     if recipe.eval.suites:
-        results["after"] = evaluate(recipe, model, tokenizer, lengths, run_dir / "eval" / "after", "after")
+        results["after"] = evaluate(recipe, model, tokenizer, original, run_dir / "eval" / "after", "after")
     (run_dir / "extend.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     log_command_results(recipe.logging, run_dir, recipe.run.name, recipe.model_dump(mode="json"), results)
     if recipe.eval.suites:
@@ -181,14 +181,10 @@ def tokenizer_users(recipe: ExtendRecipe) -> list[str]:
                                   (f"extend.recurrent ({', '.join(calibrated)})", calibrated)) if used]
 
 
-def evaluate(recipe: ExtendRecipe, model, tokenizer, lengths: list[int], out_dir: Path, name: str) -> dict:
-    """The recipe's eval suites on `model` at every length (beyond the model's limit too: that is the point)."""
-    from lctk.evals.runner import run_suites
-
-    results = run_suites(
-        model, tokenizer, suites=recipe.eval.suites, lengths=lengths, output_dir=out_dir, limit=recipe.eval.limit or 5,
-        seed=recipe.run.seed, allow_longer=True, model_name=name, progress=False, **recipe.eval.options,
-    )
+def evaluate(recipe: ExtendRecipe, model, tokenizer, original: int, out_dir: Path, name: str) -> dict:
+    """The recipe's eval suites on `model` at every length, relative to the `original` training length (beyond the
+    model's limit too: that is the point)."""
+    results = recipe.eval.run(model, tokenizer, original, recipe.run.seed, out_dir, name, default_limit=5)
     return results["results"]
 
 
@@ -206,7 +202,7 @@ def calibration_ids(tokenizer, text: str, rows: int, length: int) -> torch.Tenso
     """`rows` consecutive windows of `length` tokens [rows, length] from the calibration text: the builtin corpus'
     training split read from its end (far from the held-out text the eval suites read first), or a .txt file."""
     if text == "builtin":
-        from lctk.data.corpus import builtin_documents
+        from lctk.tasks.corpus import builtin_documents
 
         documents = list(reversed(builtin_documents("train")))
     else:
@@ -235,7 +231,7 @@ def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, num
     done = stage_dir / "final"
     if (done / "config.json").is_file():
         log(f"stage {number}: done before ({done})")
-        from lctk.evals.models import load_weights
+        from lctk.evals.loading import load_weights
         from lctk.models.loading import open_model
 
         return load_weights(open_model(str(done), f"stage {number}"), dtype="float32", where=f"stage {number}")

@@ -124,12 +124,3 @@ class HybridConfig(PretrainedConfig):
     def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
         """Nothing to register: save_pretrained writes lctk's own auto_map. transformers calls this after loading
         through trust_remote_code; its default would make later saves copy lctk's source files into the folder."""
-
-    def num_parameters(self) -> int:
-        """Parameters of the model this config describes, counted on the meta device (nothing is allocated)."""
-        import torch
-
-        from lctk.models.modeling import HybridForCausalLM
-
-        with torch.device("meta"):
-            return sum(p.numel() for p in HybridForCausalLM(self).parameters())

@@ -270,3 +270,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, last_hidden_state=last_hidden_state,
         )
+
+
+def parameter_count(config: HybridConfig) -> int:
+    """Parameters of the model `config` describes, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in HybridForCausalLM(config).parameters())

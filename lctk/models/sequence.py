@@ -5,24 +5,43 @@ Documents: position_ids that restart at 0 inside a row start a new document (the
 DataCollatorWithFlattening), or `cu_seqlens` over a batch of one row. A forward call that continues a cache
 continues the cached document with its first tokens: a cache holds one document per row.
 Padding: a 2D attention_mask (1 = token, 0 = pad) covering the cached tokens and the new ones, as generate() passes.
-Context parallelism: `shard` (lctk.parallel.context.ContextShard) says which part of the full rows this call holds;
-position_ids are those of the full rows, so a shard whose first position is not 0 continues the previous shard's
-document. Mixers ask the shard for what they need from the other ranks.
+Context parallelism: `shard` (a `Shard`, implemented by lctk.parallel.context.ContextShard) says which part of the
+full rows this call holds; position_ids are those of the full rows, so a shard whose first position is not 0
+continues the previous shard's document. Mixers ask the shard for what they need from the other ranks.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from lctk.kernels.ssd import ssd
 
-if TYPE_CHECKING:
-    from lctk.parallel.context import ContextShard
+
+class Shard(Protocol):
+    """What mixers ask of this process's shard of rows split across processes. The models own this surface;
+    lctk.parallel.context.ContextShard implements it (with the process group), so the models import nothing above
+    them."""
+
+    rank: int
+    start: int  # the shard is tokens [start, stop) of every row
+    stop: int
+    documents: Tensor | None  # [B, T] document index of every token of the full rows; None: one document per row
+
+    def all_gather(self, x: Tensor, tag: str) -> Tensor: ...
+
+    def from_previous(self, x: Tensor, tag: str) -> Tensor: ...
+
+    def previous_visible(self, count: int) -> Tensor: ...
+
+    def conv_halo(self, x: Tensor, kernel: int, seq_idx: Tensor | None, tag: str) -> Tensor: ...
+
+    def carry_ssd_states(self, out: Tensor, q: Tensor, g: Tensor | None, final: Tensor, seq_idx: Tensor | None,
+                         tag: str) -> Tensor: ...
 
 
 @dataclass
@@ -35,7 +54,7 @@ class SequenceInfo:
     first_doc: Tensor | None = None  # [B] index (among the N documents) of each row's first document
     last_doc: Tensor | None = None  # [B] index of each row's last document
     rotary: tuple[Tensor, Tensor] | None = None  # cos, sin [B, T, head_dim], computed once per forward
-    shard: ContextShard | None = None  # this call's shard of rows split across processes; None: whole rows
+    shard: Shard | None = None  # this call's shard of rows split across processes; None: whole rows
     attentions: dict[int, Tensor] | None = None  # output_attentions: layer -> weights [B, H, T, S] of eager attention
     recompute_segment: int | None = None  # training: layers that can recompute a long row in segments of this many tokens
 
@@ -85,7 +104,7 @@ def build_sequence_info(
     position_ids: Tensor | None = None,
     attention_mask: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
-    shard: ContextShard | None = None,
+    shard: Shard | None = None,
 ) -> SequenceInfo:
     key_mask = token_mask = None
     if attention_mask is not None:

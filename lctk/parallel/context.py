@@ -25,9 +25,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lctk.errors import UserError
+from lctk.labels import shifted_targets
 from lctk.models.layers import conv_tail
 from lctk.models.sequence import document_index
-from lctk.train.losses import shifted_targets
 
 BYTES_SENT: Counter[str] = Counter()  # tag (e.g. "A kv", "M state") -> bytes this process sent
 

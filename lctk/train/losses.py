@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lctk.labels import IGNORE, shifted_targets
+
 CHUNK_LOGITS = 2**23  # logits per chunk: 256 rows of a 32K vocabulary, 32 MiB per fp32 copy
 
 ChunkLoss = Callable[[Tensor, slice], Tensor]  # (logits [rows, vocab], the rows' slice of [B*T]) -> summed loss
@@ -78,37 +80,32 @@ def final_hidden(model: nn.Module, inputs: dict, output_hidden_states: bool = Fa
     return (out.last_hidden_state if native else out.hidden_states[-1]), out
 
 
-def shifted_targets(labels: Tensor) -> Tensor:
-    """[B, T]: the target of position t is labels[t+1]; -100 (none) at the last position."""
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
-
-
 def token_ce(logits: Tensor, targets: Tensor) -> Tensor:
-    """Per-position cross-entropy in fp32, shaped like targets (logits [..., vocab]); 0 where the target is -100."""
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-100,
+    """Per-position cross-entropy in fp32, shaped like targets (logits [..., vocab]); 0 where the target is IGNORE."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE,
                            reduction="none").view_as(targets)
 
 
 def cross_entropy_sum(hidden: Tensor, head: LMHead, labels: Tensor, chunk: int | None = None,
                       shifted: bool = False) -> Tensor:
-    """Summed next-token cross-entropy from final hidden states [B, T, D] and unshifted labels [B, T] (-100: none).
+    """Summed next-token cross-entropy from final hidden states [B, T, D] and unshifted labels [B, T] (IGNORE: none).
     shifted: labels are already each position's target (a shard of rows split across processes, shifted on the full
     rows: its last position predicts the next shard's first token)."""
     targets = (labels if shifted else shifted_targets(labels)).flatten()
     liger = _liger_cross_entropy() if hidden.is_cuda and head.scale == 1.0 else None
     if liger is not None:
         kwargs = {"softcap": head.softcap} if head.softcap else {}
-        return liger(ignore_index=-100, reduction="sum", **kwargs)(head.weight, hidden.flatten(0, -2), targets, head.bias)
+        return liger(ignore_index=IGNORE, reduction="sum", **kwargs)(head.weight, hidden.flatten(0, -2), targets, head.bias)
     plain_logits = head.scale == 1.0 and not head.softcap  # the closed form is for the raw logits
     return head_loss(hidden, head, lambda logits, rows: token_ce(logits, targets[rows]).sum(), chunk,
                      (lambda raw, rows: ce_value_and_grad(raw, targets[rows])) if plain_logits else None)
 
 
 def ce_value_and_grad(raw: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy of logits raw [rows, vocab] against targets [rows] (-100: none) and its gradient,
+    """Summed cross-entropy of logits raw [rows, vocab] against targets [rows] (IGNORE: none) and its gradient,
     softmax - onehot in fp32, made in one buffer in place (raw itself is overwritten when it is already fp32)."""
     grad = raw.float()
-    counted = (targets != -100).unsqueeze(1)
+    counted = (targets != IGNORE).unsqueeze(1)
     picked = targets.clamp(min=0).unsqueeze(1)
     top = grad.amax(-1, keepdim=True)
     target_logit = grad.gather(1, picked)

@@ -196,22 +196,8 @@ def _evaluate(recipe: TrainRecipe, model, tokenizer, held_out, accelerator, out_
     if recipe.eval.held_out_loss and held_out:
         figures["held_out_loss"] = held_out_loss(model, held_out, accelerator)
     if recipe.eval.suites:
-        from lctk.evals.api import run_suites
-
-        options = {"limit": recipe.eval.limit} if recipe.eval.limit else {}
-        suite_results = run_suites(
-            model,
-            tokenizer,
-            suites=recipe.eval.suites,
-            lengths=recipe.eval.token_lengths(recipe.data.seq_len),
-            output_dir=out_dir,
-            seed=recipe.run.seed,
-            allow_longer=True,
-            model_name=recipe.run.name,
-            progress=False,
-            **options,
-            **recipe.eval.options,
-        )
+        suite_results = recipe.eval.run(model, tokenizer, recipe.data.seq_len, recipe.run.seed, out_dir,
+                                        recipe.run.name)
         figures["suites"] = {name: entry for name, entry in suite_results["results"].items()}
     return figures
 

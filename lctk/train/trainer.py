@@ -7,7 +7,7 @@ default is next-token cross-entropy; distillation passes a KD loss, context exte
 changes with the step.
 
 Loss normalisation: every step's gradient is that of the mean loss over all targets of the global batch (all
-micro-batches of all processes), counted before the backward passes by `count_fn` (labels != -100 after the shift).
+micro-batches of all processes), counted before the backward passes by `count_fn` (labels != IGNORE after the shift).
 Each process backpropagates loss_sum * world_size / global_count, DDP averages over processes, so one process with
 batch 2B and two with batch B compute the same gradient. With context parallelism (train.context_parallel = N, see
 lctk.parallel.context) the N processes of a group read the same rows and each keeps its shard of them: every target
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lctk.errors import UserError
+from lctk.labels import IGNORE
 from lctk.parallel import ContextGroup, context_group, describe_parallelism, shard_batch, unsharded_model
 from lctk.train.checkpoint import (
     check_matches,
@@ -58,7 +59,7 @@ LossFn = Callable[[nn.Module, Batch], Tensor]
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """Summed next-token cross-entropy over the targets (labels != -100; labels are not shifted), from the final
+    """Summed next-token cross-entropy over the targets (labels != IGNORE; labels are not shifted), from the final
     hidden states chunk by chunk (lctk.train.losses): no [T, vocab] logits. A shard of split rows
     (lctk.parallel.shard_batch) brings `targets`, already shifted, and its `context_shard`."""
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
@@ -72,7 +73,7 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> Tensor:
 
 def count_targets(batch: Batch) -> int:
     targets = batch["targets"] if "targets" in batch else batch["labels"][:, 1:]
-    return int((targets != -100).sum())
+    return int((targets != IGNORE).sum())
 
 
 @dataclass

@@ -7,10 +7,11 @@ import random
 import numpy as np
 import pytest
 
-from lctk.data.packing import IGNORE, TaskRows
+from lctk.data.packing import TaskRows
 from lctk.data.tasks import Task, check_task
 from lctk.data.tokenizer import build_tokenizer
 from lctk.errors import UserError
+from lctk.labels import IGNORE
 
 
 @pytest.fixture(scope="module")

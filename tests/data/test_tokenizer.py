@@ -59,9 +59,9 @@ def test_a_folder_without_tokenizer_files_says_so(tmp_path):
 
 def test_bpe_for_synthetic_sources_only_is_learned_from_the_builtin_corpus(tmp_path, monkeypatch):
     """recipes/recall-sweep: `tokenizer: bpe:8192` with MQAR sources only (the ids are all MQAR needs)."""
-    from lctk.data import corpus
     from lctk.data.pipeline import load_tokenizer
     from lctk.recipe import DataSection, Source
+    from lctk.tasks import corpus
 
     monkeypatch.setattr(corpus, "builtin_documents", lambda split="all": tuple(TEXT))
     data = DataSection(seq_len=64, sources=[Source(task="mqar")], cache_dir=str(tmp_path))

@@ -10,7 +10,8 @@ from tiny_teachers import tiny_llama
 from lctk.distill.convert import replace_layers, student_from_teacher
 from lctk.distill.losses import distill_loss_fn, kd_loss_sum, target_mask, token_kl
 from lctk.distill.recipe import LossSection
-from lctk.train.losses import LMHead, shifted_targets, token_ce
+from lctk.labels import shifted_targets
+from lctk.train.losses import LMHead, token_ce
 
 
 def _reference_kl(p_logits, q_logits):

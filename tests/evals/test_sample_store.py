@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lctk.errors import UserError
-from lctk.evals.models import load_model, weights_fingerprint
+from lctk.evals.fingerprints import weights_fingerprint
+from lctk.evals.loading import load_model
 from lctk.evals.store import SampleStore
 
 RECORDS = [
@@ -101,20 +102,20 @@ def test_the_fingerprint_follows_weights_and_config_not_the_path(tmp_path, bpe_t
 def test_output_folders_and_settings_that_cannot_work_are_refused_before_any_sample(tmp_path):
     import os
 
-    from lctk.evals.runner import eval_plan
+    from lctk.evals.settings import EvalSettings
     from lctk.evals.store import check_output_dir
 
     os.symlink(tmp_path / "nowhere", tmp_path / "link")
     with pytest.raises(UserError, match="eval output folder: cannot create .*link: it is a link to .*nowhere"):
         check_output_dir(tmp_path / "link")
     with pytest.raises(UserError, match=r"--lengths: '1000000000' must be from 1 to 33554432 tokens"):
-        eval_plan(lengths="1000000000")
+        EvalSettings(lengths="1000000000")
     with pytest.raises(UserError, match="--max-new-tokens: 64 tokens leave no room for a prompt at the shortest length, 64"):
-        eval_plan(lengths="64,1k", max_new_tokens=64)
+        EvalSettings(lengths="64,1k", max_new_tokens=64)
     with pytest.raises(UserError, match=r"^--batch-size: must be at least 1, got 0$"):
-        eval_plan(batch_size=0)
+        EvalSettings(batch_size=0)
     with pytest.raises(UserError, match=r"^--limit: at most 1000000 samples per length"):
-        eval_plan(limit=10**12)  # every job is listed up front: this was a MemoryError minutes later
+        EvalSettings(limit=10**12)  # every job is listed up front: this was a MemoryError minutes later
 
 
 def test_a_results_or_report_file_lctk_did_not_write_is_never_replaced(tmp_path):

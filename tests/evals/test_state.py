@@ -13,10 +13,11 @@ from transformers import (
     MistralForCausalLM,
 )
 
-from lctk.evals.api import run_suites, state_size
-from lctk.evals.models import cache_of, iter_tensors, stream
+from lctk.evals.api import EvalSettings, run_suites, state_size
+from lctk.evals.generation import stream
+from lctk.evals.model_facts import cache_of, iter_tensors
 from lctk.evals.suites.state_collapse import trace_states
-from lctk.evals.tasks.text import corpus_tokens
+from lctk.tasks.haystacks import corpus_tokens
 
 VOCAB = 4097  # the test BPE tokenizer's vocabulary
 
@@ -88,8 +89,9 @@ def test_state_sizes(llama, mamba2):
 
 
 def test_state_collapse_and_perplexity_suites(mamba2, bpe_tokenizer, tmp_path):
-    results = run_suites(mamba2, bpe_tokenizer, suites="state-collapse,perplexity", lengths=[128, 256],
-                         output_dir=tmp_path, limit=2, progress=False, model_name="mamba2")
+    results = run_suites(mamba2, bpe_tokenizer,
+                         EvalSettings(suites="state-collapse,perplexity", lengths=[128, 256], limit=2),
+                         output_dir=tmp_path, progress=False, model_name="mamba2")
     collapse, ppl = results["results"]["state-collapse"], results["results"]["perplexity"]
     assert set(collapse["by_length"]) == {"128", "256"} and collapse["score"] == collapse["by_length"]["256"]
     assert 0.5 < collapse["score"] < 2.0 and collapse["state_tensors"] == 4
@@ -131,8 +133,8 @@ def test_mamba2_probe_reads_dt_decay_b_and_x_per_head(bpe_tokenizer):
 
 
 def test_long_corpus_windows_stay_in_held_out_text(bpe_tokenizer):
-    from lctk.data.corpus import builtin_documents
-    from lctk.evals.tasks.text import heldout_tokens
+    from lctk.tasks.corpus import builtin_documents
+    from lctk.tasks.haystacks import heldout_tokens
 
     ids, repeats_from = heldout_tokens(bpe_tokenizer, 100_000)
     assert len(ids) == 100_000 and 0 < repeats_from < 100_000

@@ -7,15 +7,17 @@ import pytest
 from scripted_models import InductionLM, ScriptedLM, expected_answer
 
 from lctk.errors import UserError
-from lctk.evals.api import parse_lengths, parse_suites, run_suites
+from lctk.evals.api import EvalSettings, parse_lengths, parse_suites, run_suites
 
 LENGTHS = [320, 512]
 
 
 def test_perfect_retriever_scores_100(bpe_tokenizer, tmp_path):
     model = ScriptedLM(bpe_tokenizer, expected_answer)
-    results = run_suites(model, bpe_tokenizer, suites="passkey,niah", lengths=LENGTHS, output_dir=tmp_path, limit=2,
-                         depths=[0.0, 0.5, 1.0], batch_size=3, max_new_tokens=64, progress=False)  # left-padded batches
+    results = run_suites(model, bpe_tokenizer,
+                         EvalSettings(suites="passkey,niah", lengths=LENGTHS, limit=2, depths=[0.0, 0.5, 1.0],
+                                      batch_size=3, max_new_tokens=64),
+                         output_dir=tmp_path, progress=False)  # left-padded batches
     passkey, niah = results["results"]["passkey"], results["results"]["niah"]
     assert passkey["score"] == 100.0 and passkey["by_length"] == {"320": 100.0, "512": 100.0}
     assert set(passkey["by_depth"]) == {"0.0", "0.5", "1.0"} and passkey["grid"]["512"]["0.5"] == 100.0
@@ -34,8 +36,10 @@ def test_perfect_retriever_scores_100(bpe_tokenizer, tmp_path):
 
 def test_silent_model_scores_0_and_the_output_folder_has_everything(bpe_tokenizer, tmp_path):
     model = ScriptedLM(bpe_tokenizer, lambda prompt: "")
-    results = run_suites(model, bpe_tokenizer, suites=["passkey", "niah_single_2", "niah_grid"], lengths=[300],
-                         output_dir=tmp_path, limit=1, depths=[0.5], progress=False, model_name="silent")
+    results = run_suites(model, bpe_tokenizer,
+                         EvalSettings(suites=["passkey", "niah_single_2", "niah_grid"], lengths=[300], limit=1,
+                                      depths=[0.5]),
+                         output_dir=tmp_path, progress=False, model_name="silent")
     assert results["results"]["passkey"]["score"] == 0.0
     assert results["results"]["niah"]["score"] == 0.0 and set(results["results"]["niah"]["by_task"]) == {
         "niah_single_2", "niah_grid"}
@@ -51,11 +55,13 @@ def test_silent_model_scores_0_and_the_output_folder_has_everything(bpe_tokenize
 
 def test_rerun_skips_finished_samples(bpe_tokenizer, tmp_path):
     model = ScriptedLM(bpe_tokenizer, expected_answer)
-    first = run_suites(model, bpe_tokenizer, suites="passkey", lengths=[256], output_dir=tmp_path, limit=3,
-                       depths=[0.0, 1.0], progress=False)
+    first = run_suites(model, bpe_tokenizer,
+                       EvalSettings(suites="passkey", lengths=[256], limit=3, depths=[0.0, 1.0]),
+                       output_dir=tmp_path, progress=False)
     assert len(model.prompts) == 6
-    again = run_suites(model, bpe_tokenizer, suites="passkey", lengths=[256], output_dir=tmp_path, limit=3,
-                       depths=[0.0, 1.0], progress=False)
+    again = run_suites(model, bpe_tokenizer,
+                       EvalSettings(suites="passkey", lengths=[256], limit=3, depths=[0.0, 1.0]),
+                       output_dir=tmp_path, progress=False)
     assert len(model.prompts) == 6, "a finished sample must not be generated again"
     assert again["results"] == first["results"]
 
@@ -63,24 +69,27 @@ def test_rerun_skips_finished_samples(bpe_tokenizer, tmp_path):
     path = tmp_path / "samples.jsonl"
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
-    more = run_suites(model, bpe_tokenizer, suites="passkey", lengths=[256, 300], output_dir=tmp_path, limit=3,
-                      depths=[0.0, 1.0], progress=False)
+    more = run_suites(model, bpe_tokenizer,
+                      EvalSettings(suites="passkey", lengths=[256, 300], limit=3, depths=[0.0, 1.0]),
+                      output_dir=tmp_path, progress=False)
     assert len(model.prompts) == 6 + 1 + 6  # the torn sample, then the new length
     assert more["results"]["passkey"]["samples"] == 12
     complete = [line for line in path.read_text().splitlines() if line.endswith("}")]
     assert len(complete) == 12 and all(json.loads(line)["key"] for line in complete)
 
     # another seed is another set of samples
-    run_suites(model, bpe_tokenizer, suites="passkey", lengths=[256], output_dir=tmp_path, limit=3,
-               depths=[0.0, 1.0], seed=1, progress=False)
+    run_suites(model, bpe_tokenizer,
+               EvalSettings(suites="passkey", lengths=[256], limit=3, depths=[0.0, 1.0], seed=1),
+               output_dir=tmp_path, progress=False)
     assert len(model.prompts) == 13 + 6
 
 
 def test_induction_model_recalls_text_and_mqar(bpe_tokenizer, tmp_path):
     model = InductionLM(len(bpe_tokenizer))
     model.state_size = lambda length: length  # its cache is the whole history
-    results = run_suites(model, bpe_tokenizer, suites="recall-throughput", lengths=[400], output_dir=tmp_path,
-                         limit=2, progress=False)
+    results = run_suites(model, bpe_tokenizer,
+                         EvalSettings(suites="recall-throughput", lengths=[400], limit=2),
+                         output_dir=tmp_path, progress=False)
     entry = results["results"]["recall-throughput"]
     assert entry["score"] == 100.0 and entry["by_length"] == {"400": 100.0}
     assert entry["mqar_by_length"]["400"] >= 90.0  # a random filler token can repeat a key
@@ -96,8 +105,9 @@ def test_recall_at_zoology_lengths_scores_mqar_on_the_tokenizer_ids_and_skips_te
 
     model = InductionLM(len(bpe_tokenizer) + 64)  # an embedding padded past the tokenizer
     model.state_size = lambda length: length
-    results = run_suites(model, bpe_tokenizer, suites="recall-throughput", lengths=[64], output_dir=tmp_path / "m",
-                         limit=2, progress=False)
+    results = run_suites(model, bpe_tokenizer,
+                         EvalSettings(suites="recall-throughput", lengths=[64], limit=2),
+                         output_dir=tmp_path / "m", progress=False)
     entry = results["results"]["recall-throughput"]
     assert entry["by_length"] == {"64": None} and entry["score"] is None
     assert entry["mqar_by_length"]["64"] >= 90.0
@@ -123,17 +133,18 @@ def test_parsers_read_lengths_and_suites():
 
 
 def test_a_length_that_leaves_no_room_for_the_answer_says_so(bpe_tokenizer):
-    from lctk.evals.runner import check_model_fits, eval_plan
+    from lctk.evals.runner import check_model_fits
 
-    names, ctx = eval_plan(suites="niah", lengths="32")
+    settings = EvalSettings(suites="niah", lengths="32", allow_longer=True)
     with pytest.raises(UserError, match=r"^--lengths: 32 tokens leave no room for a niah_\w+ prompt: \d+ are kept"):
-        check_model_fits(names, ctx, None, bpe_tokenizer, allow_longer=True)
+        check_model_fits(settings, None, bpe_tokenizer)
 
 
 def test_lengths_above_the_model_limit_are_refused(bpe_tokenizer):
     model = ScriptedLM(bpe_tokenizer, expected_answer, max_position_embeddings=300)
     with pytest.raises(UserError, match="above the model's limit of 300"):
-        run_suites(model, bpe_tokenizer, suites="passkey", lengths=[256, 512], progress=False)
-    results = run_suites(model, bpe_tokenizer, suites="passkey", lengths=[512], limit=1, depths=[0.5],
-                         allow_longer=True, progress=False)
+        run_suites(model, bpe_tokenizer, EvalSettings(suites="passkey", lengths=[256, 512]), progress=False)
+    results = run_suites(model, bpe_tokenizer,
+                         EvalSettings(suites="passkey", lengths=[512], limit=1, depths=[0.5], allow_longer=True),
+                         progress=False)
     assert results["results"]["passkey"]["score"] == 100.0

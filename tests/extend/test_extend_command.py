@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 
 from lctk import HybridConfig, HybridForCausalLM
 from lctk.cli import app
-from lctk.data.corpus import builtin_documents
 from lctk.data.tokenizer import build_tokenizer
 from lctk.errors import UserError
 from lctk.extend.rope import scale_rope
 from lctk.extend.run import rebuild_rotary
 from lctk.recipe import load_recipe
+from lctk.tasks.corpus import builtin_documents
 
 LENGTH = 32
 QUICK_EVAL = ["--set", "eval.limit=1", "--set", "eval.suites=[perplexity,state-collapse]", "--set", "eval.lengths=[1x,2x]"]

@@ -15,8 +15,8 @@ import yaml
 from safetensors.torch import load_file
 
 from lctk import HybridConfig, HybridForCausalLM
-from lctk.data.corpus import builtin_documents
 from lctk.data.tokenizer import build_tokenizer
+from lctk.tasks.corpus import builtin_documents
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from lctk.evals.scoring import string_match_all
-from lctk.evals.tasks import niah, passkey
+from lctk.tasks import niah, passkey
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from lctk.errors import UserError
-from lctk.evals.context import PromptTooShort
-from lctk.evals.tasks.niah import wrap
-from lctk.evals.tasks.sample import Sample
-from lctk.evals.tasks.text import FILLER, essay_text
+from lctk.tasks.haystacks import FILLER, essay_text
+from lctk.tasks.niah import wrap
+from lctk.tasks.prompts import PromptTooShort
+from lctk.tasks.sample import Sample
 
 TEMPLATES = {
     "vt": (

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import random
 
-from lctk.evals.context import fit_prompt, needle_layout
-from lctk.evals.tasks.sample import Sample
-from lctk.evals.tasks.text import filler_haystack, noise_haystack
+from lctk.tasks.haystacks import filler_haystack, noise_haystack
+from lctk.tasks.prompts import fit_prompt, needle_layout
+from lctk.tasks.sample import Sample
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -47,7 +47,7 @@ def make_sample(
 ) -> Sample:
     """A passkey prompt of at most `length - reserve` tokens with the needle at `depth` in [0, 1]; `chat` as in
     niah.make_sample (the question ends the user's message, the answer prefix follows the assistant tag)."""
-    from lctk.evals.tasks.niah import wrap
+    from lctk.tasks.niah import wrap
 
     if variant == "passkey":
         key = str(rng.randint(10_000, 99_999))

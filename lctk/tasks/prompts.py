@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lctk.errors import UserError
-from lctk.evals.tokens import encode_batch, fingerprint, has_offsets, special_tokens_around
+from lctk.tasks.tokens import encode_batch, fingerprint, has_offsets, special_tokens_around
 
 
 class PromptTooShort(UserError):

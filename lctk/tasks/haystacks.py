@@ -2,7 +2,7 @@
 distractor needles, key-value listings) and needle keys/values (word pairs, 7-digit numbers, uuids).
 
 Every stream is a function n -> at least the first n characters of a fixed, unbounded text (so a longer request only
-appends), registered with `context.cached_haystack` so each is tokenised once per tokenizer. Word keys are pairs of
+appends), registered with `prompts.cached_haystack` so each is tokenised once per tokenizer. Word keys are pairs of
 distinct words taken from the builtin corpus (frequency ranks 100-2099 of its 5-10 letter lowercase words; ~4M pairs),
 in the style of RULER's adjective-noun pairs, without shipping a word list.
 """
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lctk.data.corpus import builtin_documents
 from lctk.errors import UserError
-from lctk.evals.context import Haystack, cached_haystack
-from lctk.evals.tokens import encode_batch
+from lctk.tasks.corpus import builtin_documents
+from lctk.tasks.prompts import Haystack, cached_haystack
+from lctk.tasks.tokens import encode_batch
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 SENTENCE_BOUNDARY = r"(?<=[.!?])\s+(?=\S)"

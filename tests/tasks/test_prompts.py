@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lctk.errors import UserError
-from lctk.evals.tasks import niah, passkey, recall
+from lctk.tasks import niah, passkey, recall
 
 TOKENIZERS = ["bpe_tokenizer", "byte_tokenizer", "unigram_tokenizer", "wordpiece_tokenizer", "spaced_bpe_tokenizer"]
 FEW = 3  # "a few tokens under": one haystack token more would overflow the budget

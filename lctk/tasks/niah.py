@@ -37,9 +37,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from lctk.evals.context import fit_prompt, needle_layout
-from lctk.evals.tasks.sample import Sample
-from lctk.evals.tasks.text import (
+from lctk.tasks.haystacks import (
     DISTRACTOR_RANGE,
     NEEDLE,
     distractor_haystack,
@@ -49,6 +47,8 @@ from lctk.evals.tasks.text import (
     noise_haystack,
     window_start,
 )
+from lctk.tasks.prompts import fit_prompt, needle_layout
+from lctk.tasks.sample import Sample
 
 DEPTHS = tuple(round(k / 39, 4) for k in range(40))
 DEFAULT_RESERVE = 128  # RULER's tokens_to_generate for NIAH

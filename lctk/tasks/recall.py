@@ -6,7 +6,7 @@ keys are drawn without replacement from [1, V/2), values from [V/2, V) (V = voca
 once after the listing, at even offsets 2g with gaps g drawn without replacement from p(g) ~ g^(a - 1) (a = power_a,
 0.01: most queries come soon after the listing, some far). The position after a query holds a random id, like every
 other non-key position (Zoology's random_non_queries): the value is never shown again, only asked for. labels hold
-the value at that position and -100 elsewhere (Hugging Face convention: the model shifts them, so the prediction at
+the value at that position and IGNORE (-100) elsewhere (Hugging Face convention: the model shifts them, so the prediction at
 the query key is scored), accuracy = share of queried values predicted by argmax.
 D defaults to length // 16, Zoology's figure (64:4, 128:8, 256:16). BASED (Arora et al., 2024, Figure 2) trains on
 the mixture BASED_TRAIN_MIXTURE and tests on BASED_TEST (up to D = length / 4), both with a vocabulary of 8,192.
@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from lctk.errors import UserError
-from lctk.evals.context import Piece, PromptTooShort, fit_prompt
-from lctk.evals.tasks.sample import Sample
-from lctk.evals.tasks.text import PAIRS_START_RANGE, pairs_haystack, window_start
+from lctk.labels import IGNORE
+from lctk.tasks.haystacks import PAIRS_START_RANGE, pairs_haystack, window_start
+from lctk.tasks.prompts import Piece, PromptTooShort, fit_prompt
+from lctk.tasks.sample import Sample
 
 TEXT_INSTRUCTION = (
     "Below is a list of keys and their values. Memorize them: you will be asked for the values afterwards.\n"
@@ -48,7 +49,7 @@ def default_pairs(length: int) -> int:
 @dataclass(frozen=True)
 class MqarSample:
     input_ids: np.ndarray  # (length,) int64
-    labels: np.ndarray  # (length,) int64, -100 except at the queried values
+    labels: np.ndarray  # (length,) int64, IGNORE except at the queried values
     num_kv_pairs: int
 
 
@@ -71,7 +72,7 @@ def make_mqar_sample(
     keys = np_rng.choice(np.arange(1, vocab_size // 2), size=pairs, replace=False)
     values = np_rng.choice(np.arange(vocab_size // 2, vocab_size), size=pairs, replace=False)
     ids = np_rng.integers(0, vocab_size, size=length)
-    labels = np.full(length, -100, dtype=np.int64)
+    labels = np.full(length, IGNORE, dtype=np.int64)
     ids[0 : 2 * pairs : 2], ids[1 : 2 * pairs : 2] = keys, values
     space = (length - 2 * pairs) // 2
     weights = power_a * np.arange(1, space + 1, dtype=np.float64) ** (power_a - 1)

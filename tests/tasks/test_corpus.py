@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lctk.data import corpus
+from lctk.tasks import corpus
 
 
 def test_corpus_has_a_million_tokens(bpe_tokenizer):
