@@ -1,4 +1,4 @@
-"""The surface every mixer shares (ARCHITECTURE.md, "The model")."""
+"""The surface every mixer shares."""
 
 from __future__ import annotations
 
