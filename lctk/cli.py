@@ -1,6 +1,7 @@
 """The `lctk` command line: train, distill, extend, eval (+ env). Each command lives with its concern
-(`lctk/<concern>/command.py`, `evals/command.py`); this file only assembles them and turns every usage error and
-UserError into one line `error: ...` with exit code 2."""
+(`lctk/<concern>/command.py`, `evals/command.py`); this file only assembles them and turns every usage error,
+UserError and filesystem failure (a full disk, a read-only or unwritable folder, an I/O error, wherever it happens:
+lctk.errors.filesystem_fault) into one line `error: ...` with exit code 2."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import typer
 
 from lctk.distill.command import distill
-from lctk.errors import UserError
+from lctk.errors import UserError, filesystem_fault, os_error_line
 from lctk.evals.command import eval_command
 from lctk.extend.command import extend
 from lctk.train.command import train
@@ -86,7 +87,8 @@ def environment() -> dict[str, str]:
 
 
 def main() -> None:
-    """Entry point: usage errors (an unknown flag, a missing argument) and UserError are one line and exit code 2."""
+    """Entry point: usage errors (an unknown flag, a missing argument), UserError and failed writes are one line and
+    exit code 2."""
     command = typer.main.get_command(app)
     try:
         code = command.main(prog_name="lctk", standalone_mode=False)
@@ -103,6 +105,12 @@ def main() -> None:
     except UserError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
+    except Exception as error:
+        fault = filesystem_fault(error)
+        if fault is None:  # a bug: its traceback is what a report needs
+            raise
+        typer.echo(f"error: {os_error_line(fault)}", err=True)
+        sys.exit(UserError.exit_code)
     sys.exit(code or 0)
 
 

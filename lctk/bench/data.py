@@ -13,7 +13,13 @@ in a fresh process:
      and `encode_batch_fast` (which the store uses: no character offsets), alternating batch by batch; only the
      encode calls are timed, reading is not. The ratios show what the pipeline adds (or saves);
   3. read: reopen the store as a training process does (rows of 4096 tokens, 1% held out) and read ROWS random rows:
-     time to the first row, peak RSS.
+     time to the first row (a store of up to EAGER_BYTES of ids is checked whole at open), peak RSS;
+  4. verify (same process, after the reads): the checksums of every block checked in one pass (MB/s), beside crc32
+     and blake2b over the same blocks; the same ROWS rows read from a store checked lazily (each block the first time
+     a row reads from it) and from one not checked at all, alternating row by row, so the difference is what the
+     first touch of each block costs; and one training step (forward, backward, AdamW) of the quickstart model on one
+     row of SEQ_LEN tokens, for the share of a step that checking takes: lazily (a first pass over fresh blocks, the
+     worst case: one row per step) and at open (the whole store once per process, spread over an epoch of its rows).
 Throughput is given per second of wall time and per second of CPU time (all threads of the process): on a machine
 shared with other jobs the CPU-time ratio is the steadier one. Peak RSS comes from getrusage and includes the
 imports (torch and transformers, through `import lctk`); the peak right after the imports is shown beside it, so what
@@ -23,6 +29,7 @@ the data adds is the difference.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import resource
@@ -42,7 +49,7 @@ SPAN_CHARS = (400, 20000)
 RECIPE_TOKENS, CORES = 2.5e9, 32  # recipes/hybrid-150m.yaml's text, on a 32-core node
 
 
-def run(sizes: tuple[str, ...] = SIZES) -> None:
+def run(sizes: tuple[str, ...] = SIZES, stages: tuple[str, ...] = ("build", "tokenizers", "read")) -> None:
     from lctk.sizes import parse_size
 
     work = Path(tempfile.mkdtemp(prefix="lctk-bench-data-"))
@@ -51,13 +58,20 @@ def run(sizes: tuple[str, ...] = SIZES) -> None:
         chars_per_token = _tokenizer(tokenizer_dir)
         print(f"byte-level BPE, {VOCAB} tokens, {chars_per_token:.2f} characters per token on the builtin text; "
               f"rows of {SEQ_LEN} tokens", flush=True)
-        print(f"{'N':>6} | {'build tok/s':>11} | {'encode_batch':>12} | {'_fast':>6} | {'ratio':>5} | {'ratio _fast':>11} | "
-              f"{'CPU ratio':>9} | {'CPU _fast':>9} | {'build peak RSS':>14} | {'reader peak RSS':>15} | "
-              f"{'(at imports)':>12} | {'first row':>9} | {'row':>7} | {'disk B/token':>12}")
+        if "tokenizers" in stages:
+            print(f"{'N':>6} | {'build tok/s':>11} | {'encode_batch':>12} | {'_fast':>6} | {'ratio':>5} | {'ratio _fast':>11} | "
+                  f"{'CPU ratio':>9} | {'CPU _fast':>9} | {'build peak RSS':>14} | {'reader peak RSS':>15} | "
+                  f"{'(at imports)':>12} | {'first row':>9} | {'row':>7} | {'disk B/token':>12}")
         for size in sizes:
             corpus, cache = work / "corpus", work / "cache"
             _write_corpus(corpus, int(parse_size(size, base=1000) * chars_per_token))
             build = _child("build", corpus, tokenizer_dir, cache)
+            if "tokenizers" not in stages:  # the table needs it; only the checksum figures below are printed
+                read = _child("read", corpus, tokenizer_dir, cache)
+                _print_checks(size, build, read)
+                shutil.rmtree(corpus)
+                shutil.rmtree(cache)
+                continue
             alone = _child("tokenizers", corpus, tokenizer_dir, cache)
             read = _child("read", corpus, tokenizer_dir, cache)
             rates = {name: build["tokens"] / build[name] for name in ("seconds", "cpu_seconds")}
@@ -74,10 +88,23 @@ def run(sizes: tuple[str, ...] = SIZES) -> None:
             print(f"{'':>6}   per 1M tokens: {rest * 1e6:.2f} s outside encoding, {encode * 1e6:.2f} CPU-s encoding "
                   f"-> {RECIPE_TOKENS / 1e9:g}B tokens on {CORES} cores: {RECIPE_TOKENS * (rest + encode / CORES) / 3600:.2f} h",
                   flush=True)
+            _print_checks(size, build, read)
             shutil.rmtree(corpus)
             shutil.rmtree(cache)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _print_checks(size: str, build: dict, read: dict) -> None:
+    rates = {name: read["store_bytes"] / read[f"{name}_s"] / 1e6 for name in ("xxh3", "crc32", "blake2b")}
+    lazy_ms = read["lazy_row_ms"] - read["unchecked_row_ms"]
+    epoch_s = build["tokens"] / SEQ_LEN * read["step_s"]  # one row per step: the step time per row
+    print(f"{size:>6}   checksums: xxh3 {rates['xxh3']:.0f} MB/s (crc32 {rates['crc32']:.0f}, blake2b "
+          f"{rates['blake2b']:.0f}) over {read['store_bytes'] / 1e6:.0f} MB in {read['blocks']} blocks: "
+          f"{read['check_all_s']:.3f} s per process to check the whole store | lazily: {read['lazy_row_ms']:.3f} ms/row against "
+          f"{read['unchecked_row_ms']:.3f} unchecked, {lazy_ms:+.3f} ms on a first pass | one training step of the "
+          f"quickstart model on a {SEQ_LEN}-token row: {read['step_s']:.3f} s -> lazily {lazy_ms / 1e3 / read['step_s']:.4%} "
+          f"of a step, at open {read['check_all_s'] / epoch_s:.5%} of an epoch", flush=True)
 
 
 def _mib(size: int) -> str:
@@ -162,8 +189,76 @@ def _stage(stage: str, corpus: Path, tokenizer_dir: Path, cache: Path) -> dict:
         for index in indices[1:]:
             rows.row(int(index))
         figures["row_ms"] = (time.perf_counter() - started) / (ROWS - 1) * 1e3
-    figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        figures |= _checks(store.path, indices, tokenizer.eos_token_id)
+    figures.setdefault("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return figures
+
+
+def _checks(folder: Path, indices, eos: int) -> dict:
+    """Checksum speed over the store's blocks, the cost of lazy checks per row, and a training step (see the module
+    docstring)."""
+    import zlib
+
+    from lctk.data import store as store_module
+    from lctk.data.packing import Pieces, TextRows, split_held_out
+
+    store_module.EAGER_BYTES = 0  # open without checking: each measurement below decides what is checked
+    checks = store_module.open_store(folder).checks
+    blocks = [checks_of_shard.data[at : at + checks_of_shard.block_bytes] for checks_of_shard in checks
+              for at in range(0, len(checks_of_shard.data), checks_of_shard.block_bytes)]
+    figures = {"store_bytes": sum(len(block) for block in blocks), "blocks": len(blocks)}
+    started = time.perf_counter()
+    for checks_of_shard in checks:  # what a process does when it checks the whole store (maps its pages, too)
+        checks_of_shard.check()
+    figures["check_all_s"] = time.perf_counter() - started
+    for name, checksum in (("xxh3", store_module.block_checksum), ("crc32", zlib.crc32),
+                           ("blake2b", lambda block: hashlib.blake2b(block, digest_size=16).digest())):
+        started = time.perf_counter()  # the pages are mapped by now: the checksums alone
+        for block in blocks:
+            checksum(block)
+        figures[f"{name}_s"] = time.perf_counter() - started
+
+    readers = {}
+    for name in ("lazy", "unchecked"):
+        store = store_module.open_store(folder)
+        if name == "unchecked":
+            store.checks = None
+        train, _ = split_held_out(Pieces.cut(store, SEQ_LEN, eos), 0.01)
+        readers[name] = TextRows(train, SEQ_LEN, seed=0)
+        figures[f"{name}_row_ms"] = 0.0
+    for index in indices:  # alternating, so that both see the same page cache and the same load
+        for name, rows in readers.items():
+            started = time.perf_counter()
+            rows.row(int(index))
+            figures[f"{name}_row_ms"] += (time.perf_counter() - started) * 1e3 / len(indices)
+    figures["step_s"] = _training_step_s()
+    return figures
+
+
+def _training_step_s() -> float:
+    """Median of 3 training steps (after one warm-up) of the quickstart model on one row of SEQ_LEN tokens, fp32."""
+    import statistics
+
+    import torch
+
+    from lctk.models import HybridForCausalLM
+    from lctk.recipe import load_recipe
+    from lctk.train.trainer import causal_lm_loss
+
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "quickstart.yaml", kind="train")
+    model = HybridForCausalLM(recipe.hybrid_config(1024))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 1024, (1, SEQ_LEN))
+    batch = {"input_ids": ids, "position_ids": torch.arange(SEQ_LEN)[None], "labels": ids}
+    times = []
+    for _ in range(4):
+        started = time.perf_counter()
+        causal_lm_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
 
 
 def _timed(function, figures: dict, name: str):
@@ -183,10 +278,13 @@ def _timed(function, figures: dict, name: str):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(SIZES), help="corpus sizes in tokens, e.g. 10M,100M,1B")
+    parser.add_argument("--skip-tokenizers", action="store_true",
+                        help="build and read only (the checksum figures, without the table's tokenizer comparison)")
     parser.add_argument("--stage", choices=("build", "tokenizers", "read"), help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", type=Path, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.stage:
         print(json.dumps(_stage(arguments.stage, *arguments.paths)))
     else:
-        run(tuple(arguments.sizes.split(",")))
+        run(tuple(arguments.sizes.split(",")), ("build", "read") if arguments.skip_tokenizers else
+            ("build", "tokenizers", "read"))

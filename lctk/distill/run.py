@@ -61,8 +61,9 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
     main = accelerator.is_main_process
     say = (lambda text: print(text, flush=True)) if main else (lambda _: None)
     run_dir = recipe.run.dir
+    folder = _run_folder(recipe, resume, overwrite)
     if main:
-        _check_run_dir(run_dir, recipe, resume, overwrite)
+        folder.check()
     accelerator.wait_for_everyone()
     set_seed(recipe.run.seed)
     spec = recipe.distill
@@ -88,11 +89,7 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
     total_layers = len(student.config.pattern)
 
     if main:
-        held.enter_context(rundir.claim(run_dir, "distill", recipe.run.name, rundir.key_of(recipe.run)))
-        _check_run_dir(run_dir, recipe, resume, overwrite)  # again: another run may have used it meanwhile
-        if overwrite:
-            rundir.clear(run_dir)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        held.enter_context(folder.opened())
     say(f"teacher: {spec.teacher} -> {total_layers} layers, pattern {teacher.config.pattern}, "
         f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters")
     for line in data.summary:
@@ -213,14 +210,13 @@ def check_schedule(stages: list[StageSection], pattern: str) -> None:
         replaced |= set(stage.layers) if stage.layers is not None else set(free[:count])
 
 
-def _check_run_dir(run_dir: Path, recipe: DistillRecipe, resume: str | None, overwrite: bool) -> None:
+def _run_folder(recipe: DistillRecipe, resume: str | None, overwrite: bool) -> rundir.RunFolder:
     if resume not in (None, "auto"):
         raise UserError(f"--resume: distill runs resume with 'auto' (stage by stage), got {resume!r}")
-    rundir.check_folder(run_dir, "distill", rundir.key_of(recipe.run), holds_run=any(run_dir.glob("stage-*")),
-                        resuming=resume is not None, overwrite=overwrite,
-                        folders=[f"stage-{number}" for number in range(len(recipe.distill.stages) + 2)])
-    if resume is not None:
-        rundir.check_same_recipe(run_dir, recipe, SECTIONS_FIXED_ON_RESUME)
+    return rundir.RunFolder(recipe, "distill", resuming=resume is not None, overwrite=overwrite,
+                            holds_run=lambda run_dir: any(run_dir.glob("stage-*")),
+                            folders=[f"stage-{number}" for number in range(len(recipe.distill.stages) + 2)],
+                            fixed_sections=SECTIONS_FIXED_ON_RESUME)
 
 
 def _held_out_batches(rows: list, batch_size: int, count: int) -> list[dict]:

@@ -73,7 +73,10 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
     # under a launcher every process trains the stages together; the rest (files, evals, calibration) is the main one's
     main = os.environ.get("RANK", "0") == "0"
     log = log if main else (lambda _: None)
-    _check_run_dir(run_dir, recipe, overwrite)
+    # a rerun continues the run in run_dir, so it needs the same data and extend sections
+    folder = rundir.RunFolder(recipe, "extend", resuming=not overwrite, overwrite=overwrite,
+                              folders=("stages", "final", "eval"), fixed_sections=SECTIONS_FIXED_ON_RERUN)
+    folder.check()
     torch.manual_seed(recipe.run.seed)
     files = open_model(ext.model, "extend.model")
     users = tokenizer_users(recipe)
@@ -99,11 +102,7 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
     long = (calibration_ids(tokenizer, ext.calibration.text, ext.calibration.rows, target)
             if methods & NEEDS_LONG_TEXT else None)
     if main:
-        held.enter_context(rundir.claim(run_dir, "extend", recipe.run.name, rundir.key_of(recipe.run)))
-        _check_run_dir(run_dir, recipe, overwrite)  # again: another run may have used it meanwhile
-        if overwrite:
-            rundir.clear(run_dir)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        held.enter_context(folder.opened())
     log(f"extend: {ext.model} ({type(model).__name__}, trained at {original} tokens, reaches {reach}) -> {target} tokens")
 
     results: dict[str, Any] = {"model": ext.model, "original_length": original, "target_length": target}
@@ -164,14 +163,6 @@ def _extend(recipe: ExtendRecipe, log: Callable[[str], None], overwrite: bool, h
         write_report(results, run_dir, lengths)
         log(f"report: {run_dir / 'report.md'}")
     return results
-
-
-def _check_run_dir(run_dir: Path, recipe: ExtendRecipe, overwrite: bool) -> None:
-    """A rerun continues the run in run_dir, so it needs the same data and extend sections."""
-    rundir.check_folder(run_dir, "extend", rundir.key_of(recipe.run), resuming=not overwrite, overwrite=overwrite,
-                        folders=("stages", "final", "eval"))
-    if not overwrite:
-        rundir.check_same_recipe(run_dir, recipe, SECTIONS_FIXED_ON_RERUN)
 
 
 def tokenizer_users(recipe: ExtendRecipe) -> list[str]:

@@ -10,7 +10,9 @@ Every HELDOUT_EVERY-th document (index 0, 20, 40, ...; about 5%, 60K tokens) is 
 leaves them out, `builtin_documents("heldout")` has only them; evals measure perplexity on them first.
 Files are visited in sorted path order and tests are skipped, so the corpus is the same on every machine with the
 same Python and package versions. The assembled documents are cached as JSON under `cache_dir()` (built once,
-about 5 s), keyed by those versions.
+about 5 s), keyed by those versions, with their sha256: a damaged cache file is built again. When the cache cannot
+be written (a full disk, a read-only cache folder) the corpus is used from memory after one warning line, and no
+partial file is left.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-FORMAT_VERSION = 1
+from lctk.errors import UserError, os_error_line
+from lctk.files import atomic_file
+
+FORMAT_VERSION = 2  # 2: the documents with their sha256
 PACKAGES = ("numpy", "matplotlib")
 SKIPPED_DIRS = {"test", "tests", "testing", "idlelib", "turtledemo", "site-packages", "__pycache__", "lib2to3"}
 MIN_DOCUMENT_CHARS = 200
@@ -63,15 +67,25 @@ def _all_documents() -> tuple[str, ...]:
     path = cache_dir() / f"builtin-corpus-{_sources_key()}.json"
     if path.exists():
         try:
-            return tuple(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError):
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if cached["sha256"] == _digest(cached["documents"]):
+                return tuple(cached["documents"])
+        except (OSError, ValueError, TypeError, KeyError):
             pass  # a damaged cache file is rebuilt below
     documents = list(_collect_documents())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-        json.dump(documents, tmp)
-    os.replace(tmp.name, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as out:  # a concurrent reader sees no file or the whole new one
+            json.dump({"sha256": _digest(documents), "documents": documents}, out)
+    except (OSError, UserError) as error:  # only a cache: the corpus is in memory
+        reason = os_error_line(error) if isinstance(error, OSError) else error
+        print(f"warning: the builtin corpus is not cached ({reason}); it is collected again next time",
+              file=sys.stderr, flush=True)
     return tuple(documents)
+
+
+def _digest(documents: list[str]) -> str:
+    return hashlib.sha256(json.dumps(documents).encode()).hexdigest()
 
 
 def _sources_key() -> str:

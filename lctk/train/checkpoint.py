@@ -9,8 +9,16 @@
         manifest.json         size and sha256 of every file above, written last
 
 A checkpoint is written into `step-XXXXXXXX.tmp` and renamed into place once complete, so a killed run leaves at worst
-a .tmp folder, which is ignored. On resume every file is checked against the manifest; a damaged checkpoint is
-reported and the previous one used.
+a .tmp folder, which is ignored (and removed by the next run, which holds the run folder's lock). Before the first
+write the main process checks that the disk has room for it (the tensors' bytes); a write the filesystem refuses on
+any process (a full disk, a read-only folder, an I/O error) removes the partial checkpoint and ends every process with
+the same one-line error, the earlier checkpoints untouched.
+
+On resume every file is checked against the manifest (size and sha256), and the manifest must list each process's
+rng file: a checkpoint with any file damaged or missing, optimizer.pt and rng-<rank>.pt included, is named in a
+warning and the previous one used (`--resume auto`; with no usable one the run starts from scratch), or is a
+one-line error (`--resume PATH`). Files that match their checksums but cannot be loaded into this run (another
+model, another lctk version) are a one-line error.
 
 Retention (`rotate`) runs once the newest checkpoint's weights have given a finite step (the Trainer confirms it), so
 the last good checkpoint outlives a divergence. Of the checkpoints up to the newest, the keep_last newest complete ones
@@ -21,14 +29,17 @@ dict helpers, so the same files serve one process, DDP and FSDP.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from accelerate.utils import gather_object
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -37,7 +48,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lctk.errors import UserError
+from lctk.errors import UserError, os_error_line, os_error_of
+from lctk.files import check_space, move_into_place, save_safetensors, save_torch, scratch_folder
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -86,7 +98,18 @@ def problem_with(path: Path, checksums: bool = True) -> str | None:
             return f"{name} has {file.stat().st_size} bytes, expected {expected['bytes']}"
         if checksums and _sha256(file) != expected["sha256"]:
             return f"{name} does not match its checksum"
-    return None
+    missing = [name for name in _rng_files(path) if name not in files]
+    return f"{MANIFEST} does not list {missing[0]}" if missing else None
+
+
+def _rng_files(path: Path) -> list[str]:
+    """The rng file of each process that wrote the checkpoint (as many as trainer.json records)."""
+    try:
+        saved = json.loads((path / "trainer.json").read_text())
+        processes = saved.get("world_size", 1) if isinstance(saved, dict) else 1
+    except (OSError, ValueError):
+        processes = 1
+    return [f"rng-{rank}.pt" for rank in range(processes if isinstance(processes, int) and processes > 0 else 1)]
 
 
 def usable_checkpoint(path: Path) -> Path:
@@ -110,31 +133,71 @@ def latest_valid(folder: Path, warn) -> Path | None:
 
 
 def save_checkpoint(accelerator, folder: Path, step: int, model, optimizer, trainer_state: dict) -> Path:
-    """Write a checkpoint of all processes' state; returns its path. Every process must call this."""
+    """Write a checkpoint of all processes' state; returns its path. Every process must call this. No room on the
+    disk, or a write refused on any process, is the same UserError on every process (see the module docstring)."""
     final = folder / checkpoint_name(step)
     temporary = folder / f"{final.name}.tmp"
     model_state = get_model_state_dict(model, options=FULL)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)
-    if accelerator.is_main_process:
-        if temporary.exists():
-            shutil.rmtree(temporary)
-        temporary.mkdir(parents=True)
-        aliases = tied_aliases(accelerator.unwrap_model(model))
-        weights = {k: v.contiguous() for k, v in model_state.items() if k not in aliases}
-        save_file(weights, str(temporary / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(optimizer_state, temporary / "optimizer.pt")
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=FULL)  # empty but on the main process
+    main = accelerator.is_main_process
+    aliases = tied_aliases(accelerator.unwrap_model(model)) if main else {}
+    weights = {k: v.contiguous() for k, v in model_state.items() if k not in aliases} if main else {}
+    size = _tensor_bytes(weights) + _tensor_bytes(optimizer_state)
+    _together(accelerator, (lambda: check_space(folder, size, final)) if main else None, final)
+
+    def weights_and_optimizer() -> None:
+        save_safetensors(weights, temporary / "model.safetensors", metadata={"format": "pt"})
+        save_torch(optimizer_state, temporary / "optimizer.pt")
         (temporary / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), temporary / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def manifest_and_rename() -> None:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(temporary.iterdir())}
         (temporary / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        temporary.rename(final)
-    accelerator.wait_for_everyone()
+        move_into_place(temporary, final)
+
+    # the main process's scratch folder is removed if any step fails on any process
+    with scratch_folder(temporary) if main else contextlib.nullcontext():
+        _together(accelerator, weights_and_optimizer if main else None, final)
+        _together(accelerator, lambda: save_torch(_rng_state(), temporary / f"rng-{accelerator.process_index}.pt"),
+                  final)
+        _together(accelerator, manifest_and_rename if main else None, final)
     return final
+
+
+def _together(accelerator, work: Callable[[], None] | None, target: Path) -> None:
+    """Run `work` on this process (None: nothing to do here), then agree: when it failed on any process for lack of
+    space or a refused write, every process raises that one line (and not only the one that met it, while the
+    others wait for it forever)."""
+    problem = None
+    if work is not None:
+        try:
+            work()
+        except Exception as error:
+            fault = None if isinstance(error, UserError) else os_error_of(error)
+            if fault is None and not isinstance(error, UserError):
+                raise
+            problem = str(error) if fault is None else os_error_line(fault, target)
+    problems = gather_object([problem]) if accelerator.num_processes > 1 else [problem]
+    found = next((problem for problem in problems if problem), None)
+    if found:
+        raise UserError(found)
+
+
+def remove_unfinished(folder: Path) -> None:
+    """The .tmp (and set-aside .old) folders that a killed save left; call only while holding the run folder."""
+    for leftover in [*folder.glob(f"{PREFIX}*.tmp"), *folder.glob(f"{PREFIX}*.old")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _tensor_bytes(state) -> int:
+    """Bytes of the tensors in a (nested) state dict: what its files hold, less their small headers."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(value) for value in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_tensor_bytes(value) for value in state)
+    return 0
 
 
 def rotate(folder: Path, newest: Path, keep_last: int) -> None:

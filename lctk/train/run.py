@@ -54,8 +54,11 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
     main = accelerator.is_main_process
     say = print if main else (lambda *_, **__: None)
     run_dir = recipe.run.dir
+    folder = rundir.RunFolder(recipe, "train", resuming=resume is not None, overwrite=overwrite, holds_run=_holds_run,
+                              folders=RUN_FOLDERS, fixed_sections=SECTIONS_FIXED_ON_RESUME,
+                              left_by_a_killed_run=LEFT_BY_A_KILLED_RUN)
     if main:
-        _check_run_dir(run_dir, recipe, resume, overwrite)
+        folder.check()
         if resume not in (None, "auto"):
             usable_checkpoint(Path(resume))
     accelerator.wait_for_everyone()
@@ -70,10 +73,7 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
         data = prepare_data(recipe.data, tokenizer, recipe.run.seed)
     check_context_parallel(context.size, recipe.data.seq_len, model.config)
     if main:
-        held.enter_context(rundir.claim(run_dir, "train", recipe.run.name, rundir.key_of(recipe.run)))
-        _check_run_dir(run_dir, recipe, resume, overwrite)  # again: another run may have used it meanwhile
-        _start_over(run_dir, resume, overwrite)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        held.enter_context(folder.opened())
         tokenizer.save_pretrained(run_dir / "tokenizer")
     world = accelerator.num_processes
     total_steps = recipe.train.total_steps(recipe.data.seq_len, context.dp_size)
@@ -121,22 +121,6 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
     return results
 
 
-def _check_run_dir(run_dir: Path, recipe: TrainRecipe, resume: str | None, overwrite: bool) -> None:
-    """Everything about the run dir that can be checked before anything is written."""
-    rundir.check_folder(run_dir, "train", rundir.key_of(recipe.run), holds_run=_holds_run(run_dir),
-                        resuming=resume is not None, overwrite=overwrite, folders=RUN_FOLDERS)
-    if resume is not None:
-        rundir.check_same_recipe(run_dir, recipe, SECTIONS_FIXED_ON_RESUME)
-
-
-def _start_over(run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """With the run dir locked: empty it for --overwrite, or clear what a run killed before its first checkpoint left."""
-    if overwrite:
-        rundir.clear(run_dir)
-    elif resume is None:
-        rundir.clear(run_dir, LEFT_BY_A_KILLED_RUN)
-
-
 def _holds_run(run_dir: Path) -> bool:
     return (run_dir / "checkpoints").exists() or (run_dir / "final").exists()
 
@@ -172,21 +156,23 @@ def _count_parameters(model) -> int:
 
 
 def save_hf_folder(model, tokenizer, folder: Path, train_length: int | None = None) -> None:
-    """The model and its tokenizer as a Hugging Face folder, written next to `folder` and renamed into place. `folder`
+    """The model and its tokenizer as a Hugging Face folder, written next to `folder` and renamed into place once the
+    disk is known to hold its weights (lctk.files: a failure removes the partial folder and is one line). `folder`
     and its `.tmp` sibling are replaced, so they must lie in a run folder lctk made (train, distill, extend check that
     before their first write, lctk.train.rundir)."""
     from transformers.utils import logging as transformers_logging
 
+    from lctk.files import check_space, scratch_folder
+
     transformers_logging.disable_progress_bar()
-    temporary = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
     if train_length is not None and getattr(model.config, "train_length", None) is None:
         model.config.train_length = train_length
-    model.save_pretrained(temporary, safe_serialization=True)
-    if tokenizer is not None:  # lctk extend's training-free changes work on a folder without one
-        tokenizer.save_pretrained(temporary)
-    shutil.rmtree(folder, ignore_errors=True)
-    temporary.rename(folder)
+    weights = {id(p): p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()]}
+    check_space(folder.parent, sum(weights.values()), folder)
+    with scratch_folder(folder.with_name(folder.name + ".tmp"), folder) as temporary:
+        model.save_pretrained(temporary, safe_serialization=True)
+        if tokenizer is not None:  # lctk extend's training-free changes work on a folder without one
+            tokenizer.save_pretrained(temporary)
 
 
 def _evaluate(recipe: TrainRecipe, model, tokenizer, held_out, accelerator, out_dir: Path) -> dict:

@@ -3,10 +3,15 @@
     <run dir>/.lctk-run     marker, JSON {kind, created, name}: written when a run starts in a new or empty folder
     <run dir>/.lctk-lock    lock, JSON {host, pid, started}: present while a run uses the folder
 
+`RunFolder` is how train, distill and extend open theirs: `check()` before any work, then `with opened():` around
+the run claims the folder (marker, lock), checks it again (another run may have used it meanwhile), clears what the
+start needs cleared and writes recipe.yaml; the lock is held until the block ends.
+
 Rules:
 - A run writes only into a folder that is new, empty, or marked as an lctk run of the same kind (an unmarked folder
   holding a run from before markers existed may still be resumed). Any other folder is refused before anything is
-  written, so lctk never mixes its files with a user's.
+  written, so lctk never mixes its files with a user's; so is a folder this user cannot write in (no permission, a
+  read-only filesystem).
 - lctk deletes only inside marked folders: `--overwrite` empties one (keeping the marker and the lock), and a fresh
   train run clears the metrics, results and evals of a marked run that was killed before its first checkpoint.
 - The lock is taken (main process only) before anything in the folder is deleted or written, and held until the run
@@ -25,16 +30,65 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from lctk.errors import UserError, check_creatable
+from lctk.files import atomic_file, check_writable
 
 MARKER = ".lctk-run"
 LOCK = ".lctk-lock"
 OWN_FILES = (MARKER, LOCK)
+
+
+@dataclass
+class RunFolder:
+    """The folder of a `kind` run of `recipe` (recipe.run names it; see the module docstring). resuming: the run
+    continues what the folder holds (its `fixed_sections` must then match the saved recipe.yaml); overwrite: empty it
+    first; holds_run: whether the folder holds a run already (a fresh start then needs --overwrite); folders: the
+    names the run keeps folders under; left_by_a_killed_run: what a fresh start clears of a run killed early."""
+
+    recipe: Any
+    kind: str
+    resuming: bool
+    overwrite: bool = False
+    holds_run: Callable[[Path], bool] = lambda folder: False
+    folders: Iterable[str] = ()
+    fixed_sections: Iterable[str] = ()
+    left_by_a_killed_run: Iterable[str] = ()
+
+    @property
+    def path(self) -> Path:
+        return self.recipe.run.dir
+
+    @property
+    def where(self) -> str:
+        return key_of(self.recipe.run)
+
+    def check(self) -> None:
+        """Everything about the folder that can be checked before anything is written."""
+        check_folder(self.path, self.kind, self.where, holds_run=self.holds_run(self.path), resuming=self.resuming,
+                     overwrite=self.overwrite, folders=self.folders)
+        if self.resuming:
+            check_same_recipe(self.path, self.recipe, self.fixed_sections)
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[Path]:
+        """Claim the folder, check it again, clear it (--overwrite, or a fresh start's leftovers), write recipe.yaml;
+        held until the block ends."""
+        with claim(self.path, self.kind, self.recipe.run.name, self.where):
+            self.check()  # again: another run may have used it meanwhile
+            if self.overwrite:
+                clear(self.path)
+            elif not self.resuming and self.left_by_a_killed_run:
+                clear(self.path, self.left_by_a_killed_run)
+            with atomic_file(self.path / "recipe.yaml") as out:
+                out.write(self.recipe.to_yaml())
+            yield self.path
 
 
 def key_of(run) -> str:
@@ -65,11 +119,15 @@ def check_folder(folder: Path, kind: str, where: str, *, holds_run: bool = False
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{where}: {folder} is a file, not a run folder")
     check_creatable(folder, where)
+    check_writable(folder, where)
     if not folder.is_dir() or not any(folder.iterdir()):
         return
     blocked = next((name for name in folders if (folder / name).exists() and not (folder / name).is_dir()), None)
     if blocked is not None and not overwrite:
         raise UserError(f"{where}: {folder / blocked} is a file where the run keeps its {blocked} folder (move it away)")
+    for name in folders:
+        if (folder / name).is_dir():
+            check_writable(folder / name, where)
     found = marker(folder)
     if found is None:
         if overwrite:
@@ -144,10 +202,8 @@ def claim(folder: Path, kind: str, name: str, where: str) -> Iterator[None]:
     except OSError as error:  # a file on the way, no permission, a read-only disk
         raise UserError(f"{where}: cannot create {folder} ({error.strerror})") from None
     if marker(folder) is None and not any(folder.iterdir()):
-        record = {"kind": kind, "created": _now(), "name": name}
-        scratch = folder / f"{MARKER}.tmp"
-        scratch.write_text(json.dumps(record) + "\n")
-        scratch.replace(folder / MARKER)
+        with atomic_file(folder / MARKER) as out:
+            out.write(json.dumps({"kind": kind, "created": _now(), "name": name}) + "\n")
     with _lock(folder, where):
         yield
 

@@ -42,6 +42,7 @@ from lctk.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     problem_with,
+    remove_unfinished,
     rotate,
     save_checkpoint,
     set_aside,
@@ -143,6 +144,8 @@ class Trainer:
     def fit(self, resume: str | None = None) -> TrainResult:
         """Train to total_steps. resume: None (fresh), "auto" (the latest valid checkpoint, if any) or a path."""
         accelerator = self.accelerator
+        if accelerator.is_main_process:
+            remove_unfinished(self.checkpoint_dir)  # what a killed save left (the run holds its folder)
         resumed_from = self._resume(resume)
         self.state.wandb_id = start_trackers(accelerator, self.logging, self.run_dir, self.run_name, self.run_config or {},
                                              self.state.wandb_id)
@@ -266,12 +269,11 @@ class Trainer:
             elif first_bad <= step_of(path) <= self.state.step and self.accelerator.is_main_process:
                 set_aside(path)
         self.accelerator.wait_for_everyone()
-        advice = "try a lower train.lr or train.precision: fp32 (or check the model settings)"
         found = (f"the last checkpoint before them is {good} (--resume auto continues from it)" if good
                  else "no checkpoint precedes them, so start again")
         raise UserError(
             f"training stopped at step {self.state.step}: {bad} non-finite losses or gradients in a row from step "
-            f"{first_bad + 1}, and the diverged weights were not saved; {found}: {advice}"
+            f"{first_bad + 1}, and the diverged weights were not saved; {found}: {divergence_advice(self.train)}"
         )
 
     def _resume(self, resume: str | None) -> str | None:
@@ -307,6 +309,19 @@ class Trainer:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise UserError(f"--resume: checkpoint {path} cannot be restored into this run ({reason})") from None
         return str(path)
+
+
+def divergence_advice(train) -> str:
+    """What to change in the train section a run diverged with: only settings it does not have already."""
+    changes = [f"a lower train.lr (it is {train.lr:g}; try {train.lr / 4:g})"]
+    if train.precision != "fp32":
+        changes.append(f"train.precision: fp32 (it is {train.precision})")
+    if train.clip is None:
+        changes.append("train.clip: 1.0 (gradient clipping is off)")
+    if train.warmup_steps == 0:
+        changes.append("train.warmup_steps of a few percent of the steps (there is no warm-up)")
+    listed = ", ".join(changes[:-1]) + f" or {changes[-1]}" if len(changes) > 1 else changes[0]
+    return f"try {listed}; if it still diverges, check the model settings"
 
 
 def peak_memory_mb(device: torch.device) -> float:

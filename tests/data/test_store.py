@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from disk_faults import failing_writes, unwritable
 
 from lctk.data import store as store_module
 from lctk.data.packing import Pieces, StepBatches, TextRows, split_held_out
@@ -215,3 +216,115 @@ def test_prepare_data_reads_the_store_and_says_where_it_lives(corpus, tmp_path, 
     assert "M training tokens in 300 documents" in line and str(tmp_path / "cache" / "stores") in line
     assert prepared.held_out and all(len(r.input_ids) == 64 for r in prepared.held_out)
     assert os.path.commonpath([line.rsplit(" ", 1)[-1].rstrip(")"), str(tmp_path)]) == str(tmp_path)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """One shard of many small checksummed blocks."""
+    monkeypatch.setattr(store_module, "BLOCK_BYTES", 4096)
+
+
+def damage(shard, how: str) -> None:
+    """Change a shard's bytes in place, keeping its size and modification time (as the issue's report did)."""
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    if how == "zero 95%":  # everything but a few pages, wherever a sampling digest would have looked
+        kept = len(data) // 40
+        data[kept : len(data) - kept] = bytes(len(data) - 2 * kept)
+    else:
+        at = {"first byte": 0, "last byte": len(data) - 1, "block boundary": 3 * 4096, "middle": len(data) // 2}[how]
+        data[at] ^= 0x01
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert shard.stat().st_size == stat.st_size and shard.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+DAMAGES = ["first byte", "last byte", "block boundary", "middle", "zero 95%"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damage_anywhere_in_a_store_checked_at_open_is_rebuilt(corpus, tmp_path, capfd, bytes_tokenizer, small_blocks,
+                                                                how):
+    source, cache = Source(text=str(corpus)), tmp_path / "cache"
+    path = token_store(source, "s", bytes_tokenizer, cache).path
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert len(manifest["files"]["00000.tokens"]["blocks"]) == -(-(path / "00000.tokens").stat().st_size // 4096) > 10
+    damage(path / "00000.tokens", how)
+    capfd.readouterr()
+    store = token_store(source, "s", bytes_tokenizer, cache)
+    (warning,) = capfd.readouterr().err.strip().splitlines()
+    assert warning.startswith(f"warning: token store {path} is damaged (00000.tokens bytes ")
+    assert "do not match their checksum); rebuilding it" in warning
+    assert [bytes(store.document(i).tolist()).decode() for i in range(len(store))] == TEXTS
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damage_in_a_store_checked_as_it_is_read_stops_the_reader_before_it_uses_the_bytes(
+        corpus, tmp_path, capfd, bytes_tokenizer, small_blocks, monkeypatch, how):
+    """A store too big to check at open: every block is checked the first time this process reads from it."""
+    monkeypatch.setattr(store_module, "EAGER_BYTES", 0)
+    source, cache = Source(text=str(corpus)), tmp_path / "cache"
+    path = token_store(source, "s", bytes_tokenizer, cache).path
+    damage(path / "00000.tokens", how)
+    store = token_store(source, "s", bytes_tokenizer, cache)  # opens without reading the ids
+    assert store.checks[0].unchecked == len(store.checks[0].checksums)
+    served = []
+    with pytest.raises(UserError) as error:
+        for index in range(len(store)):
+            served.append(bytes(store.document(index).tolist()).decode())
+    assert served == TEXTS[: len(served)]  # no damaged byte was handed out
+    message = str(error.value)
+    assert message.startswith(f"token store {path} is damaged (00000.tokens bytes ") and "\n" not in message
+    assert message.endswith("stopped before using those bytes; run the command again to rebuild it "
+                            "(train: --resume auto continues the run)")
+    at = int(message.split("bytes ")[1].split("-")[0])
+    offsets = np.fromfile(path / "00000.offsets", dtype=np.int64) * 2
+    assert offsets[len(served)] < at + 4096 and at < offsets[len(served) + 1]  # the block of the next document
+    capfd.readouterr()
+    rebuilt = token_store(source, "s", bytes_tokenizer, cache)
+    (warning,) = capfd.readouterr().err.strip().splitlines()
+    assert warning == (f"warning: token store {path} is damaged (a reader found damaged bytes and left damaged.json); "
+                       "rebuilding it")
+    assert [bytes(rebuilt.document(i).tolist()).decode() for i in range(len(rebuilt))] == TEXTS
+    assert not (path / "damaged.json").exists()
+
+
+def test_damage_found_in_a_read_only_store_says_to_remove_it(corpus, tmp_path, bytes_tokenizer, small_blocks,
+                                                           monkeypatch):
+    monkeypatch.setattr(store_module, "EAGER_BYTES", 0)
+    path = token_store(Source(text=str(corpus)), "s", bytes_tokenizer, tmp_path / "cache").path
+    damage(path / "00000.tokens", "zero 95%")
+    store = store_module.open_store(path)
+    with unwritable(monkeypatch, path, read_only=True), pytest.raises(UserError) as error:
+        for index in range(len(store)):
+            store.document(index)
+    assert str(error.value).endswith(f"stopped before using those bytes; remove {path} and run the command again to "
+                                     "rebuild it")
+    assert sorted(p.name for p in path.iterdir()) == ["00000.offsets", "00000.tokens", "manifest.json"]
+
+
+def test_a_store_of_known_size_is_refused_before_any_write_when_the_disk_has_no_room(corpus, tmp_path,
+                                                                                     bytes_tokenizer, monkeypatch):
+    from lctk import files
+
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 3_000_000)
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError) as error:
+        token_store(Source(text=str(corpus), max_tokens="2M"), "data.sources.0", bytes_tokenizer, cache)
+    assert str(error.value) == (f"no space left on device writing the token store of data.sources.0 in {cache}/stores: "
+                                f"~4 MB needed, 3 MB free in {cache}/stores")
+    assert list((cache / "stores").iterdir()) == []
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only"])
+def test_a_store_build_that_meets_a_disk_fault_is_one_line_and_leaves_nothing(corpus, tmp_path, bytes_tokenizer,
+                                                                              monkeypatch, fault):
+    cache = tmp_path / "cache"
+    (cache / "stores").mkdir(parents=True)
+    faulty = (failing_writes(monkeypatch, cache, allowed=5000) if fault == "full disk"
+              else unwritable(monkeypatch, cache, read_only=True))
+    cause = "no space left on device" if fault == "full disk" else "read-only file system"
+    with faulty, pytest.raises(UserError) as error:
+        token_store(Source(text=str(corpus)), "data.sources.0", bytes_tokenizer, cache)
+    assert str(error.value) == f"data.cache_dir: cannot write the token store of data.sources.0 in {cache}/stores ({cause})"
+    assert list((cache / "stores").iterdir()) == []

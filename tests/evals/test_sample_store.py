@@ -130,3 +130,56 @@ def test_a_results_or_report_file_lctk_did_not_write_is_never_replaced(tmp_path)
     (tmp_path / "results.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="holds a results.json that lctk did not write"):
         check_output_dir(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["torn last line", "edited record", "garbage line"])
+def test_a_damaged_record_is_dropped_from_the_file_once_a_sample_is_redone(tmp_path, damage):
+    written_store(tmp_path)
+    path = tmp_path / "samples.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    if damage == "torn last line":
+        lines[-1] = lines[-1][: len(lines[-1]) // 2]
+    elif damage == "edited record":
+        lines[1] = lines[1].replace(b'"score": 1.0', b'"score": 9.0')
+    else:
+        lines.insert(2, b"\x00\xff not a record\n")
+    path.write_bytes(b"".join(lines))
+    store = SampleStore(tmp_path)
+    assert store.damaged == 1
+    redone = next(r for r in RECORDS if r["key"] not in store.records) if damage != "garbage line" else RECORDS[0]
+    store.add(redone)
+    again = SampleStore(tmp_path)  # the next eval into the folder: nothing to warn about
+    assert again.damaged == 0 and again.records == {r["key"]: r for r in written_store(None).records.values()}
+    assert list(tmp_path.iterdir()) == [path]  # the rewrite left no temporary file
+    assert path.read_text().count("\n") == len(RECORDS)
+    again.add({"key": "k9", "score": 0.5})  # later samples are appended as before
+    assert path.read_text().count("\n") == len(RECORDS) + 1 and "k9" in SampleStore(tmp_path).records
+
+
+def test_results_written_when_the_disk_is_full_keep_the_old_file_and_leave_no_temporary(tmp_path, monkeypatch):
+    from disk_faults import failing_writes
+
+    from lctk.evals.store import write_json
+
+    write_json(tmp_path / "results.json", {"old": 1})
+    with failing_writes(monkeypatch, tmp_path, allowed=5), pytest.raises(UserError) as error:
+        write_json(tmp_path / "results.json", {"results": list(range(1000))})
+    assert str(error.value) == f"no space left on device writing {tmp_path / 'results.json'}"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert (tmp_path / "results.json").read_text() == '{\n  "old": 1\n}'
+
+
+def test_an_output_folder_lctk_cannot_write_in_is_refused_before_any_sample(tmp_path, monkeypatch):
+    from disk_faults import unwritable
+
+    from lctk.evals.store import check_output_dir
+
+    (tmp_path / "eval").mkdir()
+    written_store(tmp_path / "eval")
+    for read_only, cause in ((False, "permission denied"), (True, "read-only file system")):
+        with unwritable(monkeypatch, tmp_path, read_only=read_only):
+            with pytest.raises(UserError, match=rf"^eval output folder: cannot write in {tmp_path}/eval \({cause}\)$"):
+                check_output_dir(tmp_path / "eval")
+            with pytest.raises(UserError, match=rf"^eval output folder: cannot create {tmp_path}/new: {tmp_path} is "):
+                check_output_dir(tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]

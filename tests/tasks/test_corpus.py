@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from disk_faults import failing_writes, file_size_limit, unwritable
 
 from lctk.tasks import corpus
 
@@ -43,10 +44,32 @@ def test_cache_file_is_written_once_and_a_damaged_one_is_rebuilt(fresh_cache, mo
     corpus._all_documents.cache_clear()
     assert corpus.builtin_documents() == documents and len(built) == 1  # read back from disk
     (path,) = fresh_cache.glob("builtin-corpus-*.json")
-    assert tuple(json.loads(path.read_text())) == documents
-    path.write_text("{ damaged")
-    corpus._all_documents.cache_clear()
-    assert corpus.builtin_documents() == documents and len(built) == 2
+    assert tuple(json.loads(path.read_text())["documents"]) == documents
+    for damaged in ("{ damaged", path.read_text().replace("second", "secOnd", 1)):  # not JSON; JSON, one byte changed
+        path.write_text(damaged)
+        corpus._all_documents.cache_clear()
+        assert corpus.builtin_documents() == documents
+    assert len(built) == 3 and json.loads(path.read_text())["documents"] == list(documents)
+
+
+@pytest.mark.parametrize("fault", ["full disk", "read-only", "file size limit"])
+def test_a_cache_that_cannot_be_written_costs_one_warning_and_leaves_no_partial_file(fresh_cache, monkeypatch, capfd,
+                                                                                    fault):
+    """The cache is only a cache: the corpus comes from memory, one warning names the cause, no tmp file stays."""
+    monkeypatch.setattr(corpus, "_collect_documents", lambda: iter([f"document {i} " * 40 for i in range(50)]))
+    fresh_cache.mkdir(exist_ok=True)
+    if fault == "full disk":
+        faulty, cause = failing_writes(monkeypatch, fresh_cache, allowed=1000), "no space left on device writing"
+    elif fault == "read-only":
+        faulty, cause = unwritable(monkeypatch, fresh_cache, read_only=True), "read-only file system"
+    else:
+        faulty, cause = file_size_limit(4096), "file too large writing"
+    with faulty:
+        documents = corpus.builtin_documents()
+    assert documents[3] == "document 3 " * 40 and len(documents) == 50
+    (warning,) = capfd.readouterr().err.strip().splitlines()
+    assert warning.startswith("warning: the builtin corpus is not cached (") and cause in warning
+    assert list(fresh_cache.iterdir()) == []  # no partial cache file, no temporary file
 
 
 @pytest.mark.slow
