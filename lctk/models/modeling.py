@@ -205,14 +205,27 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # forward() creates its own HybridCache
 
-    def _prepare_cache_for_generation(self, generation_config, *args, **kwargs):
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        """A HybridCache sized for the whole generation (prompt + max_new_tokens): attention allocates its buffers
+        once, as transformers' StaticCache does."""
         # transformers would only warn and ignore it: a static (or other) cache asked for is refused instead
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(
                 f"cache_implementation={generation_config.cache_implementation!r}: lctk models keep their own "
-                "HybridCache (one state per layer, fixed-size for recurrent layers); leave cache_implementation unset"
+                "HybridCache (preallocated from max_new_tokens; fixed-size for recurrent layers); leave "
+                "cache_implementation unset"
             )
-        return super()._prepare_cache_for_generation(generation_config, *args, **kwargs)
+        if model_kwargs.get("cache") is not None or model_kwargs.get("past_key_values") is not None:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        if generation_config.use_cache is False:
+            return None
+        rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
+        model_kwargs["cache"] = HybridCache.for_model(self, rows, max_length=max_cache_length)
+        return None
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
