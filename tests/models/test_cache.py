@@ -114,3 +114,18 @@ def test_beam_search_reorders_the_buffers(pattern):
     options = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
     cached = model.generate(prompt, **options)
     assert torch.equal(cached, model.generate(prompt, use_cache=False, **options))
+
+
+@pytest.mark.slow  # compiles (tens of seconds on a loaded CPU)
+@pytest.mark.parametrize("cuda_graphs", [False, True])  # dynamic views / the whole buffer under a mask
+def test_compiled_decoding_gives_the_eager_logits(cuda_graphs):
+    model = tiny("AMS")
+    ids = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        model.compile_decoding(cuda_graphs=cuda_graphs)
+        assert all(layer.mixer.static_decode == cuda_graphs for layer in model.model.layers if layer.mixer.letter in "AS")
+        got = feed(model, ids, [6], HybridCache.for_model(model, batch_size=2, max_length=16))
+    assert_close(got, want)
+    model.compile_decoding(False)
+    assert model.model.compiled_layers is None and not model.model.layers[0].mixer.static_decode

@@ -130,6 +130,26 @@ class AttentionState(StaticLayer, MixerState):
                 self._grow(max(self.seen + length, 2 * self.max_cache_len))
             self._put(self.seen, keys, values, visible, 0, length)
         self.seen += length
+        self.cumulative_length.add_(length)
+
+    def write_token(self, keys: Tensor, values: Tensor, visible: Tensor | None) -> Tensor:
+        """One token per row ([B, 1, H_kv, D]) at the slot the `cumulative_length` tensor names, then the mask of
+        filled slots over the whole buffer [B or 1, capacity]: no Python int decides a shape or an index, so a
+        compiled step keeps one graph and a captured CUDA graph stays valid from token to token."""
+        if not self.is_initialized or (not self.ring and self.seen + 1 > self.max_cache_len):
+            self.write(keys, values, visible)  # allocate or grow (a new graph), then the same reads
+        else:
+            slot = self.cumulative_length.remainder(self.ring) if self.ring else self.cumulative_length
+            self.keys.index_copy_(2, slot.view(1), keys.transpose(1, 2))
+            self.values.index_copy_(2, slot.view(1), values.transpose(1, 2))
+            if visible is not None:
+                self.hidden = self.hidden or not bool(visible.all())
+                self.visible.index_copy_(1, slot.view(1), visible)
+            self.seen += 1
+            self.cumulative_length.add_(1)
+        slots = torch.arange(self.max_cache_len, device=self.device)
+        filled = (slots < self.cumulative_length).unsqueeze(0)
+        return filled & self.visible if self.hidden else filled
 
     def _ring_parts(self, start: int, count: int) -> list[tuple[int, int, int]]:
         """(first, last) indices among the kept tokens and the slot the first goes to: one or two runs."""
@@ -182,6 +202,7 @@ class AttentionState(StaticLayer, MixerState):
 class Attention(Mixer):
     section = "attention"
     rotary = True
+    static_decode = False  # decode steps read the whole buffer under a mask (HybridForCausalLM.compile_decoding)
 
     def __init__(self, config, letter: str):
         super().__init__(config, letter)
@@ -261,19 +282,22 @@ class Attention(Mixer):
 
     def _decode(self, q: Tensor, k: Tensor, v: Tensor, seq: SequenceInfo, state: AttentionState) -> Tensor:
         """One token per row after the cached ones: write its key and value, then one SDPA call over the filled
-        slots, the query heads of each key head as its query rows."""
+        slots, the query heads of each key head as its query rows. With `static_decode` (set by
+        HybridForCausalLM.compile_decoding for CUDA graphs) the call reads the whole buffer under a mask of the
+        filled slots, so that its shapes never change."""
         batch = q.shape[0]
-        state.write(k, v, seq.token_mask)
-        keys, values, visible = state.read()
-        mask = None
-        if visible is not None:  # the new token sees itself even as padding: no empty softmax row
-            newest = (state.seen - 1) % state.ring if state.ring else state.seen - 1
-            mask = visible.clone()
-            mask[:, newest] = True
+        if self.static_decode:
+            keys, values, mask = state.keys, state.values, state.write_token(k, v, seq.token_mask)
             mask = mask[:, None, None, :]
+        else:
+            state.write(k, v, seq.token_mask)
+            keys, values, visible = state.read()
+            mask = None if visible is None else visible[:, None, None, :]
+        if mask is not None and state.hidden:  # the new token sees itself even as padding: no empty softmax row
+            newest = F.one_hot((state.cumulative_length - 1).remainder(state.max_cache_len), mask.shape[-1])
+            mask = mask | newest.bool()
         grouped = q.view(batch, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
-        out = F.scaled_dot_product_attention(grouped, keys, values.to(q.dtype) if values.dtype != q.dtype else values,
-                                             attn_mask=mask)
+        out = F.scaled_dot_product_attention(grouped, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
         return out.view(batch, 1, self.num_heads, self.head_dim)
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor, seq: SequenceInfo, state: AttentionState) -> Tensor:
