@@ -1,10 +1,20 @@
-"""HybridCache: one state object per layer (KV for attention, conv + SSM state for Mamba-2, ...).
+"""HybridCache: one state object per layer (keys and values for attention, conv + SSM state for Mamba-2, ...).
 
-It is not a transformers `Cache` subclass (those are built around per-layer key/value tensors); it offers the part
-of that interface generate() uses: get_seq_length, is_linear, is_compileable, reorder_cache and batch selection.
-transformers 5's linear-attention and conv cache layers (Bamba, Jamba, LFM2) fit `M`, `B` and `C`, but not the
-states of `T`/`L` (fast weights plus the phase of a partly filled chunk and window keys) nor `S`'s visibility of
-kept keys, so a Cache subclass would wrap these per-mixer states rather than replace any code.
+No state is copied per token. Attention keeps its keys and values in an `AttentionState` (lctk.models.mixers.attention), transformers' `StaticLayer` (the
+layer of its StaticCache: buffers [B, H_kv, capacity, D] allocated once and written in place at fixed addresses) with
+two additions: the capacity grows geometrically when nobody said how long the sequence gets (a plain forward with a
+cache; `generate` says: prompt + max_new_tokens), and a sliding window is a ring of `window` slots, where
+transformers' StaticSlidingWindowLayer rolls (copies) the whole window every token. Recurrent states (Mamba-2, BASED,
+BaseConv) are fixed-size tensors updated in place (`lctk.models.sequence.recurrent_step`,
+`lctk.models.layers.conv_step`). That is the contract of transformers' LinearAttentionLayer (conv and recurrent
+buffers written with copy_), but not its code: it keeps the raw last K conv inputs where a packed or left-padded row
+needs them cut at document boundaries and padding, its `update_recurrent_state` copies in a new state where the decode
+step updates the state in place (one pass less), and it has no batch-row selection. Titans (`T`) and LaCT (`L`) keep
+their own states: fast weights, the phase of a partly filled chunk and a window of keys, nothing a cache layer models.
+
+HybridCache is not a transformers `Cache` subclass (those hold one such layer object per layer and answer for it); it
+offers the part of that interface generate() uses: get_seq_length, is_linear, is_compileable, reorder_cache and batch
+selection.
 """
 
 from __future__ import annotations
@@ -23,12 +33,16 @@ class HybridCache:
         self.seen_tokens = 0
 
     @classmethod
-    def for_model(cls, model, batch_size: int, device=None, dtype=None) -> HybridCache:
-        """An empty cache for `model` (a HybridModel or HybridForCausalLM)."""
+    def for_model(cls, model, batch_size: int, device=None, dtype=None, max_length: int | None = None) -> HybridCache:
+        """An empty cache for `model` (a HybridModel or HybridForCausalLM); `max_length`: the tokens it will hold
+        (prompt + new tokens), when known, so that attention allocates its buffers once."""
         base = getattr(model, "model", model)
         param = next(base.parameters())
         device, dtype = device or param.device, dtype or param.dtype
         states = [layer.mixer.init_state(batch_size, device, dtype) for layer in base.layers]
+        if max_length is not None:
+            for state in states:
+                state.reserve(max_length)
         return cls(states, base.config.pattern)
 
     def __len__(self) -> int:

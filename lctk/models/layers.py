@@ -162,6 +162,24 @@ class _DepthwiseConv(torch.autograd.Function):
         return grad_x, grad_w, grad_out.sum((0, 1)), grad_past, None
 
 
+def stateful_conv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, past: Tensor | None, seq_idx: Tensor | None, state=None
+) -> Tensor:
+    """causal_depthwise_conv of x after the inputs `past`; with `state` (a MixerState with a `conv` tensor, which
+    `past` is) its conv becomes the last K-1 inputs: in place for one token outside autograd (a decode step: three
+    ops, the state keeps its address), by rebinding otherwise (a state carried through checkpointed segments must
+    not be overwritten)."""
+    if state is None:
+        return causal_depthwise_conv(x, weight, bias, past, seq_idx)
+    if x.shape[1] == 1 and seq_idx is None and past is state.conv and not torch.is_grad_enabled():
+        window = torch.cat([state.conv, x.to(state.conv.dtype)], dim=1)  # [B, K, D]
+        state.conv.copy_(window[:, 1:])
+        out = (window * weight.t().to(window.dtype)).sum(1, keepdim=True)
+        return (out if bias is None else out + bias.to(out.dtype)).to(x.dtype)
+    state.conv = conv_tail(x, past, weight.shape[1], seq_idx)
+    return causal_depthwise_conv(x, weight, bias, past, seq_idx)
+
+
 def conv_tail(x: Tensor, past: Tensor | None, kernel: int, seq_idx: Tensor | None = None) -> Tensor:
     """The last K-1 inputs, the conv state for the next call: [B, K-1, D]. Inputs of a document other than the
     row's last one are zeroed, since the next call continues that last document."""

@@ -12,11 +12,13 @@ continues the previous shard's document. Mixers ask the shard for what they need
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lctk.kernels.ssd import ssd
@@ -62,6 +64,38 @@ class SequenceInfo:
     def has_documents(self) -> bool:
         return self.seq_idx is not None
 
+    @functools.cached_property
+    def attention_runs(self) -> list[list[tuple[int, int]]] | None:
+        """Per row, the runs (start, end) of tokens that attend only among themselves: each document, its padding
+        at its start or end as runs of their own (what a padding query sees does not matter). None when a document
+        has padding between real tokens (those on both sides see each other: a mask is needed). Computed once per
+        forward, for every attention layer."""
+        batch, length = self.position_ids.shape
+        docs = self.seq_idx if self.seq_idx is not None else self.position_ids.new_zeros(batch, length)
+        real = self.token_mask if self.token_mask is not None else torch.ones_like(docs, dtype=torch.bool)
+        new_doc = F.pad(docs[:, 1:] != docs[:, :-1], (1, 0), value=True)
+        real_starts = real & (new_doc | ~F.pad(real[:, :-1], (1, 0), value=False))
+        rows, cols = torch.nonzero(real_starts, as_tuple=True)
+        doc_of = docs[rows, cols]  # documents are in order along a row: a repeat is the next real run
+        if bool(((rows[1:] == rows[:-1]) & (doc_of[1:] == doc_of[:-1])).any()):
+            return None
+        return runs_of(docs * 2 + real.long())
+
+    @functools.cached_property
+    def document_block_mask(self):
+        """flex_attention's BlockMask of causal attention inside documents, padding keys hidden (a padding query
+        sees itself), built once per forward."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        batch, length = self.position_ids.shape
+        docs = self.seq_idx if self.seq_idx is not None else self.position_ids.new_zeros(batch, length)
+        real = self.token_mask if self.token_mask is not None else torch.ones_like(docs, dtype=torch.bool)
+
+        def allowed(b, h, q, k):
+            return (k <= q) & (docs[b, q] == docs[b, k]) & (real[b, k] | (q == k))
+
+        return create_block_mask(allowed, batch, None, length, length, device=docs.device)
+
     def flat_initial_states(self, row_states: Tensor | None) -> Tensor | None:
         """Per-row states [B, ...] -> per-document states [N, ...]: each row's first document continues the row's
         state, the others start from zero."""
@@ -85,6 +119,16 @@ class SequenceInfo:
     def row_final_states(self, doc_states: Tensor) -> Tensor:
         """Per-document final states [N, ...] -> the state each row ends with [B, ...]."""
         return doc_states[self.last_doc]
+
+
+def runs_of(ids: Tensor) -> list[list[tuple[int, int]]]:
+    """[B, T] -> per row, the (start, end) of each run of equal consecutive values."""
+    batch, length = ids.shape
+    changes = torch.nonzero(ids[:, 1:] != ids[:, :-1]).tolist()
+    cuts: list[list[int]] = [[0] for _ in range(batch)]
+    for row, t in changes:
+        cuts[row].append(t + 1)
+    return [list(zip(row, row[1:] + [length])) for row in cuts]
 
 
 def document_index(position_ids: Tensor) -> Tensor | None:
@@ -186,6 +230,19 @@ def ssd_rows(
         chunk_size=chunk_size,
     )
     return out.view(v.shape), seq.row_final_states(final) if want_final else None
+
+
+def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor) -> Tensor:
+    """One decoding step of the SSD recurrence with the state updated in place (no autograd): S <- exp(g) S + k v^T,
+    o = q^T S. q, k [B, Hk, K] (each shared by H / Hk heads); v [B, H, V]; g [B, H] or None; state [B, H, K, V] fp32.
+    Returns o [B, H, V] in v's dtype. The same arithmetic as lctk.kernels.ssd.ssd_step, in three ops on the state
+    (scale, rank-one add, read) rather than building a new one."""
+    repeat = v.shape[1] // k.shape[1]
+    q, k = (t.float().repeat_interleave(repeat, dim=1) if repeat > 1 else t.float() for t in (q, k))
+    if g is not None:
+        state.mul_(torch.exp(g.float())[..., None, None])
+    state.addcmul_(k.unsqueeze(-1), v.float().unsqueeze(-2))
+    return torch.matmul(q.unsqueeze(-2), state).squeeze(-2).to(v.dtype)
 
 
 @dataclass

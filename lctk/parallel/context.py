@@ -17,6 +17,7 @@ Every call adds the bytes this process sends (forward and backward) to `BYTES_SE
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from torch import Tensor
 from lctk.errors import UserError
 from lctk.labels import shifted_targets
 from lctk.models.layers import conv_tail
-from lctk.models.sequence import document_index
+from lctk.models.sequence import document_index, runs_of
 
 BYTES_SENT: Counter[str] = Counter()  # tag (e.g. "A kv", "M state") -> bytes this process sent
 
@@ -87,6 +88,12 @@ class ContextShard:
     stop: int
     continues: Tensor  # [B] bool: the shard's first token continues the document of the previous shard's last token
     documents: Tensor | None  # [B, T] document index of every token of the full rows; None: one document per row
+
+    @functools.cached_property
+    def document_runs(self) -> list[list[tuple[int, int]]]:
+        """Per row, the (start, end) of each document among the tokens up to this shard's end: attention's spans
+        (computed once per forward, for every attention layer)."""
+        return runs_of(self.documents[:, : self.stop])
 
     def all_gather(self, x: Tensor, tag: str) -> Tensor:
         return _AllGather.apply(x, self, tag)

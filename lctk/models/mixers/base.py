@@ -13,7 +13,20 @@ from lctk.models.sequence import SequenceInfo
 
 
 class MixerState:
-    """Per-layer recurrent or KV state. Subclasses are dataclasses whose tensor fields have batch as dim 0."""
+    """Per-layer recurrent or KV state, held by lctk.models.cache.HybridCache. Subclasses are dataclasses whose
+    tensor fields have batch as dim 0 (or implement tensors / map_batch themselves, as attention's buffer does).
+
+    The contract a mixer follows (caches never copy per token):
+    - `Mixer.init_state(batch, device, dtype)` allocates the state once; a state whose size grows with the sequence
+      allocates lazily and implements `reserve(tokens)`, which the cache calls when it knows the final length
+      (generate: prompt + max_new_tokens); fixed-size states inherit the no-op.
+    - A single-token call outside autograd (a decode step) updates the state tensors in place (`copy_`, `mul_`,
+      `addcmul_`: lctk.models.sequence.recurrent_step, lctk.models.layers.stateful_conv), so that they keep their
+      address (what torch.compile and CUDA graphs need) and nothing is allocated per token. Longer calls, and any
+      call under autograd, may rebind the fields to new tensors (a chunked scan returns a new state anyway, and a
+      state carried through checkpointed segments must not be overwritten).
+    - `map_batch(fn)` maps every batch-indexed tensor (beam reorder, row selection, repeat).
+    """
 
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
@@ -21,6 +34,9 @@ class MixerState:
     def map_batch(self, fn) -> None:
         for name, tensor in self.tensors().items():
             setattr(self, name, fn(tensor))
+
+    def reserve(self, tokens: int) -> None:
+        """The cache will hold `tokens` tokens in all: a state that grows with them may allocate for them now."""
 
 
 class Mixer(nn.Module):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from lctk.models.layers import causal_depthwise_conv, conv_tail
+from lctk.models.layers import stateful_conv
 from lctk.models.mixers.base import Mixer, MixerState, short_shard
 from lctk.models.sequence import SequenceInfo
 
@@ -80,7 +80,5 @@ class BaseConv(Mixer):
         past = state.conv if state is not None else None
         if seq.shard is not None:  # the previous shard's last inputs continue this shard's convolution
             past = seq.shard.conv_halo(u, self.conv_kernel, seq.seq_idx, tag="C conv")
-        if state is not None:
-            state.conv = conv_tail(u, past, self.conv_kernel, seq.seq_idx)
-        u = F.silu(causal_depthwise_conv(u, self.conv_weight, self.conv_bias, past, seq.seq_idx))
+        u = F.silu(stateful_conv(u, self.conv_weight, self.conv_bias, past, seq.seq_idx, state))
         return self.out_proj(u * z)

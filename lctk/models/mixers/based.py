@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lctk.kernels.ssd import ssd_step
 from lctk.models.mixers.base import Mixer, MixerState
-from lctk.models.sequence import SequenceInfo, ssd_rows
+from lctk.models.sequence import SequenceInfo, recurrent_step, ssd_rows
 
 
 def taylor_features(x: Tensor) -> Tensor:
@@ -86,9 +85,8 @@ class Based(Mixer):
         v = self.v_proj(hidden_states).unflatten(-1, (self.num_heads, self.value_dim))
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
-        if state is not None and length == 1 and not seq.has_documents:
-            out, state.kv = ssd_step(q[:, 0], k[:, 0], v[:, 0], None, state.kv)
-            out = out.unsqueeze(1)
+        if state is not None and length == 1 and not seq.has_documents and not torch.is_grad_enabled():
+            out = recurrent_step(q[:, 0], k[:, 0], v[:, 0], None, state.kv).unsqueeze(1)
         else:
             out, final = ssd_rows(q, k, v, None, seq, None if state is None else state.kv, self.chunk_size, "B state")
             if state is not None:

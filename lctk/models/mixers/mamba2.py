@@ -58,10 +58,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 
-from lctk.kernels.ssd import ssd_step
-from lctk.models.layers import GatedRMSNorm, causal_depthwise_conv, conv_tail
+from lctk.models.layers import GatedRMSNorm, stateful_conv
 from lctk.models.mixers.base import Mixer, MixerState, require_positive, short_shard
-from lctk.models.sequence import SequenceInfo, ssd_rows
+from lctk.models.sequence import SequenceInfo, recurrent_step, ssd_rows
 
 
 @dataclass
@@ -219,9 +218,7 @@ class Mamba2(Mixer):
         past_conv = state.conv if state is not None else None
         if seq.shard is not None:  # the previous shard's last inputs continue this shard's convolution
             past_conv = seq.shard.conv_halo(xbc, self.conv_kernel, seq.seq_idx, tag="M conv")
-        if state is not None:
-            state.conv = conv_tail(xbc, past_conv, self.conv_kernel, seq.seq_idx)
-        xbc = F.silu(causal_depthwise_conv(xbc, self.conv_weight, self.conv_bias, past_conv, seq.seq_idx))
+        xbc = F.silu(stateful_conv(xbc, self.conv_weight, self.conv_bias, past_conv, seq.seq_idx, state))
         x, b, c = xbc.split(self.conv_split, dim=-1)
 
         dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H]
@@ -250,9 +247,8 @@ class Mamba2(Mixer):
             y, final, counted = capped_scan(c, b, v, g, caps, self.settings["state_norm_every"], seq, seen, initial)
             if state is not None:
                 state.ssm, state.seen = final, counted
-        elif state is not None and length == 1 and not seq.has_documents:
-            y, state.ssm = ssd_step(c[:, 0], b[:, 0], v[:, 0], g[:, 0], state.ssm)
-            y = y.unsqueeze(1)
+        elif state is not None and length == 1 and not seq.has_documents and not torch.is_grad_enabled():
+            y = recurrent_step(c[:, 0], b[:, 0], v[:, 0], g[:, 0], state.ssm).unsqueeze(1)
         else:
             y, final = ssd_rows(c, b, v, g, seq, None if state is None else state.ssm, self.chunk_size, "M state")
             if state is not None:

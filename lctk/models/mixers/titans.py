@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from lctk.models.layers import RMSNorm, apply_rotary, causal_depthwise_conv, conv_tail
+from lctk.models.layers import RMSNorm, apply_rotary, stateful_conv
 from lctk.models.mixers.attention import window_attention
 from lctk.models.mixers.base import Mixer, MixerState, require_positive
 from lctk.models.sequence import ChunkGrid, SequenceInfo, pack, unpack
@@ -400,9 +400,7 @@ class Titans(Mixer):
         if seq.token_mask is not None:
             x = x * seq.token_mask.unsqueeze(-1).to(x.dtype)
         past = state.conv if state is not None else None
-        if state is not None:
-            state.conv = conv_tail(x, past, self.conv_kernel, seq.seq_idx)
-        x = F.silu(causal_depthwise_conv(x, self.conv_weight, self.conv_bias, past, seq.seq_idx))
+        x = F.silu(stateful_conv(x, self.conv_weight, self.conv_bias, past, seq.seq_idx, state))
         return x.unflatten(-1, (-1, self.head_dim))
 
     def _gate(self, attended: Tensor, retrieved: Tensor) -> Tensor:
