@@ -59,12 +59,19 @@ class GatedHeadRMSNorm(nn.Module):
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
         """x, gate [..., H, d_v]."""
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * normed * self.activation(gate.float())).to(x.dtype)
+        wide = fp32_at_least(x)
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * normed * self.activation(fp32_at_least(gate))).to(x.dtype)
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
-    return (x.float() * torch.rsqrt(x.float().pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+    wide = fp32_at_least(x)
+    return (wide * torch.rsqrt(wide.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def fp32_at_least(x: Tensor) -> Tensor:
+    """Norms and gates run in fp32 (in fp64 for an fp64 model, so that its results do not stop at fp32 rounding)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 class GatedDeltaNet(Mixer):
@@ -140,7 +147,8 @@ class GatedDeltaNet(Mixer):
 
     def log_decay(self, hidden_states: Tensor) -> Tensor:
         """g [B, T, H] fp32: -exp(A_log) softplus(W_a x + dt_bias)."""
-        return -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        a = fp32_at_least(self.a_proj(hidden_states)) + self.dt_bias
+        return -torch.exp(fp32_at_least(self.A_log)) * F.softplus(a)
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> DeltaState:
         return DeltaState(
@@ -154,7 +162,7 @@ class GatedDeltaNet(Mixer):
     def forward(self, hidden_states: Tensor, seq: SequenceInfo, state: DeltaState | None = None) -> Tensor:
         batch, length, _ = hidden_states.shape
         qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1)
-        beta = torch.sigmoid(self.b_proj(hidden_states).float())  # [B, T, H]
+        beta = torch.sigmoid(fp32_at_least(self.b_proj(hidden_states)))  # [B, T, H]
         g = self.log_decay(hidden_states)  # [B, T, H] or [B, T, H, d_k]
         if seq.token_mask is not None:  # padding: no conv input, no write, no decay
             real = seq.token_mask.unsqueeze(-1)

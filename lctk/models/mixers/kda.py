@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import initialization as init
 
-from lctk.models.mixers.gated_deltanet import GatedDeltaNet
+from lctk.models.mixers.gated_deltanet import GatedDeltaNet, fp32_at_least
 
 
 class KimiDeltaAttention(GatedDeltaNet):
@@ -61,5 +61,5 @@ class KimiDeltaAttention(GatedDeltaNet):
 
     def log_decay(self, hidden_states: Tensor) -> Tensor:
         """g [B, T, H, d_k] fp32: -exp(A_log[h]) softplus(W_f x + dt_bias)."""
-        f = self.f_proj(hidden_states).float() + self.dt_bias.float()
-        return -torch.exp(self.A_log.float()).unsqueeze(-1) * F.softplus(f.unflatten(-1, (self.num_heads, self.key_dim)))
+        f = (fp32_at_least(self.f_proj(hidden_states)) + self.dt_bias).unflatten(-1, (self.num_heads, self.key_dim))
+        return -torch.exp(fp32_at_least(self.A_log)).unsqueeze(-1) * F.softplus(f)
