@@ -23,9 +23,10 @@ delta_s^T and the writes solve a unit lower-triangular system:
 
 Every exp() above has a non-positive argument (Gamma_l / Gamma_s with s <= l), so nothing overflows however fast a
 channel forgets. For a scalar decay the [L, L] factors are (k k^T) * exp(G_l - G_s); for a per-channel decay they are
-sums over K of k_l k_s exp(G_l - G_s) per channel, computed exactly as [L, L, K] products in blocks of chunks and
-recomputed in backward rather than kept (factoring them as (k_l Gamma_l) . (k_s / Gamma_s) would overflow:
-1 / Gamma_s reaches exp(80) within a few tokens of a fast channel).
+sums over K of k_l k_s exp(G_l - G_s) per channel. Factoring those as (k_l Gamma_l) . (k_s / Gamma_s) would overflow
+(1 / Gamma_s reaches exp(80) within a few tokens of a fast channel), so the chunk is cut into sub-blocks of 16 rows:
+inside one, exact [16, 16, K] products; against earlier columns, a matmul of factors taken relative to the sub-block's
+boundary, exp(G_l - G_b) and exp(G_b - G_s), both <= 1. They are recomputed in backward rather than kept.
 Gradients come from autograd: the loop of step 4 keeps one state per chunk, steps 1-3 and 5 a few [L, L] and [L, D]
 tensors per chunk, like the SSD reference's carried states (kernels/ssd/reference.py).
 
@@ -105,9 +106,9 @@ def _causal_decay(G: Tensor, strict: bool) -> Tensor:
 
 def _pair_products(k: Tensor, q: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel decay: sum_d x_l[d] k_s[d] exp(G_l[d] - G_s[d]) for s <= l, for x = k and x = q.
-    k, q, G [C, H, L, K] -> two [C, H, L, L]. Blocks of chunks bound the [n, H, L, L, K] decay; under autograd each
-    block is recomputed in backward instead of kept."""
-    per_chunk = k[0].numel() * k.shape[2]
+    k, q, G [C, H, L, K] -> two [C, H, L, L]. Blocks of chunks bound the temporaries; under autograd each block is
+    recomputed in backward instead of kept."""
+    per_chunk = k[0].numel() * _sub_block(k.shape[2])
     step = max(1, _PAIR_ELEMENTS // per_chunk)
     parts = []
     for start in range(0, k.shape[0], step):
@@ -120,12 +121,34 @@ def _pair_products(k: Tensor, q: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
+def _sub_block(length: int) -> int:
+    return 16 if length % 16 == 0 else length
+
+
 def _pair_block(k: Tensor, q: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
-    length = G.shape[2]
-    keep = torch.ones(length, length, dtype=torch.bool, device=G.device).tril()[..., None]  # [L, L, 1]
-    decay = torch.exp((G.unsqueeze(3) - G.unsqueeze(2)).masked_fill(~keep, float("-inf")))  # [n, H, L, L, K]
-    weighted = decay * k.unsqueeze(2)  # k_s[d] exp(G_l[d] - G_s[d])
-    return (weighted * k.unsqueeze(3)).sum(-1), (weighted * q.unsqueeze(3)).sum(-1)
+    """The chunk in sub-blocks of R = 16 rows. Inside a sub-block: exact [R, R, K] decays. Rows of sub-block i
+    against the columns before it: exp(G_l - G_s) = exp(G_l - G_b) exp(G_b - G_s) with G_b at the last column before
+    the sub-block, both factors <= 1, so a matmul."""
+    n, heads, length, key_dim = k.shape
+    size = _sub_block(length)
+    count = length // size
+    ks, qs, Gs = (x.unflatten(2, (count, size)) for x in (k, q, G))  # [n, H, m, R, K]
+    keep = torch.ones(size, size, dtype=torch.bool, device=G.device).tril()[..., None]  # [R, R, 1]
+    decay = torch.exp((Gs.unsqueeze(4) - Gs.unsqueeze(3)).masked_fill(~keep, float("-inf")))  # [n, H, m, R, R, K]
+    weighted = decay * ks.unsqueeze(3)  # k_s[d] exp(G_l[d] - G_s[d])
+    diagonal = [(weighted * x.unsqueeze(4)).sum(-1) for x in (ks, qs)]  # 2 x [n, H, m, R, R]
+    rows = ([], [])
+    for i in range(count):
+        before = i * size
+        if before:
+            boundary = G[:, :, before - 1 : before]  # [n, H, 1, K]
+            earlier = k[:, :, :before] * torch.exp(boundary - G[:, :, :before])  # [n, H, iR, K]
+            to_row = torch.exp(Gs[:, :, i] - boundary)  # [n, H, R, K]
+        for out, x, diag in zip(rows, (ks, qs), diagonal):
+            pieces = [x[:, :, i] * to_row @ earlier.mT] if before else []
+            pieces += [diag[:, :, i], diag.new_zeros(n, heads, size, length - before - size)]
+            out.append(torch.cat(pieces, dim=-1))
+    return torch.cat(rows[0], dim=2), torch.cat(rows[1], dim=2)
 
 
 def _pass_states(
