@@ -40,6 +40,9 @@ from ..ssd.triton import INTERPRET, _chunk_position, _Chunks, _configs
 _STATE_CONFIGS = _configs([{"BV": 32}, {"BV": 16}, {"BV": 64}], [4], [2, 3])
 _KEY = ["H", "K", "V", "BT", "USE_G", "CHANNEL"]
 _CHUNK_BV = 32  # V block of the per-chunk kernels
+# the per-chunk kernels hold several [BT, K] and [BT, BT] fp32 tiles with K up to 256: no software pipelining, whose
+# buffered copies of the dot operands would multiply their shared memory
+_CHUNK_LAUNCH = {"num_warps": 4, "num_stages": 1}
 
 
 @triton.jit
@@ -423,7 +426,7 @@ class _Prepared:
         w = self.k.new_empty(self.k.shape, dtype=torch.float32)
         u = self.v.new_empty(self.v.shape, dtype=torch.float32)
         _wy_fwd[self.chunk_grid(False)](self.k, self.v, self.g, self.beta, w, u, c.cu_seqlens, c.chunk_offsets,
-                                        c.chunk_index, BV=_CHUNK_BV, **a)
+                                        c.chunk_index, BV=_CHUNK_BV, **a, **_CHUNK_LAUNCH)
         h = self.k.new_empty(c.n_chunks, a["H"], a["K"], a["V"], dtype=torch.float32)
         delta = torch.empty_like(u)
         final = self.k.new_empty(c.n_seqs, a["H"], a["K"], a["V"], dtype=torch.float32) if store_final else None
@@ -441,7 +444,7 @@ class _TritonDelta(torch.autograd.Function):
         o = torch.empty_like(run.v)
         c = run.chunks
         _output_fwd[run.chunk_grid(True)](run.q, run.k, run.g, h, delta, o, c.cu_seqlens, c.chunk_offsets,
-                                          c.chunk_index, scale, BV=_CHUNK_BV, **run.args)
+                                          c.chunk_index, scale, BV=_CHUNK_BV, **run.args, **_CHUNK_LAUNCH)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, g, beta, h0)
         ctx.scale, ctx.cu_seqlens, ctx.chunk_size = scale, cu_seqlens, chunk_size
@@ -458,7 +461,7 @@ class _TritonDelta(torch.autograd.Function):
 
         d_delta = torch.empty_like(delta)
         _dv_local_bwd[run.chunk_grid(True)](run.q, run.k, run.g, d_o, d_delta, c.cu_seqlens, c.chunk_offsets,
-                                            c.chunk_index, scale, BV=_CHUNK_BV, **a)
+                                            c.chunk_index, scale, BV=_CHUNK_BV, **a, **_CHUNK_LAUNCH)
         dh = torch.empty_like(h)
         want_dh0 = h0 is not None and ctx.needs_input_grad[5]
         dh0 = torch.empty_like(h0) if want_dh0 else None
@@ -471,7 +474,7 @@ class _TritonDelta(torch.autograd.Function):
         dg = None if g is None else torch.empty_like(run.g)
         _chunk_bwd[run.chunk_grid(False)](run.q, run.k, run.v, run.g, run.beta, h, dh, delta, d_delta, d_o, dq, dk, dv,
                                           dbeta, dg, c.cu_seqlens, c.chunk_offsets, c.chunk_index, scale,
-                                          BV=_CHUNK_BV, **a)
+                                          BV=_CHUNK_BV, **a, **_CHUNK_LAUNCH)
         dg = None if dg is None else dg.view(g.shape).to(g.dtype)
         return (dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg, dbeta.view(beta.shape).to(beta.dtype), dh0,
                 None, None, None)
