@@ -160,7 +160,7 @@ class GatedDeltaNet(Mixer):
         return (self.conv_kernel - 1) * sum(self.conv_split) + self.num_heads * self.key_dim * self.value_dim
 
     def forward(self, hidden_states: Tensor, seq: SequenceInfo, state: DeltaState | None = None) -> Tensor:
-        batch, length, _ = hidden_states.shape
+        length = hidden_states.shape[1]
         qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1)
         beta = torch.sigmoid(fp32_at_least(self.b_proj(hidden_states)))  # [B, T, H]
         g = self.log_decay(hidden_states)  # [B, T, H] or [B, T, H, d_k]
