@@ -5,8 +5,10 @@ with the tree (`make gpu-wheels` fetches fla and a recent transformers into .whl
     python -m lctk.bench.gpu --out DIR [--budget S] [--dry-run]
 
 Steps, each in its own process under a deadline so one hang or crash costs only its own figures:
-  kernel-tests   pytest -m gpu tests/kernels (the Triton SSD kernels compiled for the card, no interpreter)
+  kernel-tests   pytest -m gpu tests/kernels (the Triton SSD and delta-rule kernels compiled for the card)
   ssd-bench      python -m lctk.kernels.ssd.bench: our kernels vs SDPA flash attention and fla's chunk_simple_gla
+  delta-bench    python -m lctk.kernels.delta.bench: our delta-rule kernels (scalar and per-channel decay) vs fla's
+                 chunk_gated_delta_rule and chunk_kda, forward and forward+backward at T = 2K, 8K, 32K
   train          training tokens/s and MFU of the hybrid-150m shape (recipes/hybrid-150m.yaml) at 4K and 16K tokens
                  per row, bf16 autocast, against a transformers Llama of the same width and parameter count
   memory         `python -m lctk.bench memory` on the card (peak memory of a training step against T), when present
@@ -56,13 +58,16 @@ def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict[str, str]
     tests = [python, "-m", "pytest", "-m", "gpu", str(REPO / "tests" / "kernels"), "-o", "addopts=-q", "-p",
              "no:cacheprovider"]
     ssd = [python, "-m", "lctk.kernels.ssd.bench", "--json", str(out / "ssd-bench.json")] + (["--smoke"] if dry_run else [])
+    delta = [python, "-m", "lctk.kernels.delta.bench", "--json", str(out / "delta-bench.json")] + (
+        ["--smoke"] if dry_run else [])
     train = [python, "-m", "lctk.bench.gpu", "train", "--json", str(out / "train.json")] + (["--dry-run"] if dry_run else [])
     memory = [python, "-m", "lctk.bench.memory", "--json", str(out / "memory.json")] + (["--dry-run"] if dry_run else [])
     return [
-        ("kernel-tests", tests, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.25),
-        ("ssd-bench", ssd, interpret, 0.35),
-        ("train", train, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.2),
-        ("memory", memory, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.2),
+        ("kernel-tests", tests, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.2),
+        ("ssd-bench", ssd, interpret, 0.25),
+        ("delta-bench", delta, interpret, 0.25),
+        ("train", train, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.15),
+        ("memory", memory, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.15),
     ]
 
 

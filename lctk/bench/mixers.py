@@ -3,7 +3,8 @@ tokens/s with a 2K and an 8K context, and the decoding state in bytes at 8K vs 2
 flat, global attention grows with the context).
 
 Model: 2 layers of the letter, hidden 256, 4 heads, vocab 4096, fp32, batch 1, each mixer with its default
-settings (S and the windows inside T and L: 512 / 512 / 2048 tokens; T = MAG, chunks of 64; L chunks of 2048).
+settings (S and the windows inside T and L: 512 / 512 / 2048 tokens; T = MAG, chunks of 64; L chunks of 2048; G: 3 heads
+of 64 with values of 128; K: 4 heads of 64, a decay per channel).
 Run: `python -m lctk.bench mixers`.
 """
 
@@ -25,6 +26,8 @@ LETTERS = {
     "T/MAC": {"titans": {"variant": "MAC"}},
     "T/MAL": {"titans": {"variant": "MAL"}},
     "L": {},
+    "G": {},
+    "K": {},
 }
 CONTEXTS = (2048, 8192)
 DECODE_STEPS = 16

@@ -43,6 +43,19 @@ is RoPE): the silu on B and C is what opens it.
 BASED (`based`): v_proj / o_proj are copied (kv heads repeated up to the query heads, GQA-style) when
 num_heads = the attention's heads and hidden_size / heads = head_dim; q_proj / k_proj too when feature_dim equals
 head_dim (otherwise they keep BASED's fresh initialisation).
+Gated DeltaNet (`gated_deltanet`) and Kimi Delta Attention (`kda`), as Apriel2 (Fast-LLM) and MambaInLlama map
+attention onto their recurrent layers: softmax(q k^T) v is read as the delta rule's S_t q_t with keys k_t and values
+v_t, so
+    q_proj <- Q, k_proj <- K, v_proj <- V (kv heads repeated up to the query heads, GQA-style), o_proj <- O
+    num_heads = query heads, head_dim = the attention head_dim, expand_v = 1.
+What starts fresh: the write strength b_proj, the decay (a_proj, A_log, dt_bias for `G`; the low-rank f_proj,
+A_log, dt_bias for `K`), the output gate g_proj and its norm, and the short convolution. `init: mil` also makes the
+convolution the identity (last tap 1: q, k, v start as silu(Q u), silu(K u), silu(V u) before the L2 norm) and sets
+A = 0.1 per head (for `G` exp(g) >= 0.99 at the initial dt <= 0.1; for `K` exp(g) ~ 0.93 per channel at dt_bias 0),
+so that the new layer starts out remembering as attention does; `mil-plain` copies the projections only.
+The output's RMSNorm and gate have no counterpart in attention, so the converted layer is not the teacher's at
+initialisation (as Mamba-2's gated norm), and the L2-normalised q, k put no temperature on the scores (attention's
+softmax has one); distillation fits both.
 LaCT (`lact`): its sliding-window attention shares one qkv projection with the fast weights; qkv <- [Q; K; V]
 (kv heads repeated) and o_proj <- O, so that at initialisation the window part is the teacher's attention
 restricted to the window (the fast-weight part starts fresh).
@@ -62,7 +75,7 @@ from lctk.models import HybridConfig, HybridForCausalLM
 from lctk.models.mixers import MIXERS, section_of
 
 ATTENTION_LETTERS = "AS"
-STUDENT_MIXERS = {"mamba2": "M", "based": "B", "lact": "L"}
+STUDENT_MIXERS = {"mamba2": "M", "based": "B", "lact": "L", "gated_deltanet": "G", "kda": "K"}
 INITS = ("mil", "mil-plain", "random")
 INITIAL_DECAY_RATE = 0.1  # A for `init: mil`
 
@@ -146,6 +159,8 @@ def mixer_section(config: HybridConfig, letter: str, overrides: dict | None = No
         }
     elif letter == "B":
         settings = {"num_heads": heads}
+    elif letter in "GK":
+        settings = {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0}
     return {**settings, **(overrides or {})}
 
 
@@ -186,6 +201,8 @@ def replace_layers(
                 init_based_from_attention(target, attention)
             elif letter == "L":
                 init_lact_from_attention(target, attention)
+            elif letter in "GK":
+                init_delta_from_attention(target, attention, attention_like=init == "mil")
     new.generation_config = copy.deepcopy(student.generation_config)
     return new.train(student.training)
 
@@ -252,6 +269,22 @@ def init_lact_from_attention(lact: nn.Module, attention: nn.Module) -> None:
     v = _repeat_kv_rows(attention.v_proj.weight, attention.head_dim, groups)
     _copy(lact.qkv.weight, torch.cat([attention.q_proj.weight, k, v]))
     _copy(lact.o_proj.weight, attention.o_proj.weight)
+
+
+def init_delta_from_attention(delta: nn.Module, attention: nn.Module, attention_like: bool = True) -> None:
+    """q/k/v/o projections (kv heads repeated) when the shapes fit; with `attention_like`, an identity convolution and
+    a slow decay (see the module doc)."""
+    head_dim, groups = attention.head_dim, attention.num_heads // attention.num_kv_heads
+    if (delta.num_heads, delta.key_dim, delta.value_dim) != (attention.num_heads, head_dim, head_dim):
+        return
+    _copy(delta.q_proj.weight, attention.q_proj.weight)
+    _copy(delta.k_proj.weight, _repeat_kv_rows(attention.k_proj.weight, head_dim, groups))
+    _copy(delta.v_proj.weight, _repeat_kv_rows(attention.v_proj.weight, head_dim, groups))
+    _copy(delta.o_proj.weight, attention.o_proj.weight)
+    if attention_like:
+        delta.conv_weight.zero_()
+        delta.conv_weight[:, -1] = 1.0
+        delta.A_log.fill_(math.log(INITIAL_DECAY_RATE))
 
 
 def _repeat_kv_rows(weight: torch.Tensor, head_dim: int, groups: int) -> torch.Tensor:

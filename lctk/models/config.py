@@ -1,9 +1,10 @@
 """HybridConfig: a decoder whose layers follow a pattern string, one letter per layer.
 
 Letters (see ARCHITECTURE.md): A global attention, S sliding-window attention, M Mamba-2, B BASED linear attention,
-C gated short convolution (BaseConv), T Titans neural memory, L LaCT. Per-mixer settings live in sub-sections named
-after the mixer (`attention`, `mamba2`, ...). A section is filled from the mixer's defaults, which may depend on
-hidden_size and num_attention_heads, and validated, for every letter the pattern uses.
+C gated short convolution (BaseConv), T Titans neural memory, L LaCT, G Gated DeltaNet, K Kimi Delta Attention.
+Per-mixer settings live in sub-sections named after the mixer (`attention`, `mamba2`, `gated_deltanet`, `kda`, ...).
+A section is filled from the mixer's defaults, which may depend on hidden_size and num_attention_heads, and
+validated, for every letter the pattern uses.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class HybridConfig(PretrainedConfig):
     baseconv: dict | None = None
     titans: dict | None = None
     lact: dict | None = None
+    gated_deltanet: dict | None = None
+    kda: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         from lctk.models.mixers import MIXERS, section_of

@@ -154,6 +154,30 @@ class ContextShard:
         return out + carried.to(out.dtype)
 
 
+    def carry_affine_states(self, out: Tensor, readout: Tensor, final: Tensor, transition: Tensor,
+                            seq_idx: Tensor | None, tag: str) -> Tensor:
+        """Exact outputs of a shard whose recurrence is affine in the state it starts from (the delta rule):
+        o_t = out_t + readout_t S_in and S_end = M S_in + F.
+
+        out [B, T, H, V] and final F [B, H, K, V]: from S_in = 0 (F of the shard's last document); readout [B, T, H, K];
+        transition M [B, H, K, K] (0 where the shard holds a document start). Each rank's state passes through the next
+        whole shard as S_end(r) = M_r S_end(r-1) + F_r, so an all-gather of (F, M) and a scan over the earlier ranks
+        give S_in, which the shard's first document reads if it continues the previous shard's. Sends O(H K (K + V))
+        bytes per rank, independent of T; backward by autograd through the gather."""
+        first_doc = torch.ones_like(out[..., 0, 0], dtype=torch.bool) if seq_idx is None else seq_idx == 0  # [B, T]
+        through = transition * (self.continues & first_doc[:, -1])[:, None, None, None]
+        packed = torch.cat([final.flatten(1), through.flatten(1)], dim=1)  # one collective per layer
+        gathered = self.all_gather(packed, tag)  # [N, B, H K V + H K K]
+        finals = gathered[:, :, : final[0].numel()].view(self.size, *final.shape)
+        throughs = gathered[:, :, final[0].numel() :].view(self.size, *transition.shape)
+        incoming = finals[0] * 0  # from the gather on every rank, rank 0 included (its backward all-reduce is collective)
+        for j in range(self.rank):
+            incoming = throughs[j] @ incoming + finals[j]
+        mask = (first_doc & self.continues[:, None])[..., None, None]  # [B, T, 1, 1]
+        carried = torch.einsum("bthk,bhkv->bthv", readout.to(incoming.dtype), incoming) * mask
+        return out + carried.to(out.dtype)
+
+
 def shard_batch(batch: dict[str, Tensor], context: ContextGroup) -> dict:
     """A training micro-batch (input_ids, position_ids, labels of full rows [B, T]) -> this process's shard in a group
     of N > 1: input_ids, position_ids, `targets` (labels shifted on the full rows before the split, so a shard's last

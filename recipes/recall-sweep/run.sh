@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The recall sweep: 6 mixer families x 3 widths on MQAR, then MQAR accuracy vs state size.
+# The recall sweep: 8 mixer families x 3 widths on MQAR, then MQAR accuracy vs state size.
 # Default (GPU): the recipes as written, set up like the BASED paper's Figure 2 (Zoology's 2 x [BaseConv, mixer]
 # without MLPs, vocabulary 8,192, BASED's train mixture, its test lengths 64-1024 and pair counts up to L/4).
 # PRESET=cpu: a small preset, NOT Figure 2: 600 steps of 32 x 64 tokens (MQAR documents of 16-64 tokens, Zoology's
 # L/16 pairs), byte vocabulary (tokenizer bytes, model.vocab_size 257, as in the 2026-11-28 CPU table), windows
 # scaled to the shorter context, widths 32 64 128, evaluated at 32 and 64 tokens; about 45 minutes on one core
 # (OMP_NUM_THREADS=1).
-# FAMILIES="lact titans" trains and evaluates only those families (default: all six).
+# FAMILIES="lact titans" trains and evaluates only those families (default: all eight).
 # Usage: [PRESET=cpu] [STEPS=n] [FAMILIES="..."] recipes/recall-sweep/run.sh [widths...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,7 +26,7 @@ esac
 widths=("${@:-$default_widths}")
 [[ -n "${STEPS:-}" ]] && common+=(--set "train.steps=${STEPS}")
 models=()
-for family in ${FAMILIES:-attention sliding-window mamba2 based titans lact}; do
+for family in ${FAMILIES:-attention sliding-window mamba2 based titans lact gated-deltanet kda}; do
   extra=()
   if [[ "$preset" == cpu ]]; then  # windows below the 64-token context, chunks that update inside it
     case "$family" in

@@ -22,12 +22,15 @@ def test_the_dry_run_runs_every_step_and_writes_one_json(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["kernel-tests", "ssd-bench", "train", "memory"]
+    assert list(steps) == ["kernel-tests", "ssd-bench", "delta-bench", "train", "memory"]
     assert {name: step["status"] for name, step in steps.items()} == dict.fromkeys(steps, "ok"), \
         {name: step["output_tail"][-500:] for name, step in steps.items()}
     # the Triton kernels (interpreted here) against the torch reference
     errors = steps["ssd-bench"]["figures"]["checks"][0]["max_rel_error_vs_torch"]
     assert set(errors) == {"o", "dq", "dk", "dv", "dg"} and max(errors.values()) < 1e-4
+    checks = steps["delta-bench"]["figures"]["checks"]  # scalar and per-channel decay
+    assert len(checks) == 2 and all(max(c["max_rel_error_vs_torch"].values()) < 1e-4 for c in checks)
+    assert {r["method"] for r in steps["delta-bench"]["figures"]["results"]} == {"triton", "torch"}
     for row in steps["train"]["figures"]["results"]:
         assert row["hybrid"]["tokens_per_s"] > 0 and row["llama"]["tokens_per_s"] > 0
         assert row["hybrid_over_llama"] == pytest.approx(row["hybrid"]["tokens_per_s"] / row["llama"]["tokens_per_s"],

@@ -5,6 +5,8 @@ from lctk.models.mixers.attention import Attention
 from lctk.models.mixers.base import Mixer, MixerState
 from lctk.models.mixers.baseconv import BaseConv
 from lctk.models.mixers.based import Based
+from lctk.models.mixers.gated_deltanet import GatedDeltaNet
+from lctk.models.mixers.kda import KimiDeltaAttention
 from lctk.models.mixers.lact import LaCT
 from lctk.models.mixers.mamba2 import Mamba2
 from lctk.models.mixers.titans import Titans
@@ -17,6 +19,8 @@ MIXERS: dict[str, type[Mixer]] = {
     "C": BaseConv,
     "T": Titans,
     "L": LaCT,
+    "G": GatedDeltaNet,
+    "K": KimiDeltaAttention,
 }
 
 
