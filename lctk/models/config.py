@@ -1,6 +1,6 @@
 """HybridConfig: a decoder whose layers follow a pattern string, one letter per layer.
 
-Letters (see ARCHITECTURE.md): A global attention, S sliding-window attention, M Mamba-2, B BASED linear attention,
+Letters (README, "The model"): A global attention, S sliding-window attention, M Mamba-2, B BASED linear attention,
 C gated short convolution (BaseConv), T Titans neural memory, L LaCT, G Gated DeltaNet, K Kimi Delta Attention.
 Per-mixer settings live in sub-sections named after the mixer (`attention`, `mamba2`, `gated_deltanet`, `kda`, ...).
 A section is filled from the mixer's defaults, which may depend on hidden_size and num_attention_heads, and

@@ -47,6 +47,9 @@ class Shard(Protocol):
     def carry_ssd_states(self, out: Tensor, q: Tensor, g: Tensor | None, final: Tensor, seq_idx: Tensor | None,
                          tag: str) -> Tensor: ...
 
+    def carry_affine_states(self, out: Tensor, readout: Tensor, final: Tensor, transition: Tensor,
+                            seq_idx: Tensor | None, tag: str) -> Tensor: ...
+
 
 @dataclass
 class SequenceInfo:
