@@ -109,7 +109,7 @@ class TokenStore:
         try:
             with atomic_file(self.path / DAMAGED) as out:
                 json.dump({"problem": str(problem), "found": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, out)
-            then = "run the command again to rebuild it (train: --resume auto continues the run)"
+            then = "run the command again to rebuild it (with --resume auto a train or distill run continues)"
         except (OSError, UserError):  # a read-only store
             then = f"remove {self.path} and run the command again to rebuild it"
         return UserError(f"token store {self.path} is damaged ({problem}); stopped before using those bytes; {then}")

@@ -276,7 +276,7 @@ def test_damage_in_a_store_checked_as_it_is_read_stops_the_reader_before_it_uses
     message = str(error.value)
     assert message.startswith(f"token store {path} is damaged (00000.tokens bytes ") and "\n" not in message
     assert message.endswith("stopped before using those bytes; run the command again to rebuild it "
-                            "(train: --resume auto continues the run)")
+                            "(with --resume auto a train or distill run continues)")
     at = int(message.split("bytes ")[1].split("-")[0])
     offsets = np.fromfile(path / "00000.offsets", dtype=np.int64) * 2
     assert offsets[len(served)] < at + 4096 and at < offsets[len(served) + 1]  # the block of the next document
