@@ -108,11 +108,13 @@ def test_os_errors_become_one_line_naming_the_cause_and_the_path(tmp_path):
 
 def test_free_space_is_checked_before_a_write_of_known_size(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "free_bytes", lambda folder: 1_200_000)
-    with pytest.raises(UserError) as error:
-        files.check_space(tmp_path / "checkpoints", 3_300_000, "runs/x/checkpoints/step-00000006")
+    with pytest.raises(UserError) as error:  # 3.17 MB of tensors, 2% and 64 KiB more for headers and rounding
+        files.check_space(tmp_path / "checkpoints", 3_170_000, "runs/x/checkpoints/step-00000006")
     assert str(error.value) == (f"no space left on device writing runs/x/checkpoints/step-00000006: ~3.3 MB needed, "
                                 f"1.2 MB free in {tmp_path}")
-    files.check_space(tmp_path, 100_000, "small")
+    files.check_space(tmp_path, (1_200_000 - 65_536) // 1.02, "just fits")
+    with pytest.raises(UserError):
+        files.check_space(tmp_path, (1_200_000 - 65_536) // 1.02 + 100, "does not")
 
 
 @pytest.mark.parametrize("read_only", [False, True])
