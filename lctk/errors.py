@@ -3,6 +3,7 @@ every folder lctk is about to create goes through, and the one translation of a 
 read-only or unwritable folder, an I/O error) into such a line."""
 
 import errno
+import io
 import os
 import re
 from pathlib import Path
@@ -71,6 +72,7 @@ def os_error_line(error: OSError, target: Path | str | None = None) -> str:
     place of the failing file, a temporary one (removed by now) beside it or within it; a file within it is named in
     brackets."""
     path = os.fspath(error.filename) if isinstance(error.filename, str | os.PathLike) else None
+    path = path or _file_written_when(error)
     if target is not None:
         within = path is not None and Path(path).parent != Path(target).parent
         path = f"{target} ({Path(path).name})" if within else str(target)
@@ -78,3 +80,21 @@ def os_error_line(error: OSError, target: Path | str | None = None) -> str:
         return os_error_cause(error)
     writing = target is not None or error.errno in WRITE_FAULTS
     return f"{os_error_cause(error)} {'writing' if writing else 'at'} {path}"
+
+
+def _file_written_when(error: OSError) -> str | None:
+    """The file a failed write() went to. Python reports a full disk met by a file object's write() without the
+    file's name, so the frames the error passed through are searched, innermost first, for a file object open for
+    writing: the writer's own handle (`with open(path, "a") as handle: handle.write(...)`, Path.write_text, json.dump,
+    an image writer)."""
+    frames = []
+    trace = error.__traceback__
+    while trace is not None:
+        frames.append(trace.tb_frame)
+        trace = trace.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            name, mode = getattr(value, "name", None), getattr(value, "mode", None)
+            if isinstance(value, io.IOBase) and isinstance(name, str) and isinstance(mode, str) and set(mode) & set("wax+"):
+                return name
+    return None

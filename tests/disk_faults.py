@@ -26,15 +26,15 @@ REAL_OS_OPEN, REAL_MKDIR = os.open, os.mkdir
 class FailingFile:
     """A file object whose writes fail with `number` once `allowed` bytes have been written."""
 
-    def __init__(self, handle, path: str, allowed: int, number: int):
-        self._handle, self._path, self._allowed, self._number = handle, path, allowed, number
+    def __init__(self, handle, allowed: int, number: int):
+        self._handle, self._allowed, self._number = handle, allowed, number
 
     def write(self, data):
         size = len(data) if not isinstance(data, memoryview) else data.nbytes
         if size > self._allowed:
             self._handle.write(data[: self._allowed] if not isinstance(data, memoryview) else data.cast("B")[: self._allowed])
             self._allowed = 0
-            raise OSError(self._number, os.strerror(self._number), self._path)
+            raise OSError(self._number, os.strerror(self._number))  # as Python reports it: without the file's name
         self._allowed -= size
         return self._handle.write(data)
 
@@ -53,6 +53,9 @@ class FailingFile:
 
     def __getattr__(self, name):
         return getattr(self._handle, name)
+
+
+io.IOBase.register(FailingFile)  # a file object, as lctk's search for the file that failed (lctk.errors) sees it
 
 
 def _path_of(target) -> str | None:
@@ -77,7 +80,7 @@ def failing_writes(monkeypatch, folder: Path, allowed: int = 0, number: int = er
             writing = any(flag in mode for flag in "wax+")
             inside = path and (os.path.realpath(path) + os.sep).startswith(root + os.sep)
             if writing and inside and fnmatch.fnmatch(os.path.basename(path), name):
-                return FailingFile(handle, path, allowed, number)
+                return FailingFile(handle, allowed, number)
             return handle
 
         return opened

@@ -108,11 +108,13 @@ def test_os_errors_become_one_line_naming_the_cause_and_the_path(tmp_path):
 
 def test_free_space_is_checked_before_a_write_of_known_size(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "free_bytes", lambda folder: 1_200_000)
-    with pytest.raises(UserError) as error:
-        files.check_space(tmp_path / "checkpoints", 3_300_000, "runs/x/checkpoints/step-00000006")
+    with pytest.raises(UserError) as error:  # 3.17 MB of tensors, 2% and 64 KiB more for headers and rounding
+        files.check_space(tmp_path / "checkpoints", 3_170_000, "runs/x/checkpoints/step-00000006")
     assert str(error.value) == (f"no space left on device writing runs/x/checkpoints/step-00000006: ~3.3 MB needed, "
                                 f"1.2 MB free in {tmp_path}")
-    files.check_space(tmp_path, 100_000, "small")
+    files.check_space(tmp_path, (1_200_000 - 65_536) // 1.02, "just fits")
+    with pytest.raises(UserError):
+        files.check_space(tmp_path, (1_200_000 - 65_536) // 1.02 + 100, "does not")
 
 
 @pytest.mark.parametrize("read_only", [False, True])
@@ -132,3 +134,20 @@ def test_a_folder_without_write_permission_is_refused(tmp_path):
     locked.mkdir(mode=0o555)
     with pytest.raises(UserError, match=r"cannot create .*locked/run: .*locked is not writable \(permission denied\)"):
         files.check_writable(locked / "run", "run.name")
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_only_that(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    left = tmp_path / f".results.json.{host}.{dead.stdout.strip()}.1234abcd.tmp"  # a writer killed mid-write
+    alive = tmp_path / f".results.json.{host}.{os.getppid()}.1234abcd.tmp"  # one still writing
+    elsewhere = tmp_path / f".results.json.other-host.{dead.stdout.strip()}.1234abcd.tmp"  # not ours to judge
+    for path in (left, alive, elsewhere):
+        path.write_text("partial")
+    with files.atomic_file(tmp_path / "results.json") as out:
+        out.write("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, "results.json"])

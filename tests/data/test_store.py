@@ -276,7 +276,7 @@ def test_damage_in_a_store_checked_as_it_is_read_stops_the_reader_before_it_uses
     message = str(error.value)
     assert message.startswith(f"token store {path} is damaged (00000.tokens bytes ") and "\n" not in message
     assert message.endswith("stopped before using those bytes; run the command again to rebuild it "
-                            "(train: --resume auto continues the run)")
+                            "(with --resume auto a train or distill run continues)")
     at = int(message.split("bytes ")[1].split("-")[0])
     offsets = np.fromfile(path / "00000.offsets", dtype=np.int64) * 2
     assert offsets[len(served)] < at + 4096 and at < offsets[len(served) + 1]  # the block of the next document
@@ -312,7 +312,7 @@ def test_a_store_of_known_size_is_refused_before_any_write_when_the_disk_has_no_
     with pytest.raises(UserError) as error:
         token_store(Source(text=str(corpus), max_tokens="2M"), "data.sources.0", bytes_tokenizer, cache)
     assert str(error.value) == (f"no space left on device writing the token store of data.sources.0 in {cache}/stores: "
-                                f"~4 MB needed, 3 MB free in {cache}/stores")
+                                f"~4.15 MB needed, 3 MB free in {cache}/stores")
     assert list((cache / "stores").iterdir()) == []
 
 
