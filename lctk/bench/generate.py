@@ -25,10 +25,11 @@ weights excluded (they are loaded before).
 The ceiling. A decode step reads every weight once (the tied embedding once, as the LM head) and each row's cache:
 attention's keys and values of C tokens (a window's at most), recurrent states read and written (fp32 SSM states,
 conv states). Its FLOPs: 2 per weight per row, 4 C H D per attention layer per row (scores and values), 6 H N P per
-Mamba-2 layer per row. Two probes run first, in each dtype: the read bandwidth of a matrix-vector product over a
-256 MB matrix (what a batch-1 step can stream), and the FLOP rate of a product of B rows by such a matrix (at B = 8
-one thread's GEMM reads only a third of the GEMV's bytes per second: compute enters). roofline = max(bytes /
-bandwidth, FLOPs / rate at B) is the least time the step can take with these kernels; the table prints each row's
+Mamba-2 layer per row. Two probes, in the row's dtype, run just before each row (the box's load moves within a
+run): the read bandwidth of a matrix-vector product over a 256 MB matrix (what a batch-1 step can stream), and the
+FLOP rate of a product of B rows by such a matrix (at B = 8 one thread's GEMM reads only a third of the GEMV's bytes
+per second: compute enters). roofline = max(bytes / bandwidth, FLOPs / rate at B) is the least time the step can
+take with these kernels; the table prints each row's
 bytes and FLOPs, the roofline and the fraction of it reached (roofline / measured). Prefill rows: FLOPs (2 per weight
 per token + the causal attention's 2 C^2 H D per layer) over the large-GEMM rate.
 
@@ -171,35 +172,49 @@ def _torch():
 # ---------------------------------------------------------------------------------------------------- probes
 
 
-def probe(dtype, batches: tuple[int, ...], probe_bytes: int, repeats: int = 5) -> dict:
+def probe(dtype, batches: tuple[int, ...], probe_bytes: int, repeats: int = 5, device: str = "cpu",
+          square: bool = True) -> dict:
     """Read bandwidth of a matrix-vector product over a `probe_bytes` matrix, and the FLOP rate of B rows times that
-    matrix for each B, and of a large square product (prefill)."""
+    matrix for each B, and (`square`) of a large square product (prefill)."""
     import torch
     import torch.nn.functional as F
 
     inner = 4096 if probe_bytes >= 2**26 else 256
     element = torch.tensor([], dtype=dtype).element_size()
-    weight = torch.randn(probe_bytes // (inner * element), inner).to(dtype)
+    weight = torch.randn(probe_bytes // (inner * element), inner, device=device).to(dtype)
 
     def best(fn) -> float:
         fn()
         times = []
         for _ in range(repeats):
+            synchronize(weight.device)
             started = time.perf_counter()
             fn()
+            synchronize(weight.device)
             times.append(time.perf_counter() - started)
         return min(times)
 
-    vector = torch.randn(1, inner).to(dtype)
+    vector = torch.randn(1, inner, device=device).to(dtype)
     bandwidth = weight.numel() * element / best(lambda: F.linear(vector, weight))
     rates = {}
     for batch in batches:
-        rows = torch.randn(batch, inner).to(dtype)
+        rows = torch.randn(batch, inner, device=device).to(dtype)
         rates[batch] = 2 * batch * weight.numel() / best(lambda rows=rows: F.linear(rows, weight))
-    side = 2048 if probe_bytes >= 2**26 else 256
-    square = torch.randn(side, side).to(dtype)
-    gemm = 2 * side**3 / best(lambda: square @ square)
-    return {"bandwidth": bandwidth, "rate": rates, "gemm": gemm}
+    found = {"bandwidth": bandwidth, "rate": rates}
+    if square:
+        side = (8192 if weight.is_cuda else 2048) if probe_bytes >= 2**26 else 256
+        matrix = torch.randn(side, side, device=device).to(dtype)
+        found["gemm"] = 2 * side**3 / best(lambda: matrix @ matrix)
+    return found
+
+
+def probe_bytes(setup: Setup) -> int:
+    return DRY_RUN["probe_bytes"] if setup.dry_run else PROBE_BYTES
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        _torch().cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------------- one row
@@ -223,12 +238,13 @@ def fill(model, kind: str, cache, batch: int, context: int) -> None:
     import torch
 
     config = model.config
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     shape = (batch, config.num_key_value_heads, context, config.head_dim)
     if kind == "lctk":
         for state in cache.states:
             if hasattr(state, "write"):
-                keys = torch.randn(batch, context, config.num_key_value_heads, config.head_dim, dtype=dtype)
+                keys = torch.randn(batch, context, config.num_key_value_heads, config.head_dim, dtype=dtype,
+                                   device=device)
                 state.write(keys, torch.randn_like(keys), None)
             else:
                 for tensor in state.tensors().values():
@@ -236,7 +252,7 @@ def fill(model, kind: str, cache, batch: int, context: int) -> None:
         cache.seen_tokens = context
         return
     for index in range(config.num_hidden_layers):
-        keys, values = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+        keys, values = torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device)
         if kind == "static":
             layer = cache.layers[index]
             layer.lazy_initialization(keys, values)
@@ -252,7 +268,7 @@ def step(model, kind: str, cache, token, position: int):
 
     if kind == "lctk":
         return model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1).logits
-    where = torch.tensor([position])
+    where = torch.tensor([position], device=token.device)
     return model(input_ids=token, cache=cache, cache_position=where, position_ids=where.expand(token.shape[0], 1),
                  use_cache=True, logits_to_keep=1).logits
 
@@ -263,7 +279,7 @@ def measure_row(model, kind: str, batch: int, context: int, steps: int, prefill:
 
     from lctk.bench.memory import peak_bytes, start_bytes
 
-    device = torch.device("cpu")
+    device = next(model.parameters()).device
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     start = start_bytes(device)
@@ -271,20 +287,24 @@ def measure_row(model, kind: str, batch: int, context: int, steps: int, prefill:
     row: dict = {}
     with torch.no_grad():
         if prefill:
-            ids = torch.randint(0, vocab, (batch, context), generator=generator)
+            ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
+            synchronize(device)
             started = time.perf_counter()
             logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+            synchronize(device)
             row["prefill_s"] = time.perf_counter() - started
             row["prefill_tok_s"] = batch * context / row["prefill_s"]
             token = logits[:, -1:].argmax(-1)
         else:
             fill(model, kind, cache, batch, context)
-            token = torch.randint(0, vocab, (batch, 1), generator=generator)
+            token = torch.randint(0, vocab, (batch, 1), generator=generator).to(device)
         times = []
         for index in range(steps + 2):
+            synchronize(device)
             started = time.perf_counter()
             logits = step(model, kind, cache, token, context + index)
             token = logits[:, -1:].argmax(-1)
+            synchronize(device)
             times.append(time.perf_counter() - started)
     row["step_s"] = statistics.median(times[2:])
     row["decode_tok_s"] = batch / row["step_s"]
@@ -320,7 +340,7 @@ def run_setup(setup: Setup) -> dict:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     batches_probed = tuple(sorted({*setup.batches, 1}))
     for dtype_name in setup.dtypes:
-        found = probe(dtypes[dtype_name], batches_probed, DRY_RUN["probe_bytes"] if setup.dry_run else PROBE_BYTES)
+        found = probe(dtypes[dtype_name], batches_probed, probe_bytes(setup))
         results["probes"][dtype_name] = found
         print(f"probes {dtype_name}: GEMV read {found['bandwidth'] / 1e9:.2f} GB/s; GEMM "
               + ", ".join(f"{b} rows {r / 1e9:.1f}" for b, r in found["rate"].items())
@@ -349,9 +369,13 @@ def run_setup(setup: Setup) -> dict:
 
 def run_row(setup: Setup, model, kind: str, label: str, dtype_name: str, batch: int, context: int,
             results: dict) -> dict:
+    """One row; its probes are measured again just before it (the box's load moves within a run)."""
     probes = results["probes"][dtype_name]
+    probes = {**probes, **probe(next(model.parameters()).dtype, (batch,), probe_bytes(setup), repeats=3,
+                                square=False)}
     limits = ceiling(model, batch, context, probes)
-    row = {"model": label, "dtype": dtype_name, "batch": batch, "context": context, **limits}
+    row = {"model": label, "dtype": dtype_name, "batch": batch, "context": context, **limits,
+           "bandwidth": probes["bandwidth"], "rate": probes["rate"][batch]}
     cache_bytes = limits["bytes"] - weight_bytes(model)
     if cache_bytes > setup.max_cache_gb * 2**30:
         row["skipped"] = f"cache {cache_bytes / 2**30:.1f} GiB > --max-cache-gb {setup.max_cache_gb}"
@@ -387,11 +411,8 @@ def budget_row(setup: Setup, model, kind: str, name: str, results: dict) -> dict
         row["skipped"] = "the weights alone fill the budget"
         print(f"budget {name}: {row['skipped']}", flush=True)
         return row
-    probes = results["probes"]["fp32"]
-    if batch not in probes["rate"]:
-        probes["rate"][batch] = probe(torch.float32, (batch,), DRY_RUN["probe_bytes"] if setup.dry_run
-                                      else PROBE_BYTES)["rate"][batch]
-    row.update(ceiling(model, batch, context, probes))
+    probes = probe(torch.float32, (batch,), probe_bytes(setup), repeats=3, square=False)
+    row.update(ceiling(model, batch, context, probes), bandwidth=probes["bandwidth"], rate=probes["rate"][batch])
     row.update(measure_row(model, kind, batch, context, setup.steps, prefill=False))
     row["fraction"] = row["roofline_s"] / row["step_s"]
     print(f"budget {setup.budget_gb:g} GB at {context}: {name:<14} batch {batch:>4}  {row['decode_tok_s']:>9.1f} "
