@@ -26,18 +26,22 @@ The ceiling. A decode step reads every weight once (the tied embedding once, as 
 attention's keys and values of C tokens (a window's at most), recurrent states read and written (fp32 SSM states,
 conv states). Its FLOPs: 2 per weight per row, 4 C H D per attention layer per row (scores and values), 6 H N P per
 Mamba-2 layer per row. Two probes, in the row's dtype, run just before each row (the box's load moves within a
-run): the read bandwidth of a matrix-vector product over a 256 MB matrix (what a batch-1 step can stream), and the
-FLOP rate of a product of B rows by such a matrix (at B = 8 one thread's GEMM reads only a third of the GEMV's bytes
-per second: compute enters). roofline = max(bytes / bandwidth, FLOPs / rate at B) is the least time the step can
-take with these kernels; the table prints each row's
+run): the read bandwidth of a matrix-vector product over a 256 MB matrix (what a batch-1 step can stream; one core
+reads about 11 GB/s here at 64 MB to 1 GB alike), and the FLOP rate of a product of R rows by such a matrix (at R = 8
+one thread's GEMM reads only a third of the GEMV's bytes per second: compute enters). The roofline is the sum over
+the step's parts of max(bytes / bandwidth, FLOPs / rate at the part's rows): the weight products at B rows,
+attention at H / H_kv rows (each key meets that many query heads), the states by their bytes alone. It is the least
+time the step can take with these kernels; the table prints each row's
 bytes and FLOPs, the roofline and the fraction of it reached (roofline / measured). Prefill rows: FLOPs (2 per weight
 per token + the causal attention's 2 C^2 H D per layer) over the large-GEMM rate.
 
 Throughput at a fixed memory budget (--budget-gb, at --budget-context): the largest batch whose weights and caches
 fit in the budget, then decode tokens/s at that batch.
 
-One thread by default (--threads): the box is shared, and one thread keeps ratios steady. Every figure is measured in
-this run; the ratio lines compare rows measured side by side.
+One thread by default (--threads): the box is shared, and one thread keeps ratios steady; with one thread every time
+(probes included) is the thread's CPU time, so that the time other processes hold the core is not counted (what
+they take from the memory bus still is). Every figure is measured in this run; the ratio lines compare rows measured
+side by side, against the ratio of their ceilings computed with the same probes.
 """
 
 from __future__ import annotations
@@ -133,28 +137,28 @@ def weight_bytes(model) -> int:
     return total if tied else total - embedding.numel() * embedding.element_size()
 
 
-def layer_costs(model, context: int) -> tuple[float, float, float]:
-    """Per row of a decode step after `context` tokens: (cache bytes read, state bytes read and written, FLOPs
-    outside the weight products)."""
+def layer_costs(model, context: int) -> dict[str, float]:
+    """Per row of a decode step after `context` tokens: bytes attention reads from its cache and its FLOPs, bytes of
+    recurrent states read and written and their FLOPs."""
     config = model.config
     kv_size = 2 if next(model.parameters()).dtype in (_torch().bfloat16, _torch().float16) else 4
     heads, head_dim = config.num_attention_heads, config.head_dim
     attention_kv = 2 * config.num_key_value_heads * head_dim * kv_size
     pattern = getattr(config, "pattern", "A" * config.num_hidden_layers)
-    cache = state = flops = 0.0
+    costs = dict.fromkeys(("cache", "attention_flops", "state", "state_flops"), 0.0)
     for index, letter in enumerate(pattern):
         if letter in "AS":
             seen = context if letter == "A" else min(context, config.attention["window"])
-            cache += attention_kv * seen
-            flops += 4 * seen * heads * head_dim
+            costs["cache"] += attention_kv * seen
+            costs["attention_flops"] += 4 * seen * heads * head_dim
         elif letter == "M":
             mixer = model.model.layers[index].mixer
             ssm = mixer.num_heads * mixer.d_state * mixer.head_dim
-            state += 2 * (4 * ssm + kv_size * (mixer.conv_kernel - 1) * mixer.conv_dim)
-            flops += 6 * ssm
+            costs["state"] += 2 * (4 * ssm + kv_size * (mixer.conv_kernel - 1) * mixer.conv_dim)
+            costs["state_flops"] += 6 * ssm
         else:
             raise ValueError(f"layer letter {letter!r}: no cost model in this benchmark")
-    return cache, state, flops
+    return costs
 
 
 def matmul_parameters(model) -> int:
@@ -188,10 +192,10 @@ def probe(dtype, batches: tuple[int, ...], probe_bytes: int, repeats: int = 5, d
         times = []
         for _ in range(repeats):
             synchronize(weight.device)
-            started = time.perf_counter()
+            started = clock()
             fn()
             synchronize(weight.device)
-            times.append(time.perf_counter() - started)
+            times.append(clock() - started)
         return min(times)
 
     vector = torch.randn(1, inner, device=device).to(dtype)
@@ -206,6 +210,13 @@ def probe(dtype, batches: tuple[int, ...], probe_bytes: int, repeats: int = 5, d
         matrix = torch.randn(side, side, device=device).to(dtype)
         found["gemm"] = 2 * side**3 / best(lambda: matrix @ matrix)
     return found
+
+
+def clock() -> float:
+    """Seconds for timing: on a CPU with one torch thread, this thread's CPU time (all of the work runs on it, and
+    the time other processes hold the core is left out: the box is shared); otherwise wall time."""
+    torch = _torch()
+    return time.thread_time() if torch.get_num_threads() == 1 and not torch.cuda.is_available() else time.perf_counter()
 
 
 def probe_bytes(setup: Setup) -> int:
@@ -289,10 +300,10 @@ def measure_row(model, kind: str, batch: int, context: int, steps: int, prefill:
         if prefill:
             ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
             synchronize(device)
-            started = time.perf_counter()
+            started = clock()
             logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
             synchronize(device)
-            row["prefill_s"] = time.perf_counter() - started
+            row["prefill_s"] = clock() - started
             row["prefill_tok_s"] = batch * context / row["prefill_s"]
             token = logits[:, -1:].argmax(-1)
         else:
@@ -301,11 +312,11 @@ def measure_row(model, kind: str, batch: int, context: int, steps: int, prefill:
         times = []
         for index in range(steps + 2):
             synchronize(device)
-            started = time.perf_counter()
+            started = clock()
             logits = step(model, kind, cache, token, context + index)
             token = logits[:, -1:].argmax(-1)
             synchronize(device)
-            times.append(time.perf_counter() - started)
+            times.append(clock() - started)
     row["step_s"] = statistics.median(times[2:])
     row["decode_tok_s"] = batch / row["step_s"]
     row["peak_bytes"] = peak_bytes(device) - start
@@ -314,12 +325,27 @@ def measure_row(model, kind: str, batch: int, context: int, steps: int, prefill:
 
 
 def ceiling(model, batch: int, context: int, probes: dict) -> dict:
-    """Bytes, FLOPs and the roofline time of one decode step (see the module doc)."""
-    cache, state, extra_flops = layer_costs(model, context)
-    step_bytes = weight_bytes(model) + batch * (cache + state)
-    flops = 2 * matmul_parameters(model) * batch + batch * extra_flops
-    roofline = max(step_bytes / probes["bandwidth"], flops / probes["rate"][batch])
-    return {"bytes": step_bytes, "flops": flops, "roofline_s": roofline}
+    """Bytes, FLOPs and the roofline time of one decode step (see the module doc): the sum over its parts (weight
+    products at `batch` rows; attention, whose every key meets H / H_kv query rows; recurrent states) of each part's
+    max(bytes / bandwidth, FLOPs / GEMM rate at its rows)."""
+    costs = layer_costs(model, context)
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    parts = {
+        "weights": {"bytes": weight_bytes(model), "flops": 2 * matmul_parameters(model) * batch, "rows": batch},
+        "attention": {"bytes": batch * costs["cache"], "flops": batch * costs["attention_flops"], "rows": groups},
+        "states": {"bytes": batch * costs["state"], "flops": batch * costs["state_flops"], "rows": None},
+    }
+    return {"bytes": sum(part["bytes"] for part in parts.values()), "flops": sum(part["flops"] for part in parts.values()),
+            "roofline_s": roofline(parts, probes), "parts": parts}
+
+
+def roofline(parts: dict, probes: dict) -> float:
+    return sum(max(part["bytes"] / probes["bandwidth"], part["flops"] / probes["rate"][part["rows"]]
+                   if part["rows"] else 0.0) for part in parts.values())
+
+
+def groups_of(model) -> int:
+    return model.config.num_attention_heads // model.config.num_key_value_heads
 
 
 def prefill_flops(model, batch: int, context: int) -> float:
@@ -338,7 +364,8 @@ def run_setup(setup: Setup) -> dict:
     results: dict = {"setup": {k: v for k, v in vars(setup).items()}, "machine": machine(), "probes": {}, "rows": [],
                      "budget": []}
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    batches_probed = tuple(sorted({*setup.batches, 1}))
+    batches_probed = tuple(sorted({*setup.batches, 1, SHAPE["num_attention_heads"] // SHAPE["num_key_value_heads"],
+                                   setup.shape["num_attention_heads"] // setup.shape["num_key_value_heads"]}))
     for dtype_name in setup.dtypes:
         found = probe(dtypes[dtype_name], batches_probed, probe_bytes(setup))
         results["probes"][dtype_name] = found
@@ -371,11 +398,11 @@ def run_row(setup: Setup, model, kind: str, label: str, dtype_name: str, batch: 
             results: dict) -> dict:
     """One row; its probes are measured again just before it (the box's load moves within a run)."""
     probes = results["probes"][dtype_name]
-    probes = {**probes, **probe(next(model.parameters()).dtype, (batch,), probe_bytes(setup), repeats=3,
-                                square=False)}
+    probes = {**probes, **probe(next(model.parameters()).dtype, (batch, groups_of(model)), probe_bytes(setup),
+                                repeats=3, square=False)}
     limits = ceiling(model, batch, context, probes)
     row = {"model": label, "dtype": dtype_name, "batch": batch, "context": context, **limits,
-           "bandwidth": probes["bandwidth"], "rate": probes["rate"][batch]}
+           "bandwidth": probes["bandwidth"], "rate": probes["rate"]}
     cache_bytes = limits["bytes"] - weight_bytes(model)
     if cache_bytes > setup.max_cache_gb * 2**30:
         row["skipped"] = f"cache {cache_bytes / 2**30:.1f} GiB > --max-cache-gb {setup.max_cache_gb}"
@@ -399,11 +426,11 @@ def budget_row(setup: Setup, model, kind: str, name: str, results: dict) -> dict
     import torch
 
     context = setup.budget_context
-    cache, state, _ = layer_costs(model, context + setup.steps + 3)
-    state_held = state / 2  # held once, counted twice (read and written) in a step's bytes
+    costs = layer_costs(model, context + setup.steps + 3)
+    state_held = costs["state"] / 2  # held once, counted twice (read and written) in a step's bytes
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     activations = 4 * model.config.vocab_size * 2  # logits of the step and their argmax, per row (fp32)
-    per_row = cache + state_held + activations
+    per_row = costs["cache"] + state_held + activations
     batch = int((setup.budget_gb * 2**30 - weights) // per_row)
     row = {"model": name, "context": context, "budget_gb": setup.budget_gb, "batch": batch,
            "bytes_per_row": per_row, "weights": weights}
@@ -411,8 +438,8 @@ def budget_row(setup: Setup, model, kind: str, name: str, results: dict) -> dict
         row["skipped"] = "the weights alone fill the budget"
         print(f"budget {name}: {row['skipped']}", flush=True)
         return row
-    probes = probe(torch.float32, (batch,), probe_bytes(setup), repeats=3, square=False)
-    row.update(ceiling(model, batch, context, probes), bandwidth=probes["bandwidth"], rate=probes["rate"][batch])
+    probes = probe(torch.float32, (batch, groups_of(model)), probe_bytes(setup), repeats=3, square=False)
+    row.update(ceiling(model, batch, context, probes), bandwidth=probes["bandwidth"], rate=probes["rate"])
     row.update(measure_row(model, kind, batch, context, setup.steps, prefill=False))
     row["fraction"] = row["roofline_s"] / row["step_s"]
     print(f"budget {setup.budget_gb:g} GB at {context}: {name:<14} batch {batch:>4}  {row['decode_tok_s']:>9.1f} "
@@ -425,13 +452,18 @@ def print_ratios(results: dict) -> None:
     """Decode speed of each pair measured side by side, against the ratio the ceilings allow."""
     rows = {(r["model"], r["dtype"], r["batch"], r["context"]): r for r in results["rows"] if "step_s" in r}
     lines = []
+
+    def least(row: dict, probes: dict) -> float:  # the roofline with the same probes for both rows
+        return roofline(row["parts"], probes)
+
     for ours, theirs in RATIOS:
         for (model, dtype, batch, context), row in rows.items():
             other = rows.get((theirs, dtype, batch, context))
             if model != ours or other is None:
                 continue
             speed = other["step_s"] / row["step_s"]
-            allowed = other["roofline_s"] / row["roofline_s"]
+            probes = results["probes"][dtype]
+            allowed = least(other, probes) / least(row, probes)
             lines.append({"pair": f"{ours}/{theirs}", "dtype": dtype, "batch": batch, "context": context,
                           "speed": speed, "ceiling_ratio": allowed, "of_allowed": speed / allowed})
             print(f"{ours:>10} / {theirs:<13} {dtype} B={batch} C={context}: {speed:.2f}x (the ceilings allow "
@@ -440,8 +472,9 @@ def print_ratios(results: dict) -> None:
     for ours, theirs in RATIOS:
         if ours in budget and theirs in budget:
             a, b = budget[ours], budget[theirs]
-            speed, allowed = a["decode_tok_s"] / b["decode_tok_s"], (a["batch"] / a["roofline_s"]) / (
-                b["batch"] / b["roofline_s"])
+            probes = {"bandwidth": results["probes"]["fp32"]["bandwidth"], "rate": {**b["rate"], **a["rate"]}}
+            speed = a["decode_tok_s"] / b["decode_tok_s"]
+            allowed = (a["batch"] / least(a, probes)) / (b["batch"] / least(b, probes))
             lines.append({"pair": f"{ours}/{theirs}", "budget": True, "speed": speed, "ceiling_ratio": allowed,
                           "of_allowed": speed / allowed})
             print(f"budget: {ours} / {theirs}: {speed:.2f}x tokens/s (the ceilings allow {allowed:.2f}x: "

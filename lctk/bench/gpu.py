@@ -265,8 +265,8 @@ def decode_main(argv: list[str]) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = hybrid_150m(args.dry_run).to(device, dtype).eval()
     contexts, steps = ((64,), 3) if args.dry_run else (DECODE_CONTEXTS, DECODE_STEPS)
-    probes = generate.probe(dtype, DECODE_BATCHES, 2**20 if args.dry_run else 2**30, device=device.type,
-                            square=False)
+    probes = generate.probe(dtype, (*DECODE_BATCHES, generate.groups_of(model)), 2**20 if args.dry_run else 2**30,
+                            device=device.type, square=False)
     report = {"device": _device_name(), "pattern": model.config.pattern, "dtype": str(dtype),
               "bandwidth": probes["bandwidth"], "check": decode_check(model), "results": []}
     for batch in DECODE_BATCHES:
