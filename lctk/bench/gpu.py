@@ -12,6 +12,12 @@ Steps, each in its own process under a deadline so one hang or crash costs only 
   train          training tokens/s and MFU of the hybrid-150m shape (recipes/hybrid-150m.yaml) at 4K and 16K tokens
                  per row, bf16 autocast, against a transformers Llama of the same width and parameter count
   memory         `python -m lctk.bench memory` on the card (peak memory of a training step against T), when present
+  packed         `python -m lctk.bench memory --packed`: a training step on rows of packed documents (MA and MM at
+                 16K and 64K tokens), attention through flex_attention's document BlockMask
+  decode         decode tokens/s of the hybrid-150m model (bf16) at 4K and 16K of context, batch 1 and 8, eager
+                 against compile_decoding() (CUDA graphs: mode="reduce-overhead", attention reading its whole
+                 preallocated buffer under a mask), with each step's roofline fraction (bytes / the card's measured
+                 GEMV bandwidth, lctk.bench.generate) and the compiled logits checked against the eager ones
 DIR/gpu-check.json holds every step's status, seconds, output tail and figures; it is rewritten after each step.
 
 MFU counts 6 N FLOPs per token for the N parameters of the matmuls (embedding lookup excluded, LM head included)
@@ -62,12 +68,18 @@ def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict[str, str]
         ["--smoke"] if dry_run else [])
     train = [python, "-m", "lctk.bench.gpu", "train", "--json", str(out / "train.json")] + (["--dry-run"] if dry_run else [])
     memory = [python, "-m", "lctk.bench.memory", "--json", str(out / "memory.json")] + (["--dry-run"] if dry_run else [])
+    packed = [python, "-m", "lctk.bench.memory", "--packed", "--json", str(out / "packed.json")] + (
+        ["--dry-run"] if dry_run else [])
+    decode = [python, "-m", "lctk.bench.gpu", "decode", "--json", str(out / "decode.json")] + (
+        ["--dry-run"] if dry_run else [])
     return [
         ("kernel-tests", tests, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.2),
-        ("ssd-bench", ssd, interpret, 0.25),
-        ("delta-bench", delta, interpret, 0.25),
+        ("ssd-bench", ssd, interpret, 0.15),
+        ("delta-bench", delta, interpret, 0.15),
         ("train", train, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.15),
         ("memory", memory, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.15),
+        ("packed", packed, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.05),
+        ("decode", decode, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.15),
     ]
 
 
@@ -239,8 +251,73 @@ def train_main(argv: list[str]) -> None:
         _write(Path(args.json), report)
 
 
+# ---------------------------------------------------------------- the `decode` step
+
+DECODE_CONTEXTS, DECODE_BATCHES, DECODE_STEPS = (4096, 16384), (1, 8), 20
+
+
+def decode_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lctk.bench.gpu decode")
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+
+    from lctk.bench import generate
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = hybrid_150m(args.dry_run).to(device, dtype).eval()
+    contexts, steps = ((64,), 3) if args.dry_run else (DECODE_CONTEXTS, DECODE_STEPS)
+    probes = generate.probe(dtype, (*DECODE_BATCHES, generate.groups_of(model)), 2**20 if args.dry_run else 2**30,
+                            device=device.type, square=False)
+    report = {"device": _device_name(), "pattern": model.config.pattern, "dtype": str(dtype),
+              "bandwidth": probes["bandwidth"], "check": decode_check(model), "results": []}
+    for batch in DECODE_BATCHES:
+        for context in contexts:
+            row = {"batch": batch, "context": context, **generate.ceiling(model, batch, context, probes)}
+            for label, compiled in (("eager", False), ("compiled", True)):
+                model.compile_decoding(compiled)
+                try:
+                    figures = generate.measure_row(model, "lctk", batch, context, steps, prefill=False)
+                    figures["fraction"] = row["roofline_s"] / figures["step_s"]
+                except torch.OutOfMemoryError:
+                    figures = {"error": "out of memory"}
+                row[label] = figures
+            if "step_s" in row["eager"] and "step_s" in row["compiled"]:
+                row["compiled_over_eager"] = row["eager"]["step_s"] / row["compiled"]["step_s"]
+            model.compile_decoding(False)
+            report["results"].append(row)
+            print(json.dumps(row, default=str), flush=True)
+            _write(Path(args.json), report)
+    _write(Path(args.json), report)
+
+
+def decode_check(model) -> dict:
+    """Largest difference between the logits of compiled decode steps (CUDA graphs on a GPU) and eager ones."""
+    import torch
+
+    from lctk.models import HybridCache
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), device=next(model.parameters()).device)
+    logits = {}
+    with torch.no_grad():
+        for compiled in (False, True):
+            model.compile_decoding(compiled)
+            cache = HybridCache.for_model(model, 2, max_length=24)
+            model(ids[:, :16], cache=cache)
+            logits[compiled] = torch.cat([model(ids[:, t : t + 1], cache=cache).logits.float().clone()
+                                          for t in range(16, 24)], dim=1)
+    model.compile_decoding(False)
+    return {"max_abs_diff": float((logits[True] - logits[False]).abs().max()),
+            "max_abs_logit": float(logits[False].abs().max())}
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["train"]:
         train_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["decode"]:
+        decode_main(sys.argv[2:])
     else:
         main(sys.argv[1:])

@@ -67,6 +67,9 @@ MAX_RUN_SECONDS = 150.0  # one measurement, process start included
 BUDGET_SECONDS = 900.0  # all measurements
 STARTUP_SECONDS = 12.0  # a fresh process importing torch, transformers and lctk on the shared box
 DRY_RUN = {"lengths": (64, 128, 256), "hidden_size": 64, "vocab": 512}
+# `--packed`: the attention bar of issue 28, a step on rows of packed documents (attention across document boundaries
+# is where a [T, T] mask used to appear): patterns MA and MM, width 64, vocabulary 32,768, bf16 autocast, chunked loss
+PACKED = {"patterns": ("MA", "MM"), "lengths": (16384, 65536), "hidden_size": 64, "heads": 4}
 
 
 def build(kind: str, dry_run: bool = False):
@@ -173,9 +176,67 @@ def measure_loss(length: int, device_name: str, dry_run: bool) -> dict:
     return {"peak": peak_bytes(device) - start, "seconds": time.perf_counter() - started}
 
 
+def packed_positions(length: int) -> list[int]:
+    """position_ids of one row of `length` tokens packed with the builtin corpus' documents in order (a document's
+    tokens counted as its UTF-8 bytes / 4, about a BPE tokenizer's rate), the last one cut at the row's end."""
+    from lctk.tasks.corpus import builtin_documents
+
+    positions: list[int] = []
+    for document in builtin_documents("train"):
+        positions += range(max(1, len(document.encode()) // 4))
+        if len(positions) >= length:
+            return positions[:length]
+    raise ValueError(f"the builtin corpus has fewer than {length} tokens")
+
+
+def measure_packed(pattern: str, length: int, device_name: str, dry_run: bool) -> dict:
+    """One training step (chunked loss, AdamW, bf16 autocast) of `pattern` on a row of packed documents."""
+    import torch
+
+    from lctk.models import HybridConfig, HybridForCausalLM
+    from lctk.train.trainer import causal_lm_loss
+
+    torch.set_num_threads(1)
+    device = torch.device(device_name)
+    start = start_bytes(device)
+    torch.manual_seed(0)
+    vocab = DRY_RUN["vocab"] if dry_run else VOCAB
+    config = HybridConfig(pattern=pattern, hidden_size=PACKED["hidden_size"], num_attention_heads=PACKED["heads"],
+                          vocab_size=vocab)
+    model = HybridForCausalLM(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, vocab, (1, length), device=device)
+    positions = torch.tensor([packed_positions(length)], device=device)
+    started = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        causal_lm_loss(model, {"input_ids": ids, "position_ids": positions, "labels": ids}).backward()
+    optimizer.step()
+    return {"peak": peak_bytes(device) - start, "seconds": time.perf_counter() - started,
+            "documents": int((positions == 0).sum())}
+
+
+def packed_table(device_name: str, dry_run: bool, lengths: tuple[int, ...]) -> dict:
+    """`--packed`: each pattern at each T in a fresh process; peak memory of the whole step."""
+    lengths = DRY_RUN["lengths"][:2] if dry_run else lengths
+    print(f"one training step on a row of packed builtin documents: width {PACKED['hidden_size']}, vocabulary "
+          f"{VOCAB if not dry_run else DRY_RUN['vocab']}, bf16 autocast, chunked loss, AdamW; peak memory over the "
+          "process's start (CPU: RSS)")
+    table: dict = {}
+    for pattern in PACKED["patterns"]:
+        for length in lengths:
+            figures = child([f"packed:{pattern}", str(length)], device_name, dry_run, timeout=BUDGET_SECONDS)
+            table[f"{pattern}@{length}"] = figures
+            if figures is not None:
+                print(f"  {pattern:<3} T={length:>6} ({figures['documents']} documents): {figures['peak'] / 2**30:.2f} "
+                      f"GiB in {figures['seconds']:.0f} s", flush=True)
+    return table
+
+
 def measure(name: str, length: str, device_name: str, dry_run: bool) -> dict:
     if name == "loss":
         return measure_loss(int(length), device_name, dry_run)
+    if name.startswith("packed:"):
+        return measure_packed(name.removeprefix("packed:"), int(length), device_name, dry_run)
     return measure_step(name, int(length), device_name, dry_run)
 
 
@@ -346,6 +407,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="T values, comma-separated")
     parser.add_argument("--budget", type=float, default=BUDGET_SECONDS, help="seconds for all measurements")
     parser.add_argument("--max-run-seconds", type=float, default=MAX_RUN_SECONDS, help="seconds for one measurement")
+    parser.add_argument("--packed", action="store_true",
+                        help="the packed-documents table instead (MA and MM at T = 16,384 and 65,536 by default)")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import torch
@@ -354,10 +417,17 @@ def main(argv: list[str]) -> None:
     if args.child:
         print(json.dumps(measure(*args.child, device, args.dry_run)))
         return
+    lengths_given = args.lengths != parser.get_default("lengths")
     try:
         lengths = tuple(sorted(int(t) for t in args.lengths.split(",")))
     except ValueError:
         parser.error(f"--lengths: comma-separated token counts, got {args.lengths!r}")
+    if args.packed:
+        BUDGET_SECONDS = args.budget
+        table = packed_table(device, args.dry_run, lengths if lengths_given else PACKED["lengths"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(table, indent=1))
+        return
     if len(lengths) < 2 or lengths[0] < 1:
         parser.error(f"--lengths: at least two positive token counts, got {args.lengths!r}")
     BUDGET_SECONDS, MAX_RUN_SECONDS = args.budget, args.max_run_seconds

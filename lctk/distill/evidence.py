@@ -6,8 +6,9 @@ Quality, over held-out rows (every position predicts the next token; teacher and
     ppl    = exp(mean next-token cross-entropy), for the teacher and the student
     top1   = share of positions where the student's argmax equals the teacher's
 Cache size: sum over layers of `state_size(L)` elements x 2 bytes (a bf16 inference cache), batch 1.
-Speed: batch 1, one prefill of `prefill` tokens, then `decode` single-token steps through the cache (greedy), each
-timed after a short warm-up; tokens/s. Student and teacher are timed in alternation (best of 2 each) and the table
+Speed: batch 1, one prefill of `prefill` tokens, then `decode` single-token steps through a cache allocated once for
+all of them (lctk.models.preallocated_cache: a StaticCache for the teacher), greedy, each timed after a short
+warm-up; tokens/s. Student and teacher are timed in alternation (best of 2 each) and the table
 shows the ratio too, since absolute figures on a shared machine move with its load.
 """
 
@@ -23,6 +24,7 @@ import torch
 
 from lctk.distill.losses import model_inputs, target_mask, token_kl
 from lctk.labels import shifted_targets
+from lctk.models.cache import preallocated_cache
 from lctk.train.losses import token_ce
 
 CACHE_BYTES_PER_ELEMENT = 2
@@ -87,7 +89,7 @@ def speed(model, vocab_size: int, prefill: int = 256, decode: int = 16, seed: in
     model.eval()
     model(ids[:, :8], use_cache=True)  # warm-up
     start = time.perf_counter()
-    out = model(ids, use_cache=True)
+    out = model(ids, use_cache=True, cache=preallocated_cache(model, 1, prefill + decode))
     prefill_s = time.perf_counter() - start
     cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()

@@ -87,4 +87,31 @@ class HybridCache:
         return f"HybridCache(pattern={self.letters!r}, seen_tokens={self.seen_tokens})"
 
 
-__all__ = ["HybridCache"]
+def preallocated_cache(model, batch_size: int, max_length: int):
+    """A cache for `max_length` tokens of `batch_size` rows, allocated once, to pass to a forward that continues token
+    by token: an lctk model's HybridCache sized for them; transformers' StaticCache for a model whose class runs on
+    one (`_can_compile_fullgraph`, transformers' own mark: Llama, Mistral, Qwen2, Mamba-2, ...); None otherwise (the
+    model then makes its own cache)."""
+    if getattr(getattr(model, "config", None), "model_type", None) == "lctk_hybrid":
+        return HybridCache.for_model(model, batch_size, max_length=max_length)
+    if not _runs_on_a_static_cache(model):
+        return None
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=max_length)
+
+
+def preallocated_generation(model) -> dict:
+    """generate() keywords that preallocate `model`'s cache: cache_implementation="static" for a transformers model
+    that runs on a static cache (see preallocated_cache); nothing for lctk models (generate sizes their HybridCache
+    from max_new_tokens) or for classes that keep their own cache."""
+    return {"cache_implementation": "static"} if _runs_on_a_static_cache(model) else {}
+
+
+def _runs_on_a_static_cache(model) -> bool:
+    return (getattr(model, "_can_compile_fullgraph", False) and hasattr(model, "_supports_default_dynamic_cache")
+            and model._supports_default_dynamic_cache()
+            and getattr(getattr(model, "config", None), "model_type", None) != "lctk_hybrid")
+
+
+__all__ = ["HybridCache", "preallocated_cache", "preallocated_generation"]

@@ -17,10 +17,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # normalised in fp32 (torch's fused kernel: one op where the written-out form takes five), then the weight
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -42,10 +40,8 @@ class GatedRMSNorm(nn.Module):
         return self._norm(x, z)
 
     def _norm(self, x: Tensor, z: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = (x.float() * F.silu(z.float())).unflatten(-1, (self.n_groups, -1))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.flatten(-2).to(dtype)
+        gated = (x.float() * F.silu(z.float())).unflatten(-1, (self.n_groups, -1))
+        return self.weight * F.rms_norm(gated, gated.shape[-1:], eps=self.eps).flatten(-2).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -90,7 +86,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [B, T, H, D]; cos/sin [B, T, D] (rotate-half convention, as Llama)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
+    return torch.addcmul(x * cos.unsqueeze(2), rotated, sin.unsqueeze(2))
 
 
 def causal_depthwise_conv(

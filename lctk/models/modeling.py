@@ -126,6 +126,7 @@ class HybridModel(HybridPreTrainedModel):
         self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        self.uses_rotary = any(MIXERS[letter].rotary for letter in config.pattern)
         self.gradient_checkpointing = False
         self.recompute_segment: int | None = None  # set by recompute_in_segments
         self.compiled_layers = None  # set by compile_decoding
@@ -172,7 +173,8 @@ class HybridModel(HybridPreTrainedModel):
         seq = build_sequence_info(
             batch, length, past_length, hidden_states.device, position_ids, attention_mask, cu_seqlens, context_shard
         )
-        seq.rotary = self.rotary_emb(hidden_states, seq.position_ids)
+        if self.uses_rotary:
+            seq.rotary = self.rotary_emb(hidden_states, seq.position_ids)
         seq.recompute_segment = self.recompute_segment if self.training else None
         if self.config.output_attentions if output_attentions is None else output_attentions:
             if self.config._attn_implementation != "eager" and any(letter in "AS" for letter in self.config.pattern):

@@ -242,12 +242,15 @@ def recurrent_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Ten
     o = q^T S. q, k [B, Hk, K] (each shared by H / Hk heads); v [B, H, V]; g [B, H] or None; state [B, H, K, V] fp32.
     Returns o [B, H, V] in v's dtype. The same arithmetic as lctk.kernels.ssd.ssd_step, in three ops on the state
     (scale, rank-one add, read) rather than building a new one."""
-    repeat = v.shape[1] // k.shape[1]
-    q, k = (t.float().repeat_interleave(repeat, dim=1) if repeat > 1 else t.float() for t in (q, k))
+    batch, heads, key_dim, value_dim = state.shape
+    groups = k.shape[1]
+    # heads of a group side by side: [B, G, H / G, K, V], so that q and k broadcast over them (nothing repeated)
+    grouped = state.view(batch, groups, heads // groups, key_dim, value_dim)
     if g is not None:
-        state.mul_(torch.exp(g.float())[..., None, None])
-    state.addcmul_(k.unsqueeze(-1), v.float().unsqueeze(-2))
-    return torch.matmul(q.unsqueeze(-2), state).squeeze(-2).to(v.dtype)
+        grouped.mul_(torch.exp(g.float()).view(batch, groups, heads // groups, 1, 1))
+    grouped.addcmul_(k.float()[:, :, None, :, None], v.float().view(batch, groups, heads // groups, 1, value_dim))
+    out = torch.matmul(q.float()[:, :, None, None, :], grouped)  # [B, G, H / G, 1, V]
+    return out.view(batch, heads, value_dim).to(v.dtype)
 
 
 @dataclass

@@ -22,7 +22,7 @@ def test_the_dry_run_runs_every_step_and_writes_one_json(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["kernel-tests", "ssd-bench", "delta-bench", "train", "memory"]
+    assert list(steps) == ["kernel-tests", "ssd-bench", "delta-bench", "train", "memory", "packed", "decode"]
     assert {name: step["status"] for name, step in steps.items()} == dict.fromkeys(steps, "ok"), \
         {name: step["output_tail"][-500:] for name, step in steps.items()}
     # the Triton kernels (interpreted here) against the torch reference
@@ -36,6 +36,11 @@ def test_the_dry_run_runs_every_step_and_writes_one_json(tmp_path):
         assert row["hybrid_over_llama"] == pytest.approx(row["hybrid"]["tokens_per_s"] / row["llama"]["tokens_per_s"],
                                                          rel=1e-2)
     assert steps["memory"]["figures"]
+    assert all(figures["peak"] >= 0 for figures in steps["packed"]["figures"].values())
+    decode = steps["decode"]["figures"]
+    assert decode["check"]["max_abs_diff"] <= 1e-4 * max(1.0, decode["check"]["max_abs_logit"])
+    for row in decode["results"]:
+        assert row["eager"]["step_s"] > 0 and row["compiled"]["step_s"] > 0 and row["roofline_s"] > 0
     counts = steps["kernel-tests"]["figures"]
     if report["device"] == "cpu":  # the GPU kernel tests need CUDA
         assert counts.get("skipped", 0) > 0 and "passed" not in counts and "failed" not in counts

@@ -228,8 +228,8 @@ class Mamba2(Mixer):
         if dt_scale not in (None, 1.0):
             dt = dt * dt_scale
         g = -torch.exp(self.A_log.float()) * dt
-        x = x.unflatten(-1, (self.xb_heads, self.head_dim)).repeat_interleave(self.num_heads // self.xb_heads, dim=2)
-        b = b.unflatten(-1, (self.b_groups, self.d_state)).repeat_interleave(self.n_groups // self.b_groups, dim=2)
+        x = repeat_heads(x.unflatten(-1, (self.xb_heads, self.head_dim)), self.num_heads // self.xb_heads)
+        b = repeat_heads(b.unflatten(-1, (self.b_groups, self.d_state)), self.n_groups // self.b_groups)
         if b_scale not in (None, 1.0):
             b = b * b_scale
         c = c.unflatten(-1, (self.n_groups, self.d_state))
@@ -287,6 +287,11 @@ class Mamba2(Mixer):
         if state is not None:
             (state.window_k, state.window_v, state.window_g), state.ssm = keep, windowed_state
         return y
+
+
+def repeat_heads(x: Tensor, times: int) -> Tensor:
+    """[B, T, h, d] -> [B, T, h * times, d], each head repeated in place (no copy when times is 1)."""
+    return x if times == 1 else x.repeat_interleave(times, dim=2)
 
 
 def check_length_settings(settings: dict[str, Any], pattern: str, heads: int) -> None:
