@@ -86,7 +86,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x [B, T, H, D]; cos/sin [B, T, D] (rotate-half convention, as Llama)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return torch.addcmul(x * cos.unsqueeze(2), rotated, sin.unsqueeze(2))
+    # written as Llama's (not addcmul, which rounds once less): copied layers give the teacher's logits bit for bit
+    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
 
 
 def causal_depthwise_conv(
