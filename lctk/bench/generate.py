@@ -86,6 +86,7 @@ class Setup:
     budget_context: int
     compile: bool
     dry_run: bool
+    profile: bool = False
     shape: dict = field(default_factory=lambda: dict(SHAPE))
     layers: int = LAYERS
 
@@ -324,6 +325,51 @@ def measure_row(model, kind: str, batch: int, context: int, steps: int, prefill:
     return row
 
 
+def profile_step(model, kind: str, batch: int, context: int, steps: int = 5) -> dict:
+    """Where a decode step's time goes: thread time inside the weight products, attention and the recurrent-state
+    updates, cache writes and every other kernel (timed one by one under a dispatch mode), and outside kernels (the
+    plain step's time minus the kernels': Python, module calls, dispatch, view ops)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    groups = {"mm": "weights", "addmm": "weights", "bmm": "attention/state", "_scaled_dot_product_flash_attention_for_cpu":
+              "attention/state", "mul_": "attention/state", "addcmul_": "attention/state", "index_copy_": "cache writes",
+              "copy_": "cache writes"}
+    spent: dict[str, float] = {}
+
+    class Timer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.is_view:  # metadata only: counted with the rest outside kernels
+                return func(*args, **(kwargs or {}))
+            started = time.thread_time()
+            out = func(*args, **(kwargs or {}))
+            group = groups.get(str(func.overloadpacket).removeprefix("aten."), "other kernels")
+            spent[group] = spent.get(group, 0.0) + time.thread_time() - started
+            return out
+
+    cache = fresh_cache(model, kind, batch, context + 3 * steps + 8)
+    fill(model, kind, cache, batch, context)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=next(model.parameters()).device)
+    position = context
+    with torch.no_grad():
+        for _ in range(3):
+            step(model, kind, cache, token, position)
+            position += 1
+        started = time.thread_time()
+        for _ in range(steps):
+            step(model, kind, cache, token, position)
+            position += 1
+        plain = (time.thread_time() - started) / steps
+        with Timer():
+            for _ in range(steps):
+                step(model, kind, cache, token, position)
+                position += 1
+    figures = {group: seconds / steps for group, seconds in spent.items()}
+    figures["outside kernels"] = plain - sum(figures.values())
+    figures["step"] = plain
+    return figures
+
+
 def ceiling(model, batch: int, context: int, probes: dict) -> dict:
     """Bytes, FLOPs and the roofline time of one decode step (see the module doc): the sum over its parts (weight
     products at `batch` rows; attention, whose every key meets H / H_kv query rows; recurrent states) of each part's
@@ -411,6 +457,10 @@ def run_row(setup: Setup, model, kind: str, label: str, dtype_name: str, batch: 
     prefill = context in setup.prefill_contexts and batch in setup.prefill_batches
     row.update(measure_row(model, kind, batch, context, setup.steps, prefill))
     row["fraction"] = limits["roofline_s"] / row["step_s"]
+    if setup.profile:
+        row["profile"] = profile_step(model, kind, batch, context)
+        print("    where the step's time goes: " + ", ".join(
+            f"{group} {seconds * 1e3:.1f} ms" for group, seconds in row["profile"].items()), flush=True)
     prefill_cell = f"{'':>13} {'':>6}"
     if prefill:
         row["prefill_fraction"] = prefill_flops(model, batch, context) / probes["gemm"] / row["prefill_s"]
@@ -509,6 +559,7 @@ def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
     parser.add_argument("--budget-gb", type=float, default=4.0, help="fixed memory budget (0: no budget rows)")
     parser.add_argument("--budget-context", type=int, default=8192)
     parser.add_argument("--compile", action="store_true", help="also lctk models with compile_decoding()")
+    parser.add_argument("--profile", action="store_true", help="also split each step's time by kind of kernel")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write every figure here")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes, seconds")
@@ -537,7 +588,7 @@ def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
         models=models, steps=args.steps, prefill_contexts=numbers("prefill-contexts", args.prefill_contexts),
         prefill_batches=numbers("prefill-batches", args.prefill_batches), max_cache_gb=args.max_cache_gb,
         budget_gb=args.budget_gb or None, budget_context=args.budget_context, compile=args.compile,
-        dry_run=args.dry_run,
+        dry_run=args.dry_run, profile=args.profile,
     )
     if args.dry_run:
         setup.shape, setup.layers = dict(DRY_RUN["shape"]), DRY_RUN["layers"]
