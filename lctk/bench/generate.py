@@ -17,7 +17,8 @@ tied embeddings; random weights: speed does not depend on their values):
 
 Each row (model, dtype, batch B, context C): prefill tok/s of one forward over C tokens per row (for the contexts and
 batches of --prefill-contexts / --prefill-batches: a 32K prefill takes minutes per model here), then decode tok/s of
-single-token steps (median of --steps after 2 warm-up steps) continuing that cache; without a prefill the cache is
+single-token steps (median of --steps after 2 warm-up steps, the best of --rounds passes over the models) continuing
+that cache; without a prefill the cache is
 filled with random keys, values and states of C tokens (a decode step's time does not depend on them). Peak memory:
 the process's RSS high-water mark over the row (reset at its start, /proc/self/clear_refs; CUDA: peak allocated),
 weights excluded (they are loaded before).
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -92,6 +94,7 @@ class Setup:
     compile: bool
     dry_run: bool
     profile: bool = False
+    rounds: int = 1
     shape: dict = field(default_factory=lambda: dict(SHAPE))
     layers: int = LAYERS
 
@@ -431,8 +434,16 @@ def run_setup(setup: Setup) -> dict:
         # every model resident, rows model-inner: the rows a ratio compares are measured minutes apart at most
         models = {name: build(name, setup, dtypes[dtype_name]) for name in setup.models}
         for batch, context in [(b, c) for b in setup.batches for c in setup.contexts]:
-            for name, (model, kind) in models.items():
-                results["rows"].append(run_row(setup, model, kind, name, dtype_name, batch, context, results))
+            rows = {name: run_row(setup, model, kind, name, dtype_name, batch, context, results, prefill=True)
+                    for name, (model, kind) in models.items()}
+            for _ in range(setup.rounds - 1):  # each model's fastest round: load drifts between rows
+                for name, (model, kind) in models.items():
+                    again = run_row(setup, model, kind, name, dtype_name, batch, context, results, prefill=False)
+                    if again.get("step_s", math.inf) < rows[name].get("step_s", math.inf):
+                        rows[name].update({key: value for key, value in again.items() if "prefill" not in key})
+            for row in rows.values():
+                print_row(row)
+            results["rows"] += rows.values()
         if setup.budget_gb is not None and dtype_name == "fp32":
             for name, (model, kind) in models.items():
                 results["budget"].append(budget_row(setup, model, kind, name, results))
@@ -446,8 +457,9 @@ def run_setup(setup: Setup) -> dict:
                 for batch, context in [(b, c) for b in setup.batches for c in setup.contexts]:
                     for label, compiled in ((f"{name}/eager", False), (f"{name}+compile", True)):
                         model.compile_decoding(compiled)
-                        results["rows"].append(run_row(setup, model, kind, label, dtype_name, batch, context,
-                                                       results))
+                        row = run_row(setup, model, kind, label, dtype_name, batch, context, results, prefill=False)
+                        print_row(row)
+                        results["rows"].append(row)
                 model.compile_decoding(False)
         del models
     print_ratios(results)
@@ -455,8 +467,9 @@ def run_setup(setup: Setup) -> dict:
 
 
 def run_row(setup: Setup, model, kind: str, label: str, dtype_name: str, batch: int, context: int,
-            results: dict) -> dict:
-    """One row; its probes are measured again just before it (the box's load moves within a run)."""
+            results: dict, prefill: bool) -> dict:
+    """One row (prefilled for real when `prefill` and --prefill-contexts / --prefill-batches ask for it); its probes
+    are measured again just before it (the box's load moves within a run)."""
     probes = results["probes"][dtype_name]
     probes = {**probes, **probe(next(model.parameters()).dtype, (batch, groups_of(model)), probe_bytes(setup),
                                 repeats=3, square=False)}
@@ -466,23 +479,31 @@ def run_row(setup: Setup, model, kind: str, label: str, dtype_name: str, batch: 
     cache_bytes = limits["bytes"] - weight_bytes(model)
     if cache_bytes > setup.max_cache_gb * 2**30:
         row["skipped"] = f"cache {cache_bytes / 2**30:.1f} GiB > --max-cache-gb {setup.max_cache_gb}"
-        print(f"{label:<14} {dtype_name:<5} {batch:>3} {context:>7} | skipped: {row['skipped']}", flush=True)
         return row
-    prefill = context in setup.prefill_contexts and batch in setup.prefill_batches
+    prefill = prefill and context in setup.prefill_contexts and batch in setup.prefill_batches
     row.update(measure_row(model, kind, batch, context, setup.steps, prefill))
     row["fraction"] = limits["roofline_s"] / row["step_s"]
     if setup.profile:
         row["profile"] = profile_step(model, kind, batch, context)
-        print("    where the step's time goes: " + ", ".join(
-            f"{group} {seconds * 1e3:.1f} ms" for group, seconds in row["profile"].items()), flush=True)
-    prefill_cell = f"{'':>13} {'':>6}"
     if prefill:
         row["prefill_fraction"] = prefill_flops(model, batch, context) / probes["gemm"] / row["prefill_s"]
-        prefill_cell = f"{row['prefill_tok_s']:>13.0f} {row['prefill_fraction']:>6.0%}"
-    print(f"{label:<14} {dtype_name:<5} {batch:>3} {context:>7} | {prefill_cell} | {row['decode_tok_s']:>12.2f} "
-          f"{row['step_s'] * 1e3:>8.1f} {row['bytes'] / 1e6:>8.0f} {row['flops'] / 1e9:>10.2f} "
-          f"{row['roofline_s'] * 1e3:>8.1f} {row['fraction']:>6.0%} | {row['peak_bytes'] / 2**20:>8.0f}", flush=True)
     return row
+
+
+def print_row(row: dict) -> None:
+    start = f"{row['model']:<14} {row['dtype']:<5} {row['batch']:>3} {row['context']:>7} |"
+    if "skipped" in row:
+        print(f"{start} skipped: {row['skipped']}", flush=True)
+        return
+    prefill = f"{'':>13} {'':>6}"
+    if "prefill_tok_s" in row:
+        prefill = f"{row['prefill_tok_s']:>13.0f} {row['prefill_fraction']:>6.0%}"
+    print(f"{start} {prefill} | {row['decode_tok_s']:>12.2f} {row['step_s'] * 1e3:>8.1f} {row['bytes'] / 1e6:>8.0f} "
+          f"{row['flops'] / 1e9:>10.2f} {row['roofline_s'] * 1e3:>8.1f} {row['fraction']:>6.0%} | "
+          f"{row['peak_bytes'] / 2**20:>8.0f}", flush=True)
+    if "profile" in row:
+        print("    where the step's time goes: " + ", ".join(
+            f"{group} {seconds * 1e3:.1f} ms" for group, seconds in row["profile"].items()), flush=True)
 
 
 def budget_row(setup: Setup, model, kind: str, name: str, results: dict) -> dict:
@@ -574,6 +595,7 @@ def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
     parser.add_argument("--budget-context", type=int, default=8192)
     parser.add_argument("--compile", action="store_true", help="also lctk models with compile_decoding()")
     parser.add_argument("--profile", action="store_true", help="also split each step's time by kind of kernel")
+    parser.add_argument("--rounds", type=int, default=2, help="decode timings repeated over all models; the best")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write every figure here")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes, seconds")
@@ -595,14 +617,14 @@ def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
     dtypes = tuple(part.strip() for part in args.dtypes.split(",") if part.strip())
     if not dtypes or any(d not in DTYPES for d in dtypes):
         parser.error(f"--dtypes: {args.dtypes!r}; known: {', '.join(DTYPES)}")
-    if args.steps < 1 or args.threads < 1:
-        parser.error("--steps and --threads: at least 1")
+    if args.steps < 1 or args.threads < 1 or args.rounds < 1:
+        parser.error("--steps, --threads and --rounds: at least 1")
     setup = Setup(
         contexts=numbers("contexts", args.contexts), batches=numbers("batches", args.batches), dtypes=dtypes,
         models=models, steps=args.steps, prefill_contexts=numbers("prefill-contexts", args.prefill_contexts),
         prefill_batches=numbers("prefill-batches", args.prefill_batches), max_cache_gb=args.max_cache_gb,
         budget_gb=args.budget_gb or None, budget_context=args.budget_context, compile=args.compile,
-        dry_run=args.dry_run, profile=args.profile,
+        dry_run=args.dry_run, profile=args.profile, rounds=args.rounds,
     )
     if args.dry_run:
         setup.shape, setup.layers = dict(DRY_RUN["shape"]), DRY_RUN["layers"]
