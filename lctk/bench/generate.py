@@ -95,6 +95,7 @@ class Setup:
     dry_run: bool
     profile: bool = False
     rounds: int = 1
+    json_path: str | None = None  # written again after each group of rows: a killed run keeps what it measured
     shape: dict = field(default_factory=lambda: dict(SHAPE))
     layers: int = LAYERS
 
@@ -444,6 +445,7 @@ def run_setup(setup: Setup) -> dict:
             for row in rows.values():
                 print_row(row)
             results["rows"] += rows.values()
+            save(setup, results)
         if setup.budget_gb is not None and dtype_name == "fp32":
             for name, (model, kind) in models.items():
                 results["budget"].append(budget_row(setup, model, kind, name, results))
@@ -488,6 +490,11 @@ def run_row(setup: Setup, model, kind: str, label: str, dtype_name: str, batch: 
     if prefill:
         row["prefill_fraction"] = prefill_flops(model, batch, context) / probes["gemm"] / row["prefill_s"]
     return row
+
+
+def save(setup: Setup, results: dict) -> None:
+    if setup.json_path:
+        Path(setup.json_path).write_text(json.dumps(results, indent=1, default=str))
 
 
 def print_row(row: dict) -> None:
@@ -624,7 +631,7 @@ def parse(argv: list[str]) -> tuple[Setup, argparse.Namespace]:
         models=models, steps=args.steps, prefill_contexts=numbers("prefill-contexts", args.prefill_contexts),
         prefill_batches=numbers("prefill-batches", args.prefill_batches), max_cache_gb=args.max_cache_gb,
         budget_gb=args.budget_gb or None, budget_context=args.budget_context, compile=args.compile,
-        dry_run=args.dry_run, profile=args.profile, rounds=args.rounds,
+        dry_run=args.dry_run, profile=args.profile, rounds=args.rounds, json_path=args.json,
     )
     if args.dry_run:
         setup.shape, setup.layers = dict(DRY_RUN["shape"]), DRY_RUN["layers"]
@@ -640,8 +647,7 @@ def main(argv: list[str]) -> dict:
     setup, args = parse(argv)
     torch.set_num_threads(args.threads)
     results = run_setup(setup)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    save(setup, results)
     return results
 
 
