@@ -74,12 +74,12 @@ def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict[str, str]
         ["--dry-run"] if dry_run else [])
     return [
         ("kernel-tests", tests, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.2),
-        ("ssd-bench", ssd, interpret, 0.15),
-        ("delta-bench", delta, interpret, 0.15),
+        ("ssd-bench", ssd, interpret, 0.1),
+        ("delta-bench", delta, interpret, 0.1),
         ("train", train, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.15),
         ("memory", memory, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.15),
-        ("packed", packed, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.05),
-        ("decode", decode, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.15),
+        ("packed", packed, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.1),  # flex_attention compiles on its first call
+        ("decode", decode, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.2),  # so does the decode step; rows are written as they end
     ]
 
 

@@ -1,20 +1,22 @@
 """HybridCache: one state object per layer (keys and values for attention, conv + SSM state for Mamba-2, ...).
 
-No state is copied per token. Attention keeps its keys and values in an `AttentionState` (lctk.models.mixers.attention), transformers' `StaticLayer` (the
-layer of its StaticCache: buffers [B, H_kv, capacity, D] allocated once and written in place at fixed addresses) with
-two additions: the capacity grows geometrically when nobody said how long the sequence gets (a plain forward with a
-cache; `generate` says: prompt + max_new_tokens), and a sliding window is a ring of `window` slots, where
-transformers' StaticSlidingWindowLayer rolls (copies) the whole window every token. Recurrent states (Mamba-2, BASED,
-BaseConv) are fixed-size tensors updated in place (`lctk.models.sequence.recurrent_step`,
-`lctk.models.layers.conv_step`). That is the contract of transformers' LinearAttentionLayer (conv and recurrent
-buffers written with copy_), but not its code: it keeps the raw last K conv inputs where a packed or left-padded row
-needs them cut at document boundaries and padding, its `update_recurrent_state` copies in a new state where the decode
-step updates the state in place (one pass less), and it has no batch-row selection. Titans (`T`) and LaCT (`L`) keep
-their own states: fast weights, the phase of a partly filled chunk and a window of keys, nothing a cache layer models.
+No state is copied per token. Attention keeps its keys and values in an `AttentionState`
+(lctk.models.mixers.attention): transformers' `StaticLayer` (the layer of its StaticCache: buffers [B, H_kv, capacity,
+D] allocated once and written in place at fixed addresses) with two additions: the capacity grows geometrically when
+nobody said how long the sequence gets (a plain forward with a cache; `generate` says: prompt + max_new_tokens), and a
+sliding window is a ring of `window` slots, where transformers' StaticSlidingWindowLayer rolls (copies) the whole
+window every token. Recurrent states (Mamba-2, BASED, BaseConv) are fixed-size tensors updated in place by the decode
+step (`lctk.models.sequence.recurrent_step`, `lctk.models.layers.stateful_conv`). That is the contract of
+transformers' LinearAttentionLayer (conv and recurrent buffers written with copy_), but not its code: it keeps the raw
+last K conv inputs where a packed or left-padded row needs them cut at document boundaries and padding, its
+`update_recurrent_state` copies in a new state where the decode step updates the state in place (one pass less), and
+it has no batch-row selection. Titans (`T`) and LaCT (`L`) keep their own states: fast weights, the phase of a partly
+filled chunk and a window of keys, nothing a cache layer models. The interface a mixer's state follows is in
+lctk.models.mixers.base.MixerState.
 
 HybridCache is not a transformers `Cache` subclass (those hold one such layer object per layer and answer for it); it
 offers the part of that interface generate() uses: get_seq_length, is_linear, is_compileable, reorder_cache and batch
-selection.
+selection. `preallocated_cache` / `preallocated_generation` give any causal LM a cache allocated once.
 """
 
 from __future__ import annotations

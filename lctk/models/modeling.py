@@ -109,8 +109,11 @@ class HybridPreTrainedModel(PreTrainedModel):
         if not enable:
             base.compiled_layers = None
             return
-        settings = {"mode": "reduce-overhead"} if cuda_graphs else {"dynamic": True}
-        base.compiled_layers = torch.compile(base.run_layers, **{**settings, **options})
+        settings = {**({"mode": "reduce-overhead"} if cuda_graphs else {"dynamic": True}), **options}
+        made = getattr(base, "_compiled", None)
+        if made is None or made[0] != settings:  # a new torch.compile would compile again: kept for a later enable
+            base._compiled = (settings, torch.compile(base.run_layers, **settings))
+        base.compiled_layers = base._compiled[1]
 
     def state_size(self, seq_len: int) -> list[int]:
         """Per-layer inference state in elements per sequence after seq_len tokens: attention grows with seq_len,

@@ -129,3 +129,30 @@ def test_compiled_decoding_gives_the_eager_logits(cuda_graphs):
     assert_close(got, want)
     model.compile_decoding(False)
     assert model.model.compiled_layers is None and not model.model.layers[0].mixer.static_decode
+
+
+def test_preallocated_caches_for_any_causal_lm():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, StaticCache
+
+    from lctk.models import preallocated_cache, preallocated_generation
+
+    ours = preallocated_cache(tiny("AM"), batch_size=2, max_length=40)
+    assert isinstance(ours, HybridCache) and ours[0].max_cache_len == 40
+    assert preallocated_generation(tiny("AM")) == {}  # generate sizes the HybridCache itself
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    cache = preallocated_cache(llama, batch_size=1, max_length=24)
+    assert isinstance(cache, StaticCache) and cache.get_max_length() == 24
+    prompt = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        first = llama(prompt, cache=cache, use_cache=True).logits
+        step = llama(prompt[:, :1], cache=cache, use_cache=True).logits
+        again = llama(torch.cat([prompt, prompt[:, :1]], dim=1), use_cache=False).logits
+    assert_close(torch.cat([first, step], dim=1), again)
+    options = preallocated_generation(llama)
+    assert options == {"cache_implementation": "static"}
+    greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(llama.generate(prompt, **options, **greedy), llama.generate(prompt, **greedy))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
+    assert (preallocated_cache(gpt2, 1, 8) is None) == (not gpt2._can_compile_fullgraph)
