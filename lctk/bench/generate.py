@@ -172,9 +172,11 @@ def layer_costs(model, context: int) -> dict[str, float]:
 
 
 def matmul_parameters(model) -> int:
-    from lctk.bench.gpu import matmul_parameters as count
-
-    return count(model)
+    """Parameters that take part in a matmul per token: all but the input embedding (the LM head counts, tied
+    or not)."""
+    embedding = model.get_input_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    return total if model.config.tie_word_embeddings else total - embedding.numel()
 
 
 def _torch():

@@ -157,19 +157,13 @@ def hybrid_150m(dry_run: bool):
     return HybridForCausalLM(HybridConfig(vocab_size=vocab, **settings))
 
 
-def matmul_parameters(model) -> int:
-    """Parameters that take part in a matmul per token: all but the input embedding (the LM head counts, tied
-    or not)."""
-    embedding = model.get_input_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())
-    return total if model.config.tie_word_embeddings else total - embedding.numel()
-
-
 def flops_per_token(model, length: int) -> float:
     config = model.config
     pattern = getattr(config, "pattern", "A" * config.num_hidden_layers)
     attention_layers = pattern.count("A")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    from lctk.bench.generate import matmul_parameters
+
     return 6 * matmul_parameters(model) + 6 * 2 * attention_layers * config.num_attention_heads * head_dim * length
 
 
