@@ -5,11 +5,14 @@ Every lctk output that must appear whole goes through one of two context manager
   reader sees the old file or the whole new one (results.json, recipe.yaml, the run marker, the corpus cache, a
   rewritten samples.jsonl);
 - `scratch_folder(temporary, final)`: the same for a folder (a checkpoint, a model folder, the token store).
-Either removes its temporary file or folder on any failure (Ctrl-C included), and a failure the filesystem reported
-(a full disk, a read-only or unwritable folder, an I/O error: lctk.errors.os_error_of) becomes one UserError line
-naming the destination and the cause; anything else propagates unchanged once the temporary is gone. Writes that
-happen in place (metrics.jsonl, samples.jsonl appends, plots, the lock) are translated by the command line
-(lctk.cli.main), so every filesystem failure is one line whoever meets it.
+Either removes its temporary file or folder on any failure (Ctrl-C included). A failure the filesystem reported (a
+full disk, a read-only or unwritable folder, an I/O error: lctk.errors.os_error_of) becomes one UserError line naming
+the destination and the cause; anything else propagates unchanged once the temporary is gone. Writes that happen in
+place (metrics.jsonl, samples.jsonl appends, plots, the lock) are translated by the command line (lctk.cli.main), so
+every filesystem failure is one line whoever meets it. A process killed mid-write cannot clean up: a temporary file
+(and the token store's temporary folder) is named after its host and process (`private_name`), and the next writer
+removes those of processes of this host that are gone (`remove_dead_leftovers`); a checkpoint's or model folder's
+fixed temporary name is reused (and so cleared) by the next writer of that folder.
 
 Before the first write: `check_writable` (may lctk create or write in this folder?) and, where the size is known (a
 checkpoint, a model, a token store with max_tokens), `check_space`. torch.save and safetensors report a failed write
@@ -19,9 +22,11 @@ as RuntimeError / SafetensorError; `save_torch` and `save_safetensors` make it t
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +40,8 @@ SPACE_MARGIN = 1 << 20  # bytes kept free beyond an estimate: file headers, the 
 def atomic_file(path: Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
     """An open temporary file beside `path` (created with the usual permissions), renamed over `path` when the block
     ends; removed, and the failure named, when it does not (see the module docstring)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    remove_dead_leftovers(path.parent, f".{path.name}")
+    temporary = path.with_name(private_name(f".{path.name}", secrets.token_hex(4)))
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(descriptor, mode, encoding=None if "b" in mode else encoding) as handle:
@@ -62,9 +68,37 @@ def scratch_folder(temporary: Path, final: Path | None = None) -> Iterator[Path]
         _reraise(error, final or temporary)
 
 
+def private_name(prefix: str, *unique: str) -> str:
+    """A temporary name no other process uses: `<prefix>.<host>.<pid>[.<unique>].tmp`."""
+    return ".".join([prefix, socket.gethostname(), str(os.getpid()), *unique, "tmp"])
+
+
+def remove_dead_leftovers(folder: Path, prefix: str) -> None:
+    """The temporary files and folders (private_name) that processes of this host which are no longer running left
+    in `folder` under `prefix`."""
+    mine = f"{prefix}.{socket.gethostname()}."
+    for leftover in folder.glob(f"{glob.escape(mine)}*.tmp"):
+        pid = leftover.name.removeprefix(mine).split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def move_into_place(temporary: Path, final: Path) -> None:
-    """Rename a finished folder to `final`, replacing what is there (set aside first, so a kill at any moment leaves
-    the old or the new folder whole beside at most a leftover that the next writer removes)."""
+    """Rename a finished folder to `final`, replacing what is there: the old one is renamed aside to `<final>.old`
+    first and removed last, so at any moment one whole folder exists, under its own name or one of the two others."""
     aside = final.with_name(final.name + ".old")
     shutil.rmtree(aside, ignore_errors=True)
     if final.is_symlink() or final.is_file():

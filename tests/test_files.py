@@ -132,3 +132,20 @@ def test_a_folder_without_write_permission_is_refused(tmp_path):
     locked.mkdir(mode=0o555)
     with pytest.raises(UserError, match=r"cannot create .*locked/run: .*locked is not writable \(permission denied\)"):
         files.check_writable(locked / "run", "run.name")
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_only_that(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    left = tmp_path / f".results.json.{host}.{dead.stdout.strip()}.1234abcd.tmp"  # a writer killed mid-write
+    alive = tmp_path / f".results.json.{host}.{os.getppid()}.1234abcd.tmp"  # one still writing
+    elsewhere = tmp_path / f".results.json.other-host.{dead.stdout.strip()}.1234abcd.tmp"  # not ours to judge
+    for path in (left, alive, elsewhere):
+        path.write_text("partial")
+    with files.atomic_file(tmp_path / "results.json") as out:
+        out.write("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, "results.json"])

@@ -100,7 +100,8 @@ def _print_checks(size: str, build: dict, read: dict) -> None:
     lazy_ms = read["lazy_row_ms"] - read["unchecked_row_ms"]
     epoch_s = build["tokens"] / SEQ_LEN * read["step_s"]  # one row per step: the step time per row
     print(f"{size:>6}   checksums: xxh3 {rates['xxh3']:.0f} MB/s (crc32 {rates['crc32']:.0f}, blake2b "
-          f"{rates['blake2b']:.0f}) over {read['store_bytes'] / 1e6:.0f} MB in {read['blocks']} blocks: "
+          f"{rates['blake2b']:.0f}) over {build['tokens'] / 1e6:.1f}M tokens, {read['store_bytes'] / 1e6:.0f} MB in "
+          f"{read['blocks']} blocks: "
           f"{read['check_all_s']:.3f} s per process to check the whole store | lazily: {read['lazy_row_ms']:.3f} ms/row against "
           f"{read['unchecked_row_ms']:.3f} unchecked, {lazy_ms:+.3f} ms on a first pass | one training step of the "
           f"quickstart model on a {SEQ_LEN}-token row: {read['step_s']:.3f} s -> lazily {lazy_ms / 1e3 / read['step_s']:.4%} "
@@ -130,10 +131,13 @@ def _write_corpus(folder: Path, chars: int) -> None:
     documents = builtin_documents()
     rng = random.Random(0)
     folder.mkdir(parents=True)
-    written, shard = 0, None
+    written, shards, shard = 0, 0, None
     while written < chars:
-        if shard is None or shard.tell() > SHARD_CHARS:
-            shard = open(folder / f"shard-{written // SHARD_CHARS:05d}.jsonl", "w")
+        if shard is None or shard.tell() > SHARD_CHARS:  # tell() counts JSON's escapes too: number shards apart
+            if shard is not None:
+                shard.close()
+            shard = open(folder / f"shard-{shards:05d}.jsonl", "w")
+            shards += 1
         document = rng.choice(documents)
         start = rng.randrange(len(document))
         span = document[start : start + rng.randint(*SPAN_CHARS)]

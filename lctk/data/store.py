@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -49,7 +47,14 @@ import xxhash
 from lctk.data.text import TextSource
 from lctk.data.tokenizer import encode_batch, fingerprint
 from lctk.errors import UserError, os_error_cause, os_error_of
-from lctk.files import atomic_file, check_space, move_into_place, scratch_folder
+from lctk.files import (
+    atomic_file,
+    check_space,
+    move_into_place,
+    private_name,
+    remove_dead_leftovers,
+    scratch_folder,
+)
 
 FORMAT_VERSION = 2  # 2: a checksum per block
 MANIFEST = "manifest.json"
@@ -205,10 +210,10 @@ def _mapped(folder: Path, manifest: dict, name: str, dtype: str) -> tuple[np.nda
 
 def _build(text: TextSource, max_tokens: int | None, tokenizer, folder: Path, identity: dict) -> None:
     stores = folder.parent
-    temporary = stores / f".{folder.name}.{socket.gethostname()}.{os.getpid()}.tmp"
+    temporary = stores / private_name(f".{folder.name}")
     try:
         stores.mkdir(parents=True, exist_ok=True)
-        _remove_dead_builds(stores, folder.name)
+        remove_dead_leftovers(stores, f".{folder.name}")  # builds of this store that were killed
         if max_tokens is not None:
             check_space(stores, max_tokens * _dtype(tokenizer).itemsize, f"the token store of {text.key} in {stores}")
         with scratch_folder(temporary):  # removed on any failure: a full disk, a bad source, Ctrl-C
@@ -228,25 +233,6 @@ def _build(text: TextSource, max_tokens: int | None, tokenizer, folder: Path, id
     print(f"token store: {manifest['tokens'] / 1e6:.2f}M tokens in {manifest['documents']} documents from "
           f"{text.key}, built in {seconds:.1f}s ({manifest['tokens'] / max(seconds, 1e-3) / 1e6:.2f}M tok/s) -> "
           f"{folder}", flush=True)
-
-
-def _remove_dead_builds(stores: Path, name: str) -> None:
-    """Temporary folders that builds of this store on this host left when they were killed."""
-    host = socket.gethostname()
-    for leftover in stores.glob(f".{name}.{host}.*.tmp"):
-        pid = leftover.name.removeprefix(f".{name}.{host}.").removesuffix(".tmp")
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def _move_into_place(temporary: Path, folder: Path) -> None:
