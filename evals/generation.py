@@ -1,46 +1,121 @@
-"""Running any Hugging Face causal LM for the evals: greedy generation of a batch of prompts (stopping one-line answers
-at their newline) and chunked streaming of a long input through the model's cache."""
+"""Running any Hugging Face causal LM for the evals: batched greedy generation (chunked prefill into a cache
+allocated once, rows leaving the batch as they finish) and chunked streaming of a long input through the model's
+cache."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from lctk.evals.model_facts import cache_of, model_device
+from lctk.evals.model_facts import cache_of, iter_tensors, model_device
+from lctk.models.cache import preallocated_cache
+
+PREFILL_CHUNK = 2048  # tokens per prefill call: bounds activations and attention scores to chunk x context
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    new_tokens: list[int]  # tokens generated per row (its stop token included)
+    prefill_seconds: float
+    decode_seconds: float
+    cache_bytes: int  # the cache's tensors once prefilled, all rows
 
 
 @torch.no_grad()
-def generate(
-    model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int, one_line: list[bool] | None = None
-) -> list[str]:
-    """Greedy continuations of a batch of prompts (left-padded when their lengths differ), decoded without specials.
+def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int | list[int],
+             one_line: list[bool] | None = None, prefill_chunk: int = PREFILL_CHUNK) -> Generation:
+    """Greedy continuations of a batch of prompts, decoded without specials.
 
-    Each row stops at the end-of-text token; a row marked in `one_line` also stops at the first newline after a
-    letter or digit (its answer is one line: the rest is never scored; a leading ":" or blank line is not the
-    answer yet), and its output is cut there."""
-    from transformers import GenerationConfig, StoppingCriteriaList
-
+    Prompts are left-padded to one width and prefilled `prefill_chunk` tokens at a time into a cache sized once
+    for width + the longest budget (lctk's HybridCache, transformers' StaticCache where the class runs on one;
+    lctk.models.cache.preallocated_cache). A row stops at the end-of-text token, at its own budget
+    (`max_new_tokens`, one per row or one for all), and, when marked in `one_line`, at the first newline after a
+    letter or digit (its answer is one line: the rest is never scored; a leading ":" or blank line is not the answer
+    yet), its output cut there. Finished rows leave the batch where the cache can drop rows (batch_select_indices),
+    so one long answer does not hold every row's decode."""
     device = model_device(model)
+    rows = len(prompts)
+    budgets = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    cut = list(one_line or [False] * rows)
     width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pad = 0 if pad is None else pad
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    ids = torch.full((rows, width), pad, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
         mask[row, width - len(prompt) :] = 1
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = preallocated_cache(model, rows, width + max(budgets))
+
+    started = time.perf_counter()
+    for start in range(0, width, prefill_chunk):
+        end = min(start + prefill_chunk, width)
+        out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        cache = cache_of(out)
+    _synchronize(device)
+    prefilled = time.perf_counter()
+    cache_bytes = sum(t.numel() * t.element_size() for _, t in iter_tensors(cache))
+
+    written: list[list[int]] = [[] for _ in range(rows)]
+    finished = [False] * rows
+    live = torch.arange(rows)  # the rows in the cache, in its order (finished ones stay where it cannot drop rows)
+    next_position = positions[:, -1:] + 1
+    drops = _can_drop_rows(cache)
+    while True:
+        tokens = out.logits[:, -1].argmax(-1).cpu()
+        for slot, row in enumerate(live.tolist()):
+            if not finished[row]:
+                written[row].append(int(tokens[slot]))
+                finished[row] = _finished(tokenizer, written[row], budgets[row], cut[row])
+        if all(finished):
+            break
+        keep = torch.tensor([not finished[row] for row in live.tolist()]).nonzero().flatten()
+        if drops and len(keep) < len(live):
+            cache.batch_select_indices(keep.to(device))
+            live, tokens = live[keep], tokens[keep]
+            mask, next_position = mask[keep.to(device)], next_position[keep.to(device)]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        out = model(input_ids=tokens.view(-1, 1).to(device), attention_mask=mask, position_ids=next_position,
+                    cache=cache, use_cache=True)
+        cache = cache_of(out)
+        next_position = next_position + 1
+    _synchronize(device)
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in written]
+    return Generation(
+        texts=[_first_line(text) if one else text for text, one in zip(texts, cut, strict=True)],
+        new_tokens=[len(row) for row in written],
+        prefill_seconds=prefilled - started,
+        decode_seconds=time.perf_counter() - prefilled,
+        cache_bytes=cache_bytes,
     )
-    rows = list(one_line or [False] * len(prompts))
-    stopping = StoppingCriteriaList([_LineEnd(tokenizer, width, rows)]) if any(rows) else None
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                         stopping_criteria=stopping)
-    texts = [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu()]
-    return [_first_line(text) if cut else text for text, cut in zip(texts, rows, strict=True)]
+
+
+def _finished(tokenizer, written: list[int], budget: int, one_line: bool) -> bool:
+    if len(written) >= budget or written[-1] == tokenizer.eos_token_id:
+        return True
+    if not one_line or "\n" not in tokenizer.decode(written[-1:]):  # only a newline can end a one-line answer
+        return False
+    text = tokenizer.decode(written, skip_special_tokens=True)
+    return _first_line(text) != text
+
+
+def _can_drop_rows(cache) -> bool:
+    """transformers' StaticCache layers cannot drop rows (no batch_select_indices): rows then run to the end."""
+    layers = getattr(cache, "layers", None)
+    return hasattr(cache, "batch_select_indices") and (
+        layers is None or all(hasattr(layer, "batch_select_indices") for layer in layers))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _first_line(text: str) -> str:
@@ -48,21 +123,6 @@ def _first_line(text: str) -> str:
     start = next((i for i, char in enumerate(text) if char.isalnum()), len(text))
     end = text.find("\n", start)
     return text if end < 0 else text[:end]
-
-
-class _LineEnd:
-    """Stopping criterion: per row, True once a one-line row has written a newline after a letter or digit."""
-
-    def __init__(self, tokenizer, width: int, rows: list[bool]):
-        self.tokenizer, self.width, self.rows = tokenizer, width, rows
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row, one_line in enumerate(self.rows):
-            if one_line:
-                text = self.tokenizer.decode(input_ids[row, self.width :], skip_special_tokens=True)
-                done[row] = _first_line(text) != text
-        return done
 
 
 @dataclass

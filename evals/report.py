@@ -36,7 +36,10 @@ def model_report(results: dict, path: Path) -> None:
     for suite, entry in results["results"].items():
         lines += ["", f"## {suite}", ""]
         if entry.get("samples_per_s"):
-            lines += [f"{entry['samples_per_s']:.3g} samples/s (making the prompt and generating)", ""]
+            rates = (("samples/s", "samples_per_s"), ("tokens/s end to end", "tokens_per_s"),
+                     ("prefill tokens/s", "prefill_tokens_per_s"), ("decode tokens/s", "decode_tokens_per_s"))
+            lines += [", ".join(f"{entry[key]:,.3g} {label}" for label, key in rates if entry.get(key)) +
+                      " (prefill and decode over the model's own time)", ""]
         by_length = entry.get("by_length") or {}
         if by_length:
             lines += ["| length | " + " | ".join(format_length(int(k)) for k in by_length) + " |",

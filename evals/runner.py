@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lctk.errors import UserError
+from lctk.evals.batching import run_batches
 from lctk.evals.fingerprints import weights_fingerprint
 from lctk.evals.lm_eval_bridge import run_lm_eval
 from lctk.evals.model_facts import length_limit, model_device, training_length
@@ -111,10 +112,8 @@ def run_suites(model, tokenizer, settings: EvalSettings, output_dir: str | Path 
                     _note(f"{name}: reusing {len(jobs) - len(todo)} finished samples from {out} (same weights and tokenizer)")
                 task = bar.add_task(f"{name} ({len(jobs) - len(todo)} done before)", total=len(jobs),
                                     completed=len(jobs) - len(todo)) if bar else None
-                step = settings.batch_size if suite.batched else 1
-                for at in range(0, len(todo), step):
-                    batch = todo[at : at + step]
-                    for (_, key), record in zip(batch, suite.run(ctx, [job for job, _ in batch]), strict=True):
+                for batch, batch_records in run_batches(suite, ctx, todo, settings.batch_size, settings.memory_budget):
+                    for (_, key), record in zip(batch, batch_records, strict=True):
                         store.add({"key": key, "model": model_name, **record})
                     if bar:
                         bar.advance(task, len(batch))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lctk.errors import UserError
 from lctk.evals.suites import SUITES
-from lctk.sizes import parse_size
+from lctk.sizes import parse_bytes, parse_size
 from lctk.tasks import niah, passkey, ruler
 from lctk.tasks.tokens import CHAT_MODES
 
@@ -31,7 +31,8 @@ class EvalSettings:
     limit: int = DEFAULT_LIMIT  # samples per length (per length and depth for grids)
     seed: int = 0
     depths: tuple[float, ...] = DEFAULT_DEPTHS
-    batch_size: int = 1
+    batch_size: int | str = "auto"  # rows per batch of the batched suites; "auto": as many as memory_budget holds
+    memory_budget: int | str | None = None  # bytes ("4GB") for "auto" batches; None: evals.batching.default_budget
     max_new_tokens: int | None = None  # None: each suite's default
     allow_longer: bool = False  # lengths above the model's position limit
     exact: bool = False  # check every prompt against a whole-text tokenisation
@@ -53,6 +54,8 @@ class EvalSettings:
             "haystack": _existing("--haystack", self.haystack),
             "qa_data": _existing("--qa-data", self.qa_data),
             "lm_eval_include": None if self.lm_eval_include is None else str(self.lm_eval_include),
+            "batch_size": _batch_size(self.batch_size),
+            "memory_budget": None if self.memory_budget is None else _memory_budget(self.memory_budget),
             "suite_names": tuple(names),
             "tasks": tasks,
         }
@@ -61,9 +64,8 @@ class EvalSettings:
         self._check()
 
     def _check(self) -> None:
-        for flag, value in (("--limit", self.limit), ("--batch-size", self.batch_size)):
-            if value < 1:
-                raise UserError(f"{flag}: must be at least 1, got {value}")
+        if self.limit < 1:
+            raise UserError(f"--limit: must be at least 1, got {self.limit}")
         if self.limit > MAX_LIMIT:  # every job is listed up front
             raise UserError(f"--limit: at most {MAX_LIMIT} samples per length, got {self.limit}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -130,6 +132,25 @@ def _items(spec) -> list:
     """A comma-separated string or an iterable -> its items (strings stripped)."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     return [item.strip() if isinstance(item, str) else item for item in items]
+
+
+def _batch_size(value) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        rows = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--batch-size: a number of rows or auto, got {value!r}") from None
+    if rows < 1:
+        raise UserError(f"--batch-size: must be at least 1, got {rows}")
+    return rows
+
+
+def _memory_budget(value) -> int:
+    try:
+        return parse_bytes(value)
+    except ValueError as error:
+        raise UserError(f"--memory-budget: {error}") from None
 
 
 def _depths(values) -> tuple[float, ...]:

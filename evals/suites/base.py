@@ -51,7 +51,7 @@ class Job:
 
 class Suite:
     name: str = ""
-    batched: bool = False  # whether run() takes up to ctx.settings.batch_size jobs at once
+    batched: bool = False  # whether run() takes several jobs at once (rows of one batch, see evals.batching)
 
     def jobs(self, ctx: EvalContext) -> list[Job]:
         raise NotImplementedError
@@ -63,7 +63,13 @@ class Suite:
         """Raise UserError for settings this suite cannot run with (ctx has the tokenizer, not yet the model), so a
         run fails before its first sample rather than in the middle."""
 
-    def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
+    def prepare(self, ctx: EvalContext, job: Job) -> object:
+        """The per-sample work that needs no model (prompt building, tokenising). The runner calls it in a thread, a
+        batch ahead, so that it overlaps the model's work on the batch before."""
+        return None
+
+    def run(self, ctx: EvalContext, jobs: list[Job], prepared: list) -> list[dict]:
+        """Records for `jobs`, one each; `prepared` holds prepare()'s result for each job."""
         raise NotImplementedError
 
     def summarize(self, ctx: EvalContext, records: list[dict]) -> dict:

@@ -47,7 +47,7 @@ class PerplexitySuite(Suite):
     def jobs(self, ctx: EvalContext) -> list[Job]:
         return [Job(self.name, "corpus", length, index) for length in ctx.settings.lengths for index in range(ctx.settings.limit)]
 
-    def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
+    def run(self, ctx: EvalContext, jobs: list[Job], prepared: list) -> list[dict]:
         (job,) = jobs
         ids = corpus_window(ctx, job.length, job.index)
         nll = np.concatenate([step.nll.numpy() for step, _ in stream(ctx.model, ids, CHUNK)])

@@ -56,7 +56,7 @@ class RecallThroughputSuite(Suite):
             jobs.append(Job(self.name, "throughput", length, 0))
         return jobs
 
-    def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
+    def run(self, ctx: EvalContext, jobs: list[Job], prepared: list) -> list[dict]:
         (job,) = jobs
         record = {"suite": self.name, "task": job.task, "length": job.length, "index": job.index, "seed": ctx.settings.seed}
         rng = sample_rng(job.task, job.length, job.index, ctx.settings.seed)

@@ -12,8 +12,9 @@ ran; otherwise None, and `tasks_run` / the report name what ran. Without QA data
 `--suite ruler` with one warning line (asking for qa_1 / qa_2 by name fails instead).
 The prompt budget is length - reserve, so prompt and answer fit in `length`. Prompts are wrapped in the tokenizer's
 chat template per ctx.settings.chat_template (RULER does this for instruct models). Generation stops at end-of-text, and at
-the first newline for tasks whose answer is one line (passkey, single-value NIAH, vt, QA). samples_per_s: samples over
-the seconds spent making and generating them (resumed samples count their recorded times).
+the first newline for tasks whose answer is one line (passkey, single-value NIAH, vt, QA). Samples run in batches of
+one length (evals.batching: sized to a memory budget by default), prompts built a batch ahead in a thread;
+samples_per_s / tokens_per_s: over the runner's wall time, prefill / decode tokens/s over the model's (throughput()).
 """
 
 from __future__ import annotations
@@ -65,15 +66,18 @@ class RetrievalSuite(Suite):
                                 "kept for the answer (raise --lengths or lower --max-new-tokens)")
             self.make(ctx, job)
 
-    def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
+    def prepare(self, ctx: EvalContext, job: Job) -> tuple[Sample, float]:
         started = time.perf_counter()
-        samples = [self.make(ctx, job) for job in jobs]
-        generated = time.perf_counter()
-        predictions = generate(ctx.model, ctx.tokenizer, [s.input_ids for s in samples], max(s.reserve for s in samples),
-                               one_line=[self.one_line(job.task) for job in jobs])
-        seconds = (time.perf_counter() - generated) / len(jobs)
+        sample = self.make(ctx, job)
+        return sample, time.perf_counter() - started
+
+    def run(self, ctx: EvalContext, jobs: list[Job], prepared: list[tuple[Sample, float]]) -> list[dict]:
+        samples = [sample for sample, _ in prepared]
+        out = generate(ctx.model, ctx.tokenizer, [s.input_ids for s in samples], [s.reserve for s in samples],
+                       one_line=[self.one_line(job.task) for job in jobs])
+        rows = len(jobs)
         records = []
-        for job, sample, prediction in zip(jobs, samples, predictions, strict=True):
+        for job, (sample, made_in), prediction, new_tokens in zip(jobs, prepared, out.texts, out.new_tokens, strict=True):
             metric = sample.meta.get("metric", "all")
             score = METRICS[metric](prediction, sample.answers)
             records.append(
@@ -92,8 +96,13 @@ class RetrievalSuite(Suite):
                     "prediction": prediction,
                     "score": score,
                     "correct": score == 100.0,
-                    "sample_seconds": round((generated - started) / len(jobs), 4),
-                    "generate_seconds": round(seconds, 4),
+                    "new_tokens": new_tokens,
+                    "batch_rows": rows,
+                    # the batch's times shared out per row
+                    "sample_seconds": round(made_in, 4),
+                    "prefill_seconds": round(out.prefill_seconds / rows, 4),
+                    "decode_seconds": round(out.decode_seconds / rows, 4),
+                    "cache_bytes": out.cache_bytes // rows,
                 }
             )
         return records
@@ -120,7 +129,7 @@ class PasskeySuite(RetrievalSuite):
         variants = sorted({r["task"] for r in records})
         return {
             "variant": ", ".join(f"{v}: {passkey.VARIANTS[v]}" for v in variants),
-            "samples_per_s": samples_per_second(records),
+            **throughput(records),
             "score": mean(r["score"] for r in records),
             "by_length": by(records, "length"),
             "by_depth": by(records, "depth"),
@@ -183,7 +192,7 @@ class NiahSuite(RetrievalSuite):
             "by_task": per_task,
             "tasks_run": ruler_tasks,
             "samples": len(records),
-            "samples_per_s": samples_per_second(records),
+            **throughput(records),
         }
         grid_records = [r for r in records if r["task"] == "niah_grid"]
         if grid_records:
@@ -252,9 +261,26 @@ def warn_once(line: str) -> None:
         print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
-def samples_per_second(records: list[dict]) -> float | None:
-    seconds = sum(r.get("sample_seconds", 0) + r.get("generate_seconds", 0) for r in records)
-    return round(len(records) / seconds, 3) if seconds > 0 else None
+def throughput(records: list[dict]) -> dict[str, float | None]:
+    """samples/s and tokens/s (prompt + generated) over the wall time the runner gave each record (prompt building
+    overlaps the model's work, so it counts only where the model waited for it); prefill and decode tokens/s over
+    the model's own time. Records written before these fields existed count as missing (None when all are)."""
+    timed = [r for r in records if "wall_seconds" in r]
+    wall = sum(r["wall_seconds"] for r in timed)
+    prefill = sum(r["prefill_seconds"] for r in timed)
+    decode = sum(r["decode_seconds"] for r in timed)
+    prompt = sum(r["prompt_tokens"] for r in timed)
+    new = sum(r["new_tokens"] for r in timed)
+    return {
+        "samples_per_s": _rate(len(timed), wall),
+        "tokens_per_s": _rate(prompt + new, wall),
+        "prefill_tokens_per_s": _rate(prompt, prefill),
+        "decode_tokens_per_s": _rate(new, decode),
+    }
+
+
+def _rate(amount: float, seconds: float) -> float | None:
+    return round(amount / seconds, 3) if seconds > 0 else None
 
 
 def _group(records: list[dict], key: Callable[[dict], object]) -> dict:

@@ -149,7 +149,7 @@ class StateCollapseSuite(Suite):
     def jobs(self, ctx: EvalContext) -> list[Job]:
         return [Job(self.name, kind, length, 0) for length in ctx.settings.lengths for kind in INPUTS]
 
-    def run(self, ctx: EvalContext, jobs: list[Job]) -> list[dict]:
+    def run(self, ctx: EvalContext, jobs: list[Job], prepared: list) -> list[dict]:
         (job,) = jobs
         prefix = np.asarray(special_tokens_around(ctx.tokenizer)[0], dtype=np.int64)
         repeats_from = None

@@ -20,24 +20,48 @@ def expected_answer(prompt: str) -> str:
 
 
 class ScriptedLM(torch.nn.Module):
-    """generate() continues every prompt with `answer(prompt text)` then EOS; counts the prompts it saw."""
+    """Continues every prompt with `answer(prompt text)` then EOS, through forward() and a cache as a real LM does:
+    calls with logits_to_keep=1 are prefill (their tokens extend the prompt), others feed back what it answered.
+    `prompts`: every prompt it was given, in order."""
 
     def __init__(self, tokenizer, answer, max_position_embeddings: int | None = None):
         super().__init__()
         self.tokenizer, self.answer = tokenizer, answer
         self.config = SimpleNamespace(vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings)
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device and dtype
-        self.prompts: list[str] = []
+        self.caches: list[ScriptedCache] = []
 
-    def generate(self, input_ids, attention_mask, generation_config, **kwargs):
-        rows = []
-        for ids, mask in zip(input_ids, attention_mask, strict=True):
-            prompt = self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-            self.prompts.append(prompt)
-            answer = self.tokenizer(self.answer(prompt), add_special_tokens=False)["input_ids"]
-            rows.append(ids.tolist() + answer[: generation_config.max_new_tokens - 1] + [self.tokenizer.eos_token_id])
-        width = max(map(len, rows))
-        return torch.tensor([row + [self.tokenizer.eos_token_id] * (width - len(row)) for row in rows])
+    @property
+    def prompts(self) -> list[str]:
+        return [text for cache in self.caches for text in cache.prompts]
+
+    def forward(self, input_ids, attention_mask, cache=None, logits_to_keep=0, **kwargs):
+        if cache is None:
+            cache = ScriptedCache(input_ids.shape[0])
+            self.caches.append(cache)
+        new = attention_mask[:, -input_ids.shape[1] :].bool()
+        logits = torch.zeros(input_ids.shape[0], 1, self.config.vocab_size)
+        for row, (ids, real) in enumerate(zip(input_ids, new, strict=True)):
+            tokens = cache.rows[row]
+            if logits_to_keep == 1:  # prefill: the prompt grows, and so does what it will answer
+                tokens.prompt += ids[real].tolist()
+                text = self.tokenizer.decode(tokens.prompt, skip_special_tokens=True)
+                cache.prompts[tokens.index] = text
+                tokens.answer = self.tokenizer(self.answer(text), add_special_tokens=False)["input_ids"]
+            else:
+                tokens.fed += 1
+            script = tokens.answer + [self.tokenizer.eos_token_id]
+            logits[row, 0, script[min(tokens.fed, len(script) - 1)]] = 1.0
+        return SimpleNamespace(logits=logits, cache=cache)
+
+
+class ScriptedCache:
+    def __init__(self, rows: int):
+        self.rows = [SimpleNamespace(index=i, prompt=[], answer=[], fed=0) for i in range(rows)]
+        self.prompts = [""] * rows
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.rows = [self.rows[i] for i in indices.tolist()]
 
 
 class InductionLM(torch.nn.Module):
