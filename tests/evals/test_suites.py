@@ -32,6 +32,13 @@ def test_perfect_retriever_scores_100(bpe_tokenizer, tmp_path):
     for field in ("prompt_hash", "length", "depth", "answer", "prediction", "correct"):
         assert all(field in r for r in records)
     assert all(r["prompt_tokens"] <= r["length"] - r["reserve"] for r in records)
+    # throughput: every sample timed, tokens = prompt + answer + its end token
+    answers = {r["prompt_hash"]: len(bpe_tokenizer(r["prediction"], add_special_tokens=False)["input_ids"]) + 1
+               for r in records}
+    assert all(r["new_tokens"] == answers[r["prompt_hash"]] for r in records)
+    per_sample = sum(r["prompt_tokens"] + r["new_tokens"] for r in records if r["suite"] == "passkey") / passkey["samples"]
+    assert passkey["tokens_per_s"] == pytest.approx(passkey["samples_per_s"] * per_sample, rel=1e-3)
+    assert passkey["prefill_tokens_per_s"] > 0 and niah["decode_tokens_per_s"] > 0
 
 
 def test_silent_model_scores_0_and_the_output_folder_has_everything(bpe_tokenizer, tmp_path):
