@@ -1,7 +1,8 @@
-"""Batches for the batched suites: jobs of one length together (their prompts pad to nearly one width), as many rows
-as a memory budget holds, and the per-sample work (prepare) done in a thread a batch ahead of the model.
+"""Batches for the batched suites: jobs of one batch key together (Suite.batch_key: one length, so that prompts pad to
+nearly one width, and for generation one answer budget, so that short answers do not wait for long ones), as many
+rows as a memory budget holds, and the per-sample work (prepare) done in a thread a batch ahead of the model.
 
-Rows per batch: `batch_size` when it is a number; with "auto", the first batch of each length is one row whose peak
+Rows per batch: `batch_size` when it is a number; with "auto", the first batch at each length is one row whose peak
 memory (evals.memory.peak_memory: CUDA's allocator peak, or the growth of the process's resident set on CPU) and
 cache bytes are measured, and the rest of that length run budget // max(peak, cache bytes) rows, at most MAX_ROWS.
 The budget (--memory-budget) defaults to 80% of the free GPU memory or half the memory the system has available."""
@@ -38,15 +39,20 @@ def run_batches(suite, ctx, todo: list, batch_size: int | str, budget: int | Non
     ("wall_seconds": the batch's wall time, waiting for its prompts included, over its rows)."""
     if not suite.batched:
         batch_size = 1
-    by_length = sorted(todo, key=lambda pair: pair[0].length)  # stable: within a length, the suite's order
+    def batch_key(pair):
+        return suite.batch_key(ctx, pair[0])
+
+    ordered = sorted(todo, key=batch_key)  # stable: within a key, the suite's order
     budget = budget or default_budget(ctx.device)
-    for _, group in groupby(by_length, key=lambda pair: pair[0].length):
+    rows_at: dict[int, int] = {}  # length -> rows, measured on its first batch
+    for _, group in groupby(ordered, key=batch_key):
         group = list(group)
         prepared = _prefetched(lambda pair: suite.prepare(ctx, pair[0]), group,
                                ahead=MAX_ROWS if batch_size == "auto" else batch_size)
-        rows = 1 if batch_size == "auto" else batch_size
+        length = group[0][0].length
         at = 0
         while at < len(group):
+            rows = batch_size if batch_size != "auto" else rows_at.get(length, 1)
             batch = group[at : at + rows]
             started = time.perf_counter()
             ready = list(islice(prepared, len(batch)))
@@ -57,9 +63,9 @@ def run_batches(suite, ctx, todo: list, batch_size: int | str, budget: int | Non
                 record["wall_seconds"] = round(seconds / len(batch), 4)
             yield batch, records
             at += len(batch)
-            if batch_size == "auto" and at == 1:
+            if batch_size == "auto" and length not in rows_at:
                 cache = max((r.get("cache_bytes", 0) for r in records), default=0)
-                rows = rows_for(max(peak["bytes"], cache), budget)
+                rows_at[length] = rows_for(max(peak["bytes"], cache), budget)
 
 
 def _prefetched(work: Callable, items: Iterable, ahead: int) -> Iterator:

@@ -63,6 +63,10 @@ class Suite:
         """Raise UserError for settings this suite cannot run with (ctx has the tokenizer, not yet the model), so a
         run fails before its first sample rather than in the middle."""
 
+    def batch_key(self, ctx: EvalContext, job: Job) -> tuple:
+        """Jobs that may share a batch have equal keys (sorted ascending: shorter lengths first)."""
+        return (job.length,)
+
     def prepare(self, ctx: EvalContext, job: Job) -> object:
         """The per-sample work that needs no model (prompt building, tokenising). The runner calls it in a thread, a
         batch ahead, so that it overlaps the model's work on the batch before."""

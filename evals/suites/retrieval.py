@@ -66,6 +66,10 @@ class RetrievalSuite(Suite):
                                 "kept for the answer (raise --lengths or lower --max-new-tokens)")
             self.make(ctx, job)
 
+    def batch_key(self, ctx: EvalContext, job: Job) -> tuple:
+        # a batch runs until its longest answer ends (where the cache cannot drop finished rows, every row does)
+        return job.length, self.one_line(job.task), self.reserve(ctx, job.task)
+
     def prepare(self, ctx: EvalContext, job: Job) -> tuple[Sample, float]:
         started = time.perf_counter()
         sample = self.make(ctx, job)

@@ -118,3 +118,11 @@ def test_batch_size_and_memory_budget_are_checked_as_flags():
         EvalSettings(batch_size="many")
     with pytest.raises(UserError, match=r"^--memory-budget: cannot read 'lots' as a memory size \(e.g. 512MB, 4GB\)$"):
         EvalSettings(memory_budget="lots")
+
+
+def test_one_line_answers_and_long_answers_do_not_share_a_batch():
+    from lctk.evals.suites.retrieval import RulerSuite
+
+    ruler, ctx = RulerSuite(), EvalContext(EvalSettings(suites="ruler"))
+    keys = {task: ruler.batch_key(ctx, Job("ruler", task, 1024, 0)) for task in ("niah_single_1", "vt", "cwe", "fwe")}
+    assert keys["niah_single_1"] != keys["cwe"] != keys["fwe"] and keys["cwe"][0] == keys["vt"][0] == 1024
