@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 
-from lctk.models.layers import GatedRMSNorm, stateful_conv
+from lctk.models.layers import GatedRMSNorm, init_short_conv, short_conv
 from lctk.models.mixers.base import Mixer, MixerState, require_positive, short_shard
 from lctk.models.sequence import SequenceInfo, recurrent_step, ssd_rows
 
@@ -161,9 +161,7 @@ class Mamba2(Mixer):
         init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         init.copy_(self.A_log, torch.empty(self.num_heads).uniform_(1, 16).log())
         init.ones_(self.D)
-        bound = 1 / math.sqrt(self.conv_kernel)
-        init.uniform_(self.conv_weight, -bound, bound)
-        init.uniform_(self.conv_bias, -bound, bound)
+        init_short_conv(self.conv_weight, self.conv_bias)
 
     @classmethod
     def context_parallel_problem(cls, config, shard_length: int) -> str | None:
@@ -212,13 +210,7 @@ class Mamba2(Mixer):
         if segment and length > segment and state is None and torch.is_grad_enabled() and self._runs_segmented(seq):
             return self._segmented(hidden_states, seq, segment)
         z, xbc, dt = self.in_proj(hidden_states).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        if seq.token_mask is not None:
-            xbc = xbc * seq.token_mask.unsqueeze(-1).to(xbc.dtype)
-
-        past_conv = state.conv if state is not None else None
-        if seq.shard is not None:  # the previous shard's last inputs continue this shard's convolution
-            past_conv = seq.shard.conv_halo(xbc, self.conv_kernel, seq.seq_idx, tag="M conv")
-        xbc = F.silu(stateful_conv(xbc, self.conv_weight, self.conv_bias, past_conv, seq.seq_idx, state))
+        xbc = short_conv(xbc, self.conv_weight, self.conv_bias, seq, state, tag=f"{self.letter} conv")
         x, b, c = xbc.split(self.conv_split, dim=-1)
 
         dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, T, H]
