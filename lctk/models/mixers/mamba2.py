@@ -49,6 +49,8 @@ at layers that are not `M`), so calibrated per-layer values live in config.json:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.hooks import RemovableHandle
 from transformers import initialization as init
 
 from lctk.models.layers import GatedRMSNorm, init_short_conv, short_conv
@@ -112,6 +115,7 @@ class Mamba2(Mixer):
         self.D = nn.Parameter(torch.empty(self.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, self.n_groups, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
+        self._state_probes: OrderedDict[int, Callable[..., None]] = OrderedDict()  # as torch's hooks (weak-referable)
         self.init_special_parameters()
 
     @classmethod
@@ -204,6 +208,16 @@ class Mamba2(Mixer):
             size += (window - 1) * (self.n_groups * self.d_state + self.num_heads * (self.head_dim + 1))
         return size
 
+    def register_state_probe(self, probe: Callable[..., None]) -> RemovableHandle:
+        """Have `probe(dt=, decay=, b=, x=)` called on every forward (every segment of a segmented one) with what
+        writes the state, as the recurrence gets it: dt [B, T, H] fp32 (after softplus, padding and dt_scale), the
+        decay exp(A dt) [B, T, H], b [B, T, G, N] (after b_scale) and x [B, T, H, P] (after the convolution). The
+        state-collapse suite (lctk.evals) reads them this way. `handle.remove()` stops the calls, as torch's
+        module hooks."""
+        handle = RemovableHandle(self._state_probes)
+        self._state_probes[handle.id] = probe
+        return handle
+
     def forward(self, hidden_states: Tensor, seq: SequenceInfo, state: Mamba2State | None = None) -> Tensor:
         batch, length, _ = hidden_states.shape
         segment = seq.recompute_segment
@@ -225,8 +239,7 @@ class Mamba2(Mixer):
         if b_scale not in (None, 1.0):
             b = b * b_scale
         c = c.unflatten(-1, (self.n_groups, self.d_state))
-        probe = getattr(self, "probe", None)  # set by lctk.evals' state-collapse suite to read Δ, decay, B and x
-        if probe is not None:
+        for probe in self._state_probes.values():
             probe(dt=dt, decay=torch.exp(g), b=b, x=x)
         v = x * dt.unsqueeze(-1).to(x.dtype)
 
