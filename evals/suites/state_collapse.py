@@ -16,7 +16,8 @@ Recorded per input and length:
     norm after every chunk (`head_norm`: chunks x heads);
   * for Mamba-2 layers, per head and chunk (`mixers`: {layer: {quantity: chunks x heads}}): the mean of Δ (dt, after
     softplus and any dt_scale), of the decay exp(A Δ), and the RMS of B and of x (after the convolution): lctk's
-    Mamba2 reports them through its `probe` hook, transformers' Mamba2Mixer Δ and decay through its in_proj.
+    Mamba2 reports them to a probe (Mamba2.register_state_probe), transformers' Mamba2Mixer Δ and decay through a
+    forward hook on its in_proj.
     Other mixers have no such input-dependent decay (BASED, BaseConv) or keep theirs inside their state update
     (Titans, LaCT): their state norms are recorded.
 score (corpus input, longest length) and by_length: the corpus loss ratio. newlines_by_length: the newline input's
@@ -116,7 +117,7 @@ def mixer_probes(model) -> Iterator[dict[str, dict[str, list]]]:
     for name, module in model.named_modules() if isinstance(model, torch.nn.Module) else []:
         if not (hasattr(module, "A_log") and hasattr(module, "dt_bias")):
             continue
-        if hasattr(module, "conv_split"):  # lctk's Mamba2: its probe sees Δ, the decay, B and x as it computes them
+        if hasattr(module, "register_state_probe"):  # lctk's Mamba2: Δ, the decay, B and x as it computes them
 
             def probe(dt, decay, b, x, name=name, heads=module.num_heads):
                 record(name, "dt", dt[0].mean(0))
@@ -126,8 +127,7 @@ def mixer_probes(model) -> Iterator[dict[str, dict[str, list]]]:
                 record(name, "B", b_rms.repeat_interleave(heads // groups))
                 record(name, "x", x[0].float().pow(2).mean(-1).sqrt().mean(0))
 
-            module.probe = probe
-            undo.append(lambda module=module: setattr(module, "probe", None))
+            undo.append(module.register_state_probe(probe).remove)
         elif hasattr(module, "in_proj") and hasattr(module, "num_heads"):  # transformers' Mamba2Mixer: Δ and decay
 
             def hook(_, __, output, name=name, module=module):

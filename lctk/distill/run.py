@@ -341,7 +341,7 @@ def _stage_row(stage_dir: Path, number: int, student, teacher, tokenizer, held_o
     finished = rundir.saved_record(saved)
     if finished is not None:
         return finished
-    from lctk.train.run import save_hf_folder
+    from lctk.train.checkpoint import save_hf_folder
 
     spec = recipe.distill.evidence
     student.eval()
@@ -370,20 +370,18 @@ def _stage_row(stage_dir: Path, number: int, student, teacher, tokenizer, held_o
 
 def _passkey(model, tokenizer, recipe: DistillRecipe, out_dir: Path) -> dict:
     """Passkey accuracy (%) at each evidence length, keyed passkey_<N>x (times data.seq_len) or passkey_<tokens>."""
-    from lctk.evals.runner import run_suites
-    from lctk.evals.settings import EvalSettings
     from lctk.recipe import EvalSection
 
     spec = recipe.distill.evidence
     if spec.passkey_samples == 0:
         return {}
     seq_len = recipe.data.seq_len
-    lengths = EvalSection(lengths=spec.passkey_lengths).token_lengths(seq_len)
+    # the evidence keys were checked with the distill recipe: built without a second validation
+    section = EvalSection.model_construct(suites=["passkey"], lengths=spec.passkey_lengths,
+                                          limit=spec.passkey_samples, options={"depths": spec.passkey_depths})
+    lengths = section.token_lengths(seq_len)
     try:
-        settings = EvalSettings(suites=("passkey",), lengths=lengths, limit=spec.passkey_samples,
-                                depths=spec.passkey_depths, seed=recipe.run.seed, allow_longer=True)
-        results = run_suites(model, tokenizer, settings, output_dir=out_dir, progress=False,
-                             model_name=out_dir.parent.name)
+        results = section.run(model, tokenizer, seq_len, recipe.run.seed, out_dir, out_dir.parent.name)
     except UserError as error:  # e.g. a length too short for the passkey prompt with this tokenizer
         raise UserError(f"distill.evidence.passkey_lengths: {error}") from None
     by_length = results["results"]["passkey"]["by_length"]

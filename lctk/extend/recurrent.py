@@ -1,5 +1,6 @@
 """Training-free length generalisation for the Mamba-2 layers of an lctk model: choose and calibrate the settings
-that `lctk.models.mixers.mamba2` applies (dt_scale, b_scale, state_norm_cap, state_window; equations there).
+that `lctk.models.mixers.mamba2` applies (dt_scale, b_scale, state_norm_cap, state_window; equations in
+lctk.models.mixers.mamba2_length_generalisation).
 
 Beyond its training length a recurrent layer meets states it never saw: a head whose decay is close to 1 keeps
 adding to its state, the norm grows, and the outputs built on it collapse ("state collapse", Chen et al. 2024,

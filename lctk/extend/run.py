@@ -213,7 +213,7 @@ def train_stage(recipe: ExtendRecipe, model, tokenizer, stage: StageSection, num
     """Continued training of one stage through the shared Trainer; returns the stage's model (resumable)."""
     from lctk.data.packing import StepBatches
     from lctk.parallel import check_context_parallel, context_group, make_accelerator
-    from lctk.train.run import save_hf_folder
+    from lctk.train.checkpoint import save_hf_folder
     from lctk.train.tracking import finish_trackers
     from lctk.train.trainer import Trainer, summary_line
 
@@ -277,7 +277,7 @@ def stage_rows(recipe: ExtendRecipe, tokenizer, seq_len: int, short_len: int, lo
 
 def save_model(model, tokenizer, folder: Path) -> None:
     """The HF folder (written aside and renamed into place), its config.json in both RoPE layouts."""
-    from lctk.train.run import save_hf_folder
+    from lctk.train.checkpoint import save_hf_folder
 
     save_hf_folder(model, tokenizer, folder)
     write_legacy_rope_keys(folder)

@@ -1,13 +1,21 @@
-"""Building blocks shared by the mixers: norms, the SwiGLU MLP, rotary embeddings and a boundary-aware causal
-depthwise convolution (used by Mamba-2, BaseConv, Titans)."""
+"""Building blocks shared by the mixers: norms, the SwiGLU MLP, rotary embeddings and the short causal depthwise
+convolution (`short_conv`: Mamba-2, BaseConv, Titans, Gated DeltaNet, KDA), which respects document boundaries,
+padding, the cached state and context-parallel shards."""
 
 from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from transformers import initialization as init
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+if TYPE_CHECKING:
+    from lctk.models.sequence import SequenceInfo
 
 
 class RMSNorm(nn.Module):
@@ -159,12 +167,34 @@ class _DepthwiseConv(torch.autograd.Function):
         return grad_x, grad_w, grad_out.sum((0, 1)), grad_past, None
 
 
+def init_short_conv(weight: Tensor, bias: Tensor | None = None) -> None:
+    """nn.Conv1d's default for a short convolution's [D, K] weight (and bias): U(-1/sqrt(K), 1/sqrt(K)), as mamba's
+    conv1d and fla's ShortConvolution."""
+    bound = 1 / math.sqrt(weight.shape[1])
+    init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        init.uniform_(bias, -bound, bound)
+
+
+def short_conv(x: Tensor, weight: Tensor, bias: Tensor | None, seq: SequenceInfo, state=None, tag: str = "conv") -> Tensor:
+    """silu(causal depthwise conv(x)), the short convolution of every mixer that has one: padding enters as zeros
+    (seq.token_mask), no tap reaches into another document (seq.seq_idx), and the inputs before x are the state's
+    (`state.conv`, generation), the previous shard's last ones (seq.shard, context parallel; `tag` names that
+    exchange) or zeros. With `state`, its conv becomes the last K-1 inputs (stateful_conv)."""
+    if seq.token_mask is not None:
+        x = x * seq.token_mask.unsqueeze(-1).to(x.dtype)
+    past = state.conv if state is not None else None
+    if seq.shard is not None:  # the previous shard's last inputs continue this shard's convolution
+        past = seq.shard.conv_halo(x, weight.shape[1], seq.seq_idx, tag=tag)
+    return F.silu(stateful_conv(x, weight, bias, past, seq.seq_idx, state))
+
+
 def stateful_conv(
     x: Tensor, weight: Tensor, bias: Tensor | None, past: Tensor | None, seq_idx: Tensor | None, state=None
 ) -> Tensor:
     """causal_depthwise_conv of x after the inputs `past`; with `state` (a MixerState with a `conv` tensor, which
-    `past` is) its conv becomes the last K-1 inputs: in place for one token outside autograd (a decode step: three
-    ops, the state keeps its address), by rebinding otherwise (a state carried through checkpointed segments must
+    `past` may be) its conv becomes the last K-1 inputs: in place outside autograd (the state keeps its address; a
+    decode step takes three ops), by rebinding under autograd (a state carried through checkpointed segments must
     not be overwritten)."""
     if state is None:
         return causal_depthwise_conv(x, weight, bias, past, seq_idx)
@@ -173,8 +203,13 @@ def stateful_conv(
         state.conv.copy_(window[:, 1:])
         out = (window * weight.t().to(window.dtype)).sum(1, keepdim=True)
         return (out if bias is None else out + bias.to(out.dtype)).to(x.dtype)
-    state.conv = conv_tail(x, past, weight.shape[1], seq_idx)
-    return causal_depthwise_conv(x, weight, bias, past, seq_idx)
+    tail = conv_tail(x, past, weight.shape[1], seq_idx)
+    out = causal_depthwise_conv(x, weight, bias, past, seq_idx)  # before the state changes: `past` may be it
+    if torch.is_grad_enabled():
+        state.conv = tail
+    else:
+        state.conv.copy_(tail)
+    return out
 
 
 def conv_tail(x: Tensor, past: Tensor | None, kernel: int, seq_idx: Tensor | None = None) -> Tensor:

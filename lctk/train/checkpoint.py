@@ -25,6 +25,9 @@ the last good checkpoint outlives a divergence. Of the checkpoints up to the new
 stay (complete: manifest and sizes match; checksums are verified on resume) and the rest go, damaged ones included;
 checkpoints after the newest, left by an earlier attempt of the run, stay until the run reaches their step. Model and optimizer state go through torch.distributed.checkpoint's full state
 dict helpers, so the same files serve one process, DDP and FSDP.
+
+A finished model leaves as a Hugging Face folder (`save_hf_folder`: train's final/, each distill stage, extend's
+results), written aside and renamed into place like a checkpoint.
 """
 
 from __future__ import annotations
@@ -282,3 +285,21 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def save_hf_folder(model, tokenizer, folder: Path, train_length: int | None = None) -> None:
+    """The model and its tokenizer as a Hugging Face folder, written next to `folder` and renamed into place once the
+    disk is known to hold its weights (lctk.files: a failure removes the partial folder and is one line). `folder`
+    and its `.tmp` sibling are replaced, so they must lie in a run folder lctk made (train, distill, extend check that
+    before their first write, lctk.train.rundir)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    if train_length is not None and getattr(model.config, "train_length", None) is None:
+        model.config.train_length = train_length
+    weights = {id(p): p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()]}
+    check_space(folder.parent, sum(weights.values()), folder)
+    with scratch_folder(folder.with_name(folder.name + ".tmp"), folder) as temporary:
+        model.save_pretrained(temporary, safe_serialization=True)
+        if tokenizer is not None:  # lctk extend's training-free changes work on a folder without one
+            tokenizer.save_pretrained(temporary)

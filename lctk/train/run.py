@@ -45,7 +45,7 @@ def _train(recipe: TrainRecipe, resume: str | None, overwrite: bool, held: conte
     from lctk.data.packing import StepBatches
     from lctk.data.pipeline import load_tokenizer, prepare_data
     from lctk.parallel import check_context_parallel, context_group, make_accelerator
-    from lctk.train.checkpoint import check_matches, usable_checkpoint
+    from lctk.train.checkpoint import check_matches, save_hf_folder, usable_checkpoint
     from lctk.train.tracking import log_results
     from lctk.train.trainer import Trainer, summary_line
 
@@ -153,26 +153,6 @@ def _build_model(recipe: TrainRecipe, tokenizer):
 
 def _count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def save_hf_folder(model, tokenizer, folder: Path, train_length: int | None = None) -> None:
-    """The model and its tokenizer as a Hugging Face folder, written next to `folder` and renamed into place once the
-    disk is known to hold its weights (lctk.files: a failure removes the partial folder and is one line). `folder`
-    and its `.tmp` sibling are replaced, so they must lie in a run folder lctk made (train, distill, extend check that
-    before their first write, lctk.train.rundir)."""
-    from transformers.utils import logging as transformers_logging
-
-    from lctk.files import check_space, scratch_folder
-
-    transformers_logging.disable_progress_bar()
-    if train_length is not None and getattr(model.config, "train_length", None) is None:
-        model.config.train_length = train_length
-    weights = {id(p): p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()]}
-    check_space(folder.parent, sum(weights.values()), folder)
-    with scratch_folder(folder.with_name(folder.name + ".tmp"), folder) as temporary:
-        model.save_pretrained(temporary, safe_serialization=True)
-        if tokenizer is not None:  # lctk extend's training-free changes work on a folder without one
-            tokenizer.save_pretrained(temporary)
 
 
 def _evaluate(recipe: TrainRecipe, model, tokenizer, held_out, accelerator, out_dir: Path) -> dict:

@@ -123,7 +123,10 @@ def test_mamba2_probe_reads_dt_decay_b_and_x_per_head(bpe_tokenizer):
         _, ends, states = trace_states(model, ids, chunk=32)
     (layer,) = stats
     mixer = model.model.layers[0].mixer
-    assert set(stats[layer]) == {"dt", "decay", "B", "x"} and mixer.probe is None  # removed on the way out
+    rows = len(stats[layer]["dt"])
+    with torch.no_grad():
+        model(torch.as_tensor(ids[None, :16]))
+    assert set(stats[layer]) == {"dt", "decay", "B", "x"} and len(stats[layer]["dt"]) == rows  # removed on the way out
     dt, decay = np.asarray(stats[layer]["dt"]), np.asarray(stats[layer]["decay"])
     assert dt.shape == decay.shape == (len(ends), mixer.num_heads) and (dt > 0).all()
     assert np.allclose(decay, np.exp(-np.exp(mixer.A_log.detach().numpy()) * dt), rtol=0.2)  # mean of exp vs exp of mean

@@ -11,7 +11,7 @@ from lctk import HybridConfig, HybridForCausalLM
 from lctk.errors import UserError
 from lctk.extend.recurrent import apply_recurrent, calibrate_dt_scales, max_state_norms
 from lctk.models import HybridCache
-from lctk.models.mixers.mamba2 import capped_scan, windowed_scan
+from lctk.models.mixers.mamba2_length_generalisation import capped_scan, windowed_scan
 from lctk.models.sequence import build_sequence_info
 
 VOCAB = 61

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
@@ -221,6 +222,31 @@ def test_shared_xb_heads_equal_repeated_projections():
         x_in = torch.randn(2, 30, 64)
         seq = build_sequence_info(2, 30, 0, x_in.device)
         assert_close(shared(x_in, seq), full(x_in, seq), tol=1e-5)
+
+
+def test_a_state_probe_sees_dt_decay_b_and_x_until_removed():
+    torch.manual_seed(0)
+    mixer = Mamba2(tiny_config("M"), "M")
+    hidden = torch.randn(2, 10, 64)
+    seq = build_sequence_info(2, 10, 0, hidden.device)
+    seen, others = [], []
+    handle = mixer.register_state_probe(lambda **values: seen.append(values))
+    mixer.register_state_probe(lambda **values: others.append(values))
+    with torch.no_grad():
+        mixer(hidden, seq)
+        _, xbc, dt = mixer.in_proj(hidden).split([mixer.d_inner, mixer.conv_dim, mixer.num_heads], dim=-1)
+        padded = F.pad(xbc.transpose(1, 2), (mixer.conv_kernel - 1, 0))
+        conv = F.conv1d(padded, mixer.conv_weight.unsqueeze(1), mixer.conv_bias, groups=mixer.conv_dim)
+        x, b, _ = F.silu(conv.transpose(1, 2)).split(mixer.conv_split, dim=-1)
+        dt = F.softplus(dt + mixer.dt_bias)
+        (values,) = seen
+        torch.testing.assert_close(values["dt"], dt)
+        torch.testing.assert_close(values["decay"], torch.exp(-torch.exp(mixer.A_log) * dt))
+        torch.testing.assert_close(values["b"], b.unflatten(-1, (mixer.n_groups, mixer.d_state)))
+        torch.testing.assert_close(values["x"], x.unflatten(-1, (mixer.num_heads, mixer.head_dim)))
+        handle.remove()
+        mixer(hidden, seq)
+    assert len(seen) == 1 and len(others) == 2  # the removed probe is no longer called, the other one still is
 
 
 def test_gradients_flow_to_every_parameter():

@@ -13,7 +13,7 @@ import torch
 from lctk import HybridConfig, HybridForCausalLM
 from lctk.models.loading import load_causal_lm, open_model
 from lctk.models.remote_code import AUTO_MAP, CODE_FILES
-from lctk.train.run import save_hf_folder
+from lctk.train.checkpoint import save_hf_folder
 
 FRESH = """
 import sys, torch

@@ -14,16 +14,13 @@ Rows split across processes: the convolution takes the previous shard's last K -
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import initialization as init
 
-from lctk.models.layers import stateful_conv
+from lctk.models.layers import init_short_conv, short_conv
 from lctk.models.mixers.base import Mixer, MixerState, short_shard
 from lctk.models.sequence import SequenceInfo
 
@@ -57,9 +54,7 @@ class BaseConv(Mixer):
 
     @torch.no_grad()
     def init_special_parameters(self) -> None:
-        bound = 1 / math.sqrt(self.conv_kernel)
-        init.uniform_(self.conv_weight, -bound, bound)
-        init.uniform_(self.conv_bias, -bound, bound)
+        init_short_conv(self.conv_weight, self.conv_bias)
 
     @classmethod
     def context_parallel_problem(cls, config, shard_length: int) -> str | None:
@@ -75,10 +70,5 @@ class BaseConv(Mixer):
 
     def forward(self, hidden_states: Tensor, seq: SequenceInfo, state: BaseConvState | None = None) -> Tensor:
         u, z = self.in_proj(hidden_states).chunk(2, dim=-1)
-        if seq.token_mask is not None:
-            u = u * seq.token_mask.unsqueeze(-1).to(u.dtype)
-        past = state.conv if state is not None else None
-        if seq.shard is not None:  # the previous shard's last inputs continue this shard's convolution
-            past = seq.shard.conv_halo(u, self.conv_kernel, seq.seq_idx, tag="C conv")
-        u = F.silu(stateful_conv(u, self.conv_weight, self.conv_bias, past, seq.seq_idx, state))
+        u = short_conv(u, self.conv_weight, self.conv_bias, seq, state, tag=f"{self.letter} conv")
         return self.out_proj(u * z)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from transformers import initialization as init
 
 from lctk.kernels.delta import delta_rule, delta_step
-from lctk.models.layers import causal_depthwise_conv, conv_tail
+from lctk.models.layers import init_short_conv, short_conv
 from lctk.models.mixers.base import Mixer, MixerState, short_shard
 from lctk.models.sequence import SequenceInfo
 
@@ -139,11 +139,7 @@ class GatedDeltaNet(Mixer):
         dt = log_dt.exp().clamp(min=dt_floor)
         init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         init.copy_(self.A_log, torch.empty(self.num_heads).uniform_(0, 16).log())
-        self._init_conv()
-
-    def _init_conv(self) -> None:
-        bound = 1 / math.sqrt(self.conv_kernel)  # nn.Conv1d's default, as fla's ShortConvolution
-        init.uniform_(self.conv_weight, -bound, bound)
+        init_short_conv(self.conv_weight)
 
     def log_decay(self, hidden_states: Tensor) -> Tensor:
         """g [B, T, H] fp32: -exp(A_log) softplus(W_a x + dt_bias)."""
@@ -164,18 +160,12 @@ class GatedDeltaNet(Mixer):
         qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1)
         beta = torch.sigmoid(fp32_at_least(self.b_proj(hidden_states)))  # [B, T, H]
         g = self.log_decay(hidden_states)  # [B, T, H] or [B, T, H, d_k]
-        if seq.token_mask is not None:  # padding: no conv input, no write, no decay
+        if seq.token_mask is not None:  # padding: no write, no decay (and no conv input: short_conv)
             real = seq.token_mask.unsqueeze(-1)
-            qkv = qkv * real.to(qkv.dtype)
             beta = beta * real
             g = g * (real if g.dim() == 3 else real.unsqueeze(-1))
 
-        past = state.conv if state is not None else None
-        if seq.shard is not None:  # the previous shard's last inputs continue this shard's convolution
-            past = seq.shard.conv_halo(qkv, self.conv_kernel, seq.seq_idx, tag=f"{self.letter} conv")
-        convolved = F.silu(causal_depthwise_conv(qkv, self.conv_weight, None, past, seq.seq_idx))
-        if state is not None:  # after the convolution: `past` is this buffer
-            state.conv.copy_(conv_tail(qkv, past, self.conv_kernel, seq.seq_idx))
+        convolved = short_conv(qkv, self.conv_weight, None, seq, state, tag=f"{self.letter} conv")
         q, k, v = convolved.split(self.conv_split, dim=-1)
         q = l2_normalize(q.unflatten(-1, (self.num_heads, self.key_dim)))
         k = l2_normalize(k.unflatten(-1, (self.num_heads, self.key_dim)))

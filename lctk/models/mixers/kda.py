@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import initialization as init
 
+from lctk.models.layers import init_short_conv
 from lctk.models.mixers.gated_deltanet import GatedDeltaNet, fp32_at_least
 
 
@@ -57,7 +58,7 @@ class KimiDeltaAttention(GatedDeltaNet):
     def init_special_parameters(self) -> None:
         init.copy_(self.A_log, torch.empty(self.num_heads).uniform_(1, 16).log())
         init.zeros_(self.dt_bias)
-        self._init_conv()
+        init_short_conv(self.conv_weight)
 
     def log_decay(self, hidden_states: Tensor) -> Tensor:
         """g [B, T, H, d_k] fp32: -exp(A_log[h]) softplus(W_f x + dt_bias)."""

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import initialization as init
 
-from lctk.models.layers import RMSNorm, apply_rotary, stateful_conv
+from lctk.models.layers import RMSNorm, apply_rotary, init_short_conv, short_conv
 from lctk.models.mixers.attention import window_attention
 from lctk.models.mixers.base import Mixer, MixerState, require_positive
 from lctk.models.sequence import ChunkGrid, SequenceInfo, pack, unpack
@@ -338,9 +338,7 @@ class Titans(Mixer):
             init.normal_(self.persistent, std=0.02)
         bias = torch.tensor([0.0, _logit(0.5), _logit(0.007)])  # theta starts at half its bound, as lucidrains'
         init.copy_(self.gates.bias, bias.repeat_interleave(self.num_heads))
-        bound = 1 / math.sqrt(self.conv_kernel)
-        init.uniform_(self.conv_weight, -bound, bound)
-        init.uniform_(self.conv_bias, -bound, bound)
+        init_short_conv(self.conv_weight, self.conv_bias)
 
     # ---------------------------------------------------------------------------------------------- state
 
@@ -397,10 +395,7 @@ class Titans(Mixer):
 
     def _conv_heads(self, x: Tensor, seq: SequenceInfo, state: TitansState | None) -> Tensor:
         """silu(causal depthwise conv(x)) -> [B, T, channels / D, D]; padding enters as zeros."""
-        if seq.token_mask is not None:
-            x = x * seq.token_mask.unsqueeze(-1).to(x.dtype)
-        past = state.conv if state is not None else None
-        x = F.silu(stateful_conv(x, self.conv_weight, self.conv_bias, past, seq.seq_idx, state))
+        x = short_conv(x, self.conv_weight, self.conv_bias, seq, state, tag=f"{self.letter} conv")
         return x.unflatten(-1, (-1, self.head_dim))
 
     def _gate(self, attended: Tensor, retrieved: Tensor) -> Tensor:
