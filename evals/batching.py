@@ -2,9 +2,10 @@
 nearly one width, and for generation one answer budget, so that short answers do not wait for long ones), as many
 rows as a memory budget holds, and the per-sample work (prepare) done in a thread a batch ahead of the model.
 
-Rows per batch: `batch_size` when it is a number; with "auto", the first batch at each length is one row whose peak
+Rows per batch: `batch_size` when it is a number; with "auto", the first batch of each key is one row whose peak
 memory (evals.memory.peak_memory: CUDA's allocator peak, or the growth of the process's resident set on CPU) and
-cache bytes are measured, and the rest of that length run budget // max(peak, cache bytes) rows, at most MAX_ROWS.
+cache bytes are measured, and the rest of that key run budget // max(peak, cache bytes) rows, at most MAX_ROWS (on a
+CPU, only where the probe's decode outweighed its prefill: auto_rows).
 The budget (--memory-budget) defaults to 80% of the free GPU memory or half the memory the system has available."""
 
 from __future__ import annotations
@@ -44,15 +45,13 @@ def run_batches(suite, ctx, todo: list, batch_size: int | str, budget: int | Non
 
     ordered = sorted(todo, key=batch_key)  # stable: within a key, the suite's order
     budget = budget or default_budget(ctx.device)
-    rows_at: dict[int, int] = {}  # length -> rows, measured on its first batch
     for _, group in groupby(ordered, key=batch_key):
         group = list(group)
         prepared = _prefetched(lambda pair: suite.prepare(ctx, pair[0]), group,
                                ahead=MAX_ROWS if batch_size == "auto" else batch_size)
-        length = group[0][0].length
+        rows = 1 if batch_size == "auto" else batch_size
         at = 0
         while at < len(group):
-            rows = batch_size if batch_size != "auto" else rows_at.get(length, 1)
             batch = group[at : at + rows]
             started = time.perf_counter()
             ready = list(islice(prepared, len(batch)))
@@ -63,9 +62,18 @@ def run_batches(suite, ctx, todo: list, batch_size: int | str, budget: int | Non
                 record["wall_seconds"] = round(seconds / len(batch), 4)
             yield batch, records
             at += len(batch)
-            if batch_size == "auto" and length not in rows_at:
-                cache = max((r.get("cache_bytes", 0) for r in records), default=0)
-                rows_at[length] = rows_for(max(peak["bytes"], cache), budget)
+            if batch_size == "auto" and at == 1:
+                rows = auto_rows(ctx.device, records[0], peak["bytes"], budget)
+
+
+def auto_rows(device: torch.device, probe: dict, peak_bytes: int, budget: int) -> int:
+    """Rows for the rest of a key, from its one-row probe. On a CPU a padded prefill is slower than one row's
+    (SDPA with a padding mask instead of is_causal: 0.51 vs 0.23 s per layer for 8 rows of 2K at SmolLM2's heads,
+    and per row 4.6 vs 2.8 s over the model; BENCHMARKS.md) while batched decode is cheaper per row (2.6x at 5 rows):
+    there a key is batched only when its probe spent longer decoding than prefilling."""
+    if device.type == "cpu" and probe.get("decode_seconds", 0) < probe.get("prefill_seconds", 0):
+        return 1
+    return rows_for(max(peak_bytes, probe.get("cache_bytes", 0)), budget)
 
 
 def _prefetched(work: Callable, items: Iterable, ahead: int) -> Iterator:

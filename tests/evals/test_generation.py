@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lctk.errors import UserError
 from lctk.evals.api import EvalSettings
-from lctk.evals.batching import MAX_ROWS, rows_for, run_batches
+from lctk.evals.batching import MAX_ROWS, auto_rows, rows_for, run_batches
 from lctk.evals.generation import generate
 from lctk.evals.suites.base import EvalContext, Job, Suite
 from lctk.models import HybridCache, HybridConfig, HybridForCausalLM
@@ -126,3 +126,12 @@ def test_one_line_answers_and_long_answers_do_not_share_a_batch():
     ruler, ctx = RulerSuite(), EvalContext(EvalSettings(suites="ruler"))
     keys = {task: ruler.batch_key(ctx, Job("ruler", task, 1024, 0)) for task in ("niah_single_1", "vt", "cwe", "fwe")}
     assert keys["niah_single_1"] != keys["cwe"] != keys["fwe"] and keys["cwe"][0] == keys["vt"][0] == 1024
+
+
+def test_on_a_cpu_only_decode_heavy_keys_are_batched():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    prefill_heavy = {"prefill_seconds": 2.6, "decode_seconds": 0.6, "cache_bytes": 10**6}
+    decode_heavy = {"prefill_seconds": 2.8, "decode_seconds": 8.2, "cache_bytes": 10**6}
+    assert auto_rows(cpu, prefill_heavy, 0, 8 * 10**6) == 1
+    assert auto_rows(cpu, decode_heavy, 0, 8 * 10**6) == 8
+    assert auto_rows(cuda, prefill_heavy, 2 * 10**6, 8 * 10**6) == 4  # the measured peak, when above the cache
