@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from lctk.evals.model_facts import cache_of, iter_tensors, model_device
-from lctk.models.cache import preallocated_cache
+from lctk.models.cache import preallocated_cache, runs_on_a_static_cache
 
 PREFILL_CHUNK = 2048  # tokens per prefill call: bounds activations and attention scores to chunk x context
 
@@ -43,22 +43,14 @@ def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int | 
     budgets = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
     cut = list(one_line or [False] * rows)
     width = max(len(p) for p in prompts)
-    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    ids = torch.full((rows, width), pad, dtype=torch.long)
-    mask = torch.zeros((rows, width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = preallocated_cache(model, rows, width + max(budgets))
-
     started = time.perf_counter()
-    for start in range(0, width, prefill_chunk):
-        end = min(start + prefill_chunk, width)
-        out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
-                    cache=cache, use_cache=True, logits_to_keep=1)
-        cache = cache_of(out)
+    alone = _prefill_rows_alone(model, prompts, width + max(budgets), prefill_chunk, device)
+    if alone is not None:
+        cache, logits, mask = alone
+        next_position = mask.sum(-1, keepdim=True)
+    else:
+        cache, logits, mask = _prefill_padded(model, tokenizer, prompts, width + max(budgets), prefill_chunk, device)
+        next_position = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:] + 1
     _synchronize(device)
     prefilled = time.perf_counter()
     cache_bytes = sum(t.numel() * t.element_size() for _, t in iter_tensors(cache))
@@ -66,10 +58,9 @@ def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int | 
     written: list[list[int]] = [[] for _ in range(rows)]
     finished = [False] * rows
     live = torch.arange(rows)  # the rows in the cache, in its order (finished ones stay where it cannot drop rows)
-    next_position = positions[:, -1:] + 1
     drops = _can_drop_rows(cache)
     while True:
-        tokens = out.logits[:, -1].argmax(-1).cpu()
+        tokens = logits.argmax(-1).cpu()
         for slot, row in enumerate(live.tolist()):
             if not finished[row]:
                 written[row].append(int(tokens[slot]))
@@ -84,7 +75,7 @@ def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int | 
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         out = model(input_ids=tokens.view(-1, 1).to(device), attention_mask=mask, position_ids=next_position,
                     cache=cache, use_cache=True)
-        cache = cache_of(out)
+        cache, logits = cache_of(out), out.logits[:, -1]
         next_position = next_position + 1
     _synchronize(device)
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in written]
@@ -95,6 +86,61 @@ def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int | 
         decode_seconds=time.perf_counter() - prefilled,
         cache_bytes=cache_bytes,
     )
+
+
+def _prefill_padded(model, tokenizer, prompts, max_length: int, chunk: int, device):
+    """All rows in one forward per chunk, left-padded under a mask: (cache, last logits [B, V], mask [B, width])."""
+    rows, width = len(prompts), max(len(p) for p in prompts)
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    ids = torch.full((rows, width), pad, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = preallocated_cache(model, rows, max_length)
+    for start in range(0, width, chunk):
+        end = min(start + chunk, width)
+        out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        cache = cache_of(out)
+    return cache, out.logits[:, -1], mask
+
+
+def _prefill_rows_alone(model, prompts, max_length: int, chunk: int, device):
+    """Each row prefilled by itself, then the rows' caches joined: (cache, last logits [B, V], mask [B, width]) for a
+    transformers model on a StaticCache of plain layers when the prompts' lengths differ; None otherwise.
+
+    A left-padded batch needs a padding mask, and with one SDPA leaves its causal kernel: on a CPU a masked call takes
+    2.2x an is_causal one (8 rows x 2K, SmolLM2's heads; BENCHMARKS.md). Alone, a row needs no mask. Joined, row r's
+    keys fill slots [0, len_r) and decoding writes every row at slot `width` onwards: the mask hides the gap
+    [len_r, width) and the positions continue at len_r. (lctk's own attention already cuts padded rows into unmasked
+    runs, and a cache whose rows hold position-dependent layouts, such as sliding-window rings, cannot be joined.)"""
+    from transformers.cache_utils import StaticLayer
+
+    if len({len(p) for p in prompts}) == 1 or not runs_on_a_static_cache(model):
+        return None
+    caches, logits = [], []
+    for prompt in prompts:
+        cache = preallocated_cache(model, 1, max_length)
+        ids = torch.as_tensor(prompt, dtype=torch.long, device=device)[None]
+        for start in range(0, ids.shape[1], chunk):
+            out = model(input_ids=ids[:, start : start + chunk], cache=cache, use_cache=True, logits_to_keep=1)
+        caches.append(cache)
+        logits.append(out.logits[:, -1])
+    if not all(type(layer) is StaticLayer for cache in caches for layer in cache.layers):
+        return None
+    joined, width = caches[0], max(len(p) for p in prompts)
+    for index, layer in enumerate(joined.layers):
+        layer.keys = torch.cat([cache.layers[index].keys for cache in caches])
+        layer.values = torch.cat([cache.layers[index].values for cache in caches])
+        layer.batch_size = len(caches)
+        layer.cumulative_length.fill_(width)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        mask[row, : len(prompt)] = 1
+    return joined, torch.cat(logits), mask
 
 
 def _finished(tokenizer, written: list[int], budget: int, one_line: bool) -> bool:

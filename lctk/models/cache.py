@@ -96,7 +96,7 @@ def preallocated_cache(model, batch_size: int, max_length: int):
     model then makes its own cache)."""
     if getattr(getattr(model, "config", None), "model_type", None) == "lctk_hybrid":
         return HybridCache.for_model(model, batch_size, max_length=max_length)
-    if not _runs_on_a_static_cache(model):
+    if not runs_on_a_static_cache(model):
         return None
     from transformers import StaticCache
 
@@ -107,13 +107,13 @@ def preallocated_generation(model) -> dict:
     """generate() keywords that preallocate `model`'s cache: cache_implementation="static" for a transformers model
     that runs on a static cache (see preallocated_cache); nothing for lctk models (generate sizes their HybridCache
     from max_new_tokens) or for classes that keep their own cache."""
-    return {"cache_implementation": "static"} if _runs_on_a_static_cache(model) else {}
+    return {"cache_implementation": "static"} if runs_on_a_static_cache(model) else {}
 
 
-def _runs_on_a_static_cache(model) -> bool:
+def runs_on_a_static_cache(model) -> bool:
     return (getattr(model, "_can_compile_fullgraph", False) and hasattr(model, "_supports_default_dynamic_cache")
             and model._supports_default_dynamic_cache()
             and getattr(getattr(model, "config", None), "model_type", None) != "lctk_hybrid")
 
 
-__all__ = ["HybridCache", "preallocated_cache", "preallocated_generation"]
+__all__ = ["HybridCache", "preallocated_cache", "preallocated_generation", "runs_on_a_static_cache"]
