@@ -4,8 +4,7 @@ rows as a memory budget holds, and the per-sample work (prepare) done in a threa
 
 Rows per batch: `batch_size` when it is a number; with "auto", the first batch of each key is one row whose peak
 memory (evals.memory.peak_memory: CUDA's allocator peak, or the growth of the process's resident set on CPU) and
-cache bytes are measured, and the rest of that key run budget // max(peak, cache bytes) rows, at most MAX_ROWS (on a
-CPU, only where the probe's decode outweighed its prefill: auto_rows).
+cache bytes are measured, and the rest of that key run budget // max(peak, cache bytes) rows, at most MAX_ROWS.
 The budget (--memory-budget) defaults to 80% of the free GPU memory or half the memory the system has available."""
 
 from __future__ import annotations
@@ -63,16 +62,11 @@ def run_batches(suite, ctx, todo: list, batch_size: int | str, budget: int | Non
             yield batch, records
             at += len(batch)
             if batch_size == "auto" and at == 1:
-                rows = auto_rows(ctx.device, records[0], peak["bytes"], budget)
+                rows = auto_rows(records[0], peak["bytes"], budget)
 
 
-def auto_rows(device: torch.device, probe: dict, peak_bytes: int, budget: int) -> int:
-    """Rows for the rest of a key, from its one-row probe. On a CPU a padded prefill is slower than one row's
-    (SDPA with a padding mask instead of is_causal: 0.51 vs 0.23 s per layer for 8 rows of 2K at SmolLM2's heads,
-    and per row 4.6 vs 2.8 s over the model; BENCHMARKS.md) while batched decode is cheaper per row (2.6x at 5 rows):
-    there a key is batched only when its probe spent longer decoding than prefilling."""
-    if device.type == "cpu" and probe.get("decode_seconds", 0) < probe.get("prefill_seconds", 0):
-        return 1
+def auto_rows(probe: dict, peak_bytes: int, budget: int) -> int:
+    """Rows for the rest of a key, from its one-row probe: its peak memory or its cache, whichever is larger."""
     return rows_for(max(peak_bytes, probe.get("cache_bytes", 0)), budget)
 
 

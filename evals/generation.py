@@ -36,8 +36,8 @@ def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int | 
     lctk.models.cache.preallocated_cache). A row stops at the end-of-text token, at its own budget
     (`max_new_tokens`, one per row or one for all), and, when marked in `one_line`, at the first newline after a
     letter or digit (its answer is one line: the rest is never scored; a leading ":" or blank line is not the answer
-    yet), its output cut there. Finished rows leave the batch where the cache can drop rows (batch_select_indices),
-    so one long answer does not hold every row's decode."""
+    yet), its output cut there. Finished rows leave the batch (_drop_rows), so one long answer does not hold every
+    row's decode."""
     device = model_device(model)
     rows = len(prompts)
     budgets = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -58,7 +58,6 @@ def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int | 
     written: list[list[int]] = [[] for _ in range(rows)]
     finished = [False] * rows
     live = torch.arange(rows)  # the rows in the cache, in its order (finished ones stay where it cannot drop rows)
-    drops = _can_drop_rows(cache)
     while True:
         tokens = logits.argmax(-1).cpu()
         for slot, row in enumerate(live.tolist()):
@@ -68,8 +67,7 @@ def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int | 
         if all(finished):
             break
         keep = torch.tensor([not finished[row] for row in live.tolist()]).nonzero().flatten()
-        if drops and len(keep) < len(live):
-            cache.batch_select_indices(keep.to(device))
+        if len(keep) < len(live) and _drop_rows(cache, keep.to(device)):
             live, tokens = live[keep], tokens[keep]
             mask, next_position = mask[keep.to(device)], next_position[keep.to(device)]
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
@@ -152,11 +150,24 @@ def _finished(tokenizer, written: list[int], budget: int, one_line: bool) -> boo
     return _first_line(text) != text
 
 
-def _can_drop_rows(cache) -> bool:
-    """transformers' StaticCache layers cannot drop rows (no batch_select_indices): rows then run to the end."""
+def _drop_rows(cache, keep: torch.Tensor) -> bool:
+    """Keep only rows `keep` of the cache, if it can drop rows: a cache with batch_select_indices on every layer
+    (lctk's HybridCache, transformers' DynamicCache), or transformers' StaticCache of plain StaticLayers, which
+    lacks it (its buffers are then cut to the kept rows: new tensors, so not for a compiled or graph-captured
+    decode, which this is not). False for other caches: their finished rows run on to the batch's end."""
+    from transformers.cache_utils import StaticLayer
+
     layers = getattr(cache, "layers", None)
-    return hasattr(cache, "batch_select_indices") and (
-        layers is None or all(hasattr(layer, "batch_select_indices") for layer in layers))
+    if hasattr(cache, "batch_select_indices") and (
+            layers is None or all(hasattr(layer, "batch_select_indices") for layer in layers)):
+        cache.batch_select_indices(keep)
+        return True
+    if layers and all(type(layer) is StaticLayer for layer in layers):
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            layer.batch_size = len(keep)
+        return True
+    return False
 
 
 def _synchronize(device: torch.device) -> None:

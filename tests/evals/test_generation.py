@@ -106,6 +106,7 @@ def test_batches_hold_one_length_and_auto_sizes_them_from_the_first_row():
 
 def test_rows_follow_the_budget_within_bounds():
     assert rows_for(10**6, 8 * 10**6) == 8
+    assert auto_rows({"cache_bytes": 10**6}, 2 * 10**6, 8 * 10**6) == 4  # the measured peak, when above the cache
     assert rows_for(10**9, 10**6) == 1  # one row even when it does not fit: the model will say
     assert rows_for(1, 10**12) == MAX_ROWS
 
@@ -127,11 +128,3 @@ def test_one_line_answers_and_long_answers_do_not_share_a_batch():
     keys = {task: ruler.batch_key(ctx, Job("ruler", task, 1024, 0)) for task in ("niah_single_1", "vt", "cwe", "fwe")}
     assert keys["niah_single_1"] != keys["cwe"] != keys["fwe"] and keys["cwe"][0] == keys["vt"][0] == 1024
 
-
-def test_on_a_cpu_only_decode_heavy_keys_are_batched():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    prefill_heavy = {"prefill_seconds": 2.6, "decode_seconds": 0.6, "cache_bytes": 10**6}
-    decode_heavy = {"prefill_seconds": 2.8, "decode_seconds": 8.2, "cache_bytes": 10**6}
-    assert auto_rows(cpu, prefill_heavy, 0, 8 * 10**6) == 1
-    assert auto_rows(cpu, decode_heavy, 0, 8 * 10**6) == 8
-    assert auto_rows(cuda, prefill_heavy, 2 * 10**6, 8 * 10**6) == 4  # the measured peak, when above the cache
