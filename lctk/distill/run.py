@@ -27,7 +27,10 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,6 +45,33 @@ PROBE_WANDB = {"mode": "disabled"}
 FREEZE_NOTES = {"mixers": "every converted mixer trains at each stage", "new": "only each stage's new mixers train",
                 "none": "every weight trains"}
 SECTIONS_FIXED_ON_RESUME = ("data", "distill")
+
+
+@dataclass
+class DistillRun:
+    """What every stage of one distill run works with, built once before the first stage."""
+
+    recipe: DistillRecipe
+    accelerator: Any  # accelerate.Accelerator
+    teacher: Any  # the teacher's lctk copy, frozen, on the device
+    tokenizer: Any
+    data: Any  # lctk.data.pipeline.PreparedData
+    held_out: list[dict]  # the evidence batches, on the device
+    scoring: list[dict]  # the importance batches, on the device
+    resume: str | None
+    say: Callable[[str], None]  # prints on the main process only
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def batches(self, data_offset: int):
+        """The training stream continued from step `data_offset`, so that every stage and warm-up sees new rows."""
+        from lctk.data.packing import StepBatches
+
+        stream = StepBatches(self.data.rows, self.recipe.train.batch_size, self.recipe.train.grad_accum,
+                             self.accelerator.process_index, self.accelerator.num_processes)
+        return lambda step: stream(step + data_offset)
 
 
 def distill_recipe(recipe: DistillRecipe, resume: str | None = None, overwrite: bool = False) -> list[dict]:
@@ -95,9 +125,9 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
     for line in data.summary:
         say(f"data: {line}")
 
-    scoring = held_out[: spec.importance_batches]
-    held_out = held_out[: spec.evidence.held_out_batches]
-    rows = [_stage_row(run_dir / "stage-0", 0, teacher, teacher, tokenizer, held_out, recipe, main, say)]
+    run = DistillRun(recipe, accelerator, teacher, tokenizer, data, held_out=held_out[: spec.evidence.held_out_batches],
+                     scoring=held_out[: spec.importance_batches], resume=resume, say=say)
+    rows = [_stage_row(run, run_dir / "stage-0", 0, teacher)]
     data_offset = 0
     for number, stage in enumerate(spec.stages, start=1):
         stage_dir = run_dir / f"stage-{number}"
@@ -109,7 +139,7 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
             say(f"stage {number}: done before, loaded {stage_dir / 'model'}")
             data_offset += spec.loss.align_steps + steps
             continue
-        chosen = _choose_layers(number, stage, student, teacher, scoring, data, recipe, accelerator, data_offset, stage_dir)
+        chosen = _choose_layers(run, number, stage, student, data_offset, stage_dir)
         say(f"stage {number}: replacing layers {chosen} by {spec.student.mixer} ({spec.student.init} init)")
         student = convert.replace_layers(student, chosen, spec.student.mixer, spec.student.init,
                                          spec.student.settings, seed=recipe.run.seed + number)
@@ -117,17 +147,17 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
         freeze = stage.freeze if stage.freeze is not None else spec.freeze
         _set_trainable(student, {"mixers": replaced, "new": chosen, "none": None}[freeze])
         train = recipe.train.model_copy(update={"lr": stage.lr} if stage.lr is not None else {})
-        batches = _batches(data, recipe, accelerator)
         if spec.loss.align_steps and replaced:
-            student = _fit(student, distill_loss_fn(teacher, spec.loss, replaced, align_only=True),
-                           _offset(batches, data_offset), spec.loss.align_steps, train, recipe, accelerator,
-                           stage_dir / "align", resume, f"{recipe.run.name}-stage-{number}-align")
+            student = _fit(run, student, distill_loss_fn(teacher, spec.loss, replaced, align_only=True), train,
+                           range(data_offset, data_offset + spec.loss.align_steps), stage_dir / "align",
+                           f"{recipe.run.name}-stage-{number}-align")
         data_offset += spec.loss.align_steps
-        student = _fit(student, distill_loss_fn(teacher, spec.loss, replaced), _offset(batches, data_offset), steps,
-                       train, recipe, accelerator, stage_dir / "distill", resume, f"{recipe.run.name}-stage-{number}")
+        student = _fit(run, student, distill_loss_fn(teacher, spec.loss, replaced), train,
+                       range(data_offset, data_offset + steps), stage_dir / "distill",
+                       f"{recipe.run.name}-stage-{number}")
         data_offset += steps
         student.requires_grad_(True)
-        rows.append(_stage_row(stage_dir, number, student, teacher, tokenizer, held_out, recipe, main, say))
+        rows.append(_stage_row(run, stage_dir, number, student))
         if main:
             for part in ("align", "distill"):  # the saved model supersedes the stage's checkpoints
                 shutil.rmtree(stage_dir / part / "checkpoints", ignore_errors=True)
@@ -135,8 +165,7 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
         accelerator.wait_for_everyone()
 
     if spec.end_to_end.steps:
-        student = _end_to_end(student, teacher, tokenizer, held_out, data, recipe, accelerator, data_offset, resume,
-                              rows, main, say)
+        student = _end_to_end(run, student, data_offset, rows)
 
     if main:
         final = run_dir / "final"
@@ -158,9 +187,9 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
     return rows
 
 
-def _end_to_end(student, teacher, tokenizer, held_out, data, recipe: DistillRecipe, accelerator, data_offset: int,
-                resume: str | None, rows: list[dict], main: bool, say):
+def _end_to_end(run: DistillRun, student, data_offset: int, rows: list[dict]):
     """The optional last stage: every student weight trains on KD + next-token CE, no layer replaced."""
+    recipe, say = run.recipe, run.say
     spec = recipe.distill
     number = len(spec.stages) + 1
     stage_dir = recipe.run.dir / f"stage-{number}"
@@ -168,20 +197,20 @@ def _end_to_end(student, teacher, tokenizer, held_out, data, recipe: DistillReci
     if finished is not None:
         rows.append(finished)
         say(f"stage {number} (end to end): done before, loaded {stage_dir / 'model'}")
-        return _load_student(stage_dir / "model", accelerator)
+        return _load_student(stage_dir / "model", run.accelerator)
     say(f"stage {number}: end to end, every weight trains ({spec.end_to_end.steps} steps, CE weight "
         f"{spec.end_to_end.ce_weight:g})")
     _set_trainable(student, None)
     loss = spec.loss.model_copy(update={"ce_weight": spec.end_to_end.ce_weight})
     lr = spec.end_to_end.lr
     train = recipe.train.model_copy(update={"lr": lr} if lr is not None else {})
-    student = _fit(student, distill_loss_fn(teacher, loss, convert.layout(student)["replaced_layers"]),
-                   _offset(_batches(data, recipe, accelerator), data_offset), spec.end_to_end.steps, train, recipe,
-                   accelerator, stage_dir / "distill", resume, f"{recipe.run.name}-stage-{number}")
-    rows.append(_stage_row(stage_dir, number, student, teacher, tokenizer, held_out, recipe, main, say))
-    if main:
+    student = _fit(run, student, distill_loss_fn(run.teacher, loss, convert.layout(student)["replaced_layers"]),
+                   train, range(data_offset, data_offset + spec.end_to_end.steps), stage_dir / "distill",
+                   f"{recipe.run.name}-stage-{number}")
+    rows.append(_stage_row(run, stage_dir, number, student))
+    if run.main:
         shutil.rmtree(stage_dir / "distill" / "checkpoints", ignore_errors=True)
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     return student
 
 
@@ -228,18 +257,6 @@ def _held_out_batches(rows: list, batch_size: int, count: int) -> list[dict]:
     return [collate(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
 
 
-def _batches(data, recipe: DistillRecipe, accelerator):
-    from lctk.data.packing import StepBatches
-
-    return StepBatches(data.rows, recipe.train.batch_size, recipe.train.grad_accum, accelerator.process_index,
-                       accelerator.num_processes)
-
-
-def _offset(batches, offset: int):
-    """The stream continued from step `offset`, so that every stage and warm-up sees new rows."""
-    return lambda step: batches(step + offset)
-
-
 def _set_trainable(student, layers: list[int] | None) -> None:
     """Only the mixers of `layers` train (None: everything)."""
     student.requires_grad_(layers is None)
@@ -247,34 +264,38 @@ def _set_trainable(student, layers: list[int] | None) -> None:
         student.model.layers[index].mixer.requires_grad_(True)
 
 
-def _fit(student, loss_fn, batches, steps: int, train, recipe: DistillRecipe, accelerator, run_dir: Path,
-         resume: str | None, name: str, checkpoint=None, logging=None):
+def _fit(run: DistillRun, student, loss_fn, train, steps: range, out_dir: Path, name: str, *, probe: bool = False):
+    """Train `student` on `steps` of the run's data stream with the shared Trainer in out_dir. A probe starts
+    afresh, keeps one checkpoint, logs once, without wandb, and prints no summary."""
+    from lctk.recipe import CheckpointSection, LoggingSection
     from lctk.train.trainer import Trainer, summary_line
 
-    if steps <= 0:
+    if not steps:
         return student
+    recipe = run.recipe
     trainer = Trainer(
         student,
-        batches,
+        run.batches(steps.start),
         train=train,
-        checkpoint=checkpoint or recipe.checkpoint,
-        logging=logging or recipe.logging,
-        run_dir=run_dir,
-        accelerator=accelerator,
-        total_steps=steps,
+        checkpoint=CheckpointSection(every=None, keep_last=1) if probe else recipe.checkpoint,
+        logging=LoggingSection(every=len(steps), wandb=PROBE_WANDB) if probe else recipe.logging,
+        run_dir=out_dir,
+        accelerator=run.accelerator,
+        total_steps=len(steps),
         loss_fn=loss_fn,
         run_config=recipe.model_dump(mode="json"),
         run_name=name,
     )
-    result = trainer.fit("auto" if resume else None)
-    if accelerator.is_main_process and logging is None:
-        print(summary_line(result, run_dir), flush=True)
+    result = trainer.fit("auto" if run.resume and not probe else None)
+    if run.main and not probe:
+        print(summary_line(result, out_dir), flush=True)
     return trainer.trained_model()
 
 
-def _choose_layers(number: int, stage: StageSection, student, teacher, held_out, data, recipe: DistillRecipe,
-                   accelerator, data_offset: int, stage_dir: Path) -> list[int]:
+def _choose_layers(run: DistillRun, number: int, stage: StageSection, student, data_offset: int,
+                   stage_dir: Path) -> list[int]:
     """The layers stage `number` replaces, by its rule; scores are saved in stage_dir/importance.json."""
+    teacher, held_out, divergence = run.teacher, run.scoring, run.recipe.distill.loss.divergence
     where = f"distill.stages.{number - 1}"
     candidates = convert.attention_layers(student)
     total = len(student.config.pattern)
@@ -283,7 +304,7 @@ def _choose_layers(number: int, stage: StageSection, student, teacher, held_out,
         if bad:  # replaced by an earlier stage's ranking
             raise UserError(f"{where}.layers: {bad} were replaced by an earlier stage (attention layers left: {candidates})")
         chosen = sorted(set(stage.layers))
-        _save_json(stage_dir / "importance.json", {"by": "given", "chosen": chosen}, accelerator)
+        _save_json(stage_dir / "importance.json", {"by": "given", "chosen": chosen}, run.accelerator)
         return chosen
     count = stage.target(total - len(candidates), total) - (total - len(candidates))  # checked by check_schedule
     record = rundir.saved_record(stage_dir / "importance.json")
@@ -291,52 +312,45 @@ def _choose_layers(number: int, stage: StageSection, student, teacher, held_out,
         if record.get("by") == stage.by and record.get("count") == count:
             return record["chosen"]
     if stage.by == "loo":
-        scores = importance.leave_one_out(student, teacher, held_out, candidates, recipe.distill.loss.divergence)
+        scores = importance.leave_one_out(student, teacher, held_out, candidates, divergence)
     elif stage.by == "loo-layer":  # ranked once on the teacher (the same for every stage), as Apriel-H1
-        scores = importance.leave_one_out(teacher, teacher, held_out, candidates, recipe.distill.loss.divergence,
+        scores = importance.leave_one_out(teacher, teacher, held_out, candidates, divergence,
                                           importance.layer_removed)
     else:
         scores = importance.mmr_probes(
             teacher, held_out, candidates,
-            lambda layer: _probe(student, teacher, layer, stage, data, recipe, accelerator, data_offset,
-                                 stage_dir / "probes" / f"layer-{layer}"),
-            recipe.distill.loss.divergence,
+            lambda layer: _probe(run, student, layer, stage, data_offset, stage_dir / "probes" / f"layer-{layer}"),
+            divergence,
         )
     chosen = sorted(importance.ranking(scores)[:count])
-    if accelerator.is_main_process:
+    if run.main:
         shown = ", ".join(f"{layer}: {scores[layer]['score']:.4f}" for layer in importance.ranking(scores))
         print(f"stage {number}: {stage.by} scores (lowest first) {shown}", flush=True)
     _save_json(stage_dir / "importance.json", {"by": stage.by, "count": count, "chosen": chosen,
-                       "scores": {str(layer): value for layer, value in scores.items()}}, accelerator)
+                       "scores": {str(layer): value for layer, value in scores.items()}}, run.accelerator)
     return chosen
 
 
-def _probe(student, teacher, layer: int, stage: StageSection, data, recipe: DistillRecipe, accelerator,
-           data_offset: int, probe_dir: Path):
+def _probe(run: DistillRun, student, layer: int, stage: StageSection, data_offset: int, probe_dir: Path):
     """A copy of the student with `layer` converted and distilled for probe_steps (only the new mixer trains);
     its Trainer folder is removed afterwards."""
-    from lctk.recipe import CheckpointSection, LoggingSection
-
+    recipe = run.recipe
     spec = recipe.distill
     probed = convert.replace_layers(student, [layer], spec.student.mixer, spec.student.init, spec.student.settings,
                                     seed=recipe.run.seed)
     _set_trainable(probed, [layer])  # the probe: only the candidate's mixer, whatever distill.freeze says
     train = recipe.train.model_copy(update={"warmup_steps": 0, **({"lr": stage.lr} if stage.lr else {})})
-    probed = _fit(
-        probed, distill_loss_fn(teacher, spec.loss, []), _offset(_batches(data, recipe, accelerator), data_offset),
-        stage.probe_steps, train, recipe, accelerator, probe_dir, None, f"probe-{layer}",
-        checkpoint=CheckpointSection(every=None, keep_last=1),
-        logging=LoggingSection(every=stage.probe_steps, wandb=PROBE_WANDB),
-    )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    probed = _fit(run, probed, distill_loss_fn(run.teacher, spec.loss, []), train,
+                  range(data_offset, data_offset + stage.probe_steps), probe_dir, f"probe-{layer}", probe=True)
+    run.accelerator.wait_for_everyone()
+    if run.main:
         shutil.rmtree(probe_dir, ignore_errors=True)
     return probed.eval()
 
 
-def _stage_row(stage_dir: Path, number: int, student, teacher, tokenizer, held_out, recipe: DistillRecipe,
-               main: bool, say) -> dict:
+def _stage_row(run: DistillRun, stage_dir: Path, number: int, student) -> dict:
     """Measure the student, save it (stages >= 1) with its layout, and return its table row."""
+    recipe, tokenizer = run.recipe, run.tokenizer
     saved = stage_dir / "evidence.json"
     finished = rundir.saved_record(saved)
     if finished is not None:
@@ -351,12 +365,12 @@ def _stage_row(stage_dir: Path, number: int, student, teacher, tokenizer, held_o
         "replaced": len(layout["replaced_layers"]),
         "attention_layers": len(layout["attention_layers"]),
         "pattern": layout["pattern"],
-        **evidence.quality(student, teacher, held_out),
+        **evidence.quality(student, run.teacher, run.held_out),
     }
-    if main:
+    if run.main:
         for length in spec.cache_lengths:
             row[f"cache_mib_{length // 1024}k"] = evidence.cache_bytes(student, length) / 2**20
-        row.update(evidence.speed_against(student, teacher, spec.speed_prefill, spec.speed_decode))
+        row.update(evidence.speed_against(student, run.teacher, spec.speed_prefill, spec.speed_decode))
         row.update(_passkey(student, tokenizer, recipe, stage_dir / "passkey"))
         stage_dir.mkdir(parents=True, exist_ok=True)
         if number > 0:
@@ -364,7 +378,7 @@ def _stage_row(stage_dir: Path, number: int, student, teacher, tokenizer, held_o
             row["path"] = str(stage_dir / "model")
         (stage_dir / "layout.json").write_text(json.dumps(layout, indent=2) + "\n")
         saved.write_text(json.dumps(row, indent=2) + "\n")
-        say(f"stage {number}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        run.say(f"stage {number}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
     return row
 
 

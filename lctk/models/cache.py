@@ -6,9 +6,9 @@ D] allocated once and written in place at fixed addresses) with two additions: t
 nobody said how long the sequence gets (a plain forward with a cache; `generate` says: prompt + max_new_tokens), and a
 sliding window is a ring of `window` slots, where transformers' StaticSlidingWindowLayer rolls (copies) the whole
 window every token. Recurrent states (Mamba-2, BASED, BaseConv) are fixed-size tensors updated in place by the decode
-step (`lctk.models.sequence.recurrent_step`, `lctk.models.layers.stateful_conv`). That is the contract of
-transformers' LinearAttentionLayer (conv and recurrent buffers written with copy_), but not its code: it keeps the raw
-last K conv inputs where a packed or left-padded row needs them cut at document boundaries and padding, its
+step (`lctk.models.mixers.linear_recurrence.recurrent_step`, `lctk.models.layers.stateful_conv`). That is the contract
+of transformers' LinearAttentionLayer (conv and recurrent buffers written with copy_), but not its code: it keeps the
+raw last K conv inputs where a packed or left-padded row needs them cut at document boundaries and padding, its
 `update_recurrent_state` copies in a new state where the decode step updates the state in place (one pass less), and
 it has no batch-row selection. Titans (`T`) and LaCT (`L`) keep their own states: fast weights, the phase of a partly
 filled chunk and a window of keys, nothing a cache layer models. The interface a mixer's state follows is in

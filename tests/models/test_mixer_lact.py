@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from lctk import HybridConfig, HybridForCausalLM
+from lctk.models.mixers.fast_weights import unpack
 from lctk.models.mixers.lact import LaCT, newton_schulz
-from lctk.models.sequence import build_sequence_info, unpack
+from lctk.models.sequence import build_sequence_info
 
 
 def make_lact(**settings) -> LaCT:

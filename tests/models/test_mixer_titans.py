@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from lctk import HybridConfig, HybridForCausalLM
 from lctk.models.mixers.attention import window_attention
+from lctk.models.mixers.fast_weights import ChunkGrid, pack, unpack
 from lctk.models.mixers.titans import MemoryMLP, Titans, memory_chunk, memory_step
-from lctk.models.sequence import ChunkGrid, build_sequence_info, pack, unpack
+from lctk.models.sequence import build_sequence_info
 
 
 def run_mlp(mats, x):

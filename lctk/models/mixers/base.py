@@ -21,9 +21,9 @@ class MixerState:
       allocates lazily and implements `reserve(tokens)`, which the cache calls when it knows the final length
       (generate: prompt + max_new_tokens); fixed-size states inherit the no-op.
     - A single-token call outside autograd (a decode step) updates the state tensors in place (`copy_`, `mul_`,
-      `addcmul_`: lctk.models.sequence.recurrent_step, lctk.models.layers.stateful_conv), so that they keep their
-      address (what torch.compile and CUDA graphs need) and nothing is allocated per token. Longer calls, and any
-      call under autograd, may rebind the fields to new tensors (a chunked scan returns a new state anyway, and a
+      `addcmul_`: lctk.models.mixers.linear_recurrence.recurrent_step, lctk.models.layers.stateful_conv), so that they
+      keep their address (what torch.compile and CUDA graphs need) and nothing is allocated per token. Longer calls, and
+      any call under autograd, may rebind the fields to new tensors (a chunked scan returns a new state anyway, and a
       state carried through checkpointed segments must not be overwritten).
     - `map_batch(fn)` maps every batch-indexed tensor (beam reorder, row selection, repeat).
     """

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from lctk.models.mixers.base import Mixer, MixerState
-from lctk.models.sequence import SequenceInfo, recurrent_step, ssd_rows
+from lctk.models.mixers.linear_recurrence import recurrent_step, ssd_rows
+from lctk.models.sequence import SequenceInfo
 
 
 def taylor_features(x: Tensor) -> Tensor:

@@ -46,7 +46,8 @@ from transformers import initialization as init
 from lctk.models.layers import RMSNorm, apply_rotary, silu_grad
 from lctk.models.mixers.attention import window_attention
 from lctk.models.mixers.base import Mixer, MixerState, require_positive
-from lctk.models.sequence import ChunkGrid, SequenceInfo, pack, unpack
+from lctk.models.mixers.fast_weights import ChunkGrid, pack, unpack
+from lctk.models.sequence import SequenceInfo
 
 # LaCT's per-step quintic coefficients (a, b, c): x <- a x + (b x x^T + c (x x^T)^2) x
 MUON_SCHEDULE = (

@@ -49,8 +49,9 @@ from transformers import initialization as init
 
 from lctk.models.layers import GatedRMSNorm, init_short_conv, short_conv
 from lctk.models.mixers.base import Mixer, MixerState, require_positive, short_shard
+from lctk.models.mixers.linear_recurrence import recurrent_step, ssd_rows
 from lctk.models.mixers.mamba2_length_generalisation import capped_scan, check_length_settings, windowed_scan
-from lctk.models.sequence import SequenceInfo, recurrent_step, ssd_rows
+from lctk.models.sequence import SequenceInfo
 
 
 @dataclass

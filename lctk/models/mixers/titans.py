@@ -55,7 +55,7 @@ so the default is 2. The residual norm alone does not remove the need for a boun
 token, not divided by chunk_size) the memory weights grew without bound at theta = 0.05 (1e7 by 1024 tokens) and were
 NaN at 0.1; it is the norm's gain, a least-squares fit on unit-variance inputs, that goes first.
 
-Shared with LaCT: `lctk.models.sequence.ChunkGrid` lays the real tokens of a call out in whole chunks per
+Shared with LaCT: `lctk.models.mixers.fast_weights.ChunkGrid` lays the real tokens of a call out in whole chunks per
 document; `lctk.models.mixers.attention.window_attention` is sliding-window attention over a kept-key cache with
 optional persistent key/value pairs.
 """
@@ -74,7 +74,8 @@ from transformers import initialization as init
 from lctk.models.layers import RMSNorm, apply_rotary, init_short_conv, short_conv
 from lctk.models.mixers.attention import window_attention
 from lctk.models.mixers.base import Mixer, MixerState, require_positive
-from lctk.models.sequence import ChunkGrid, SequenceInfo, pack, unpack
+from lctk.models.mixers.fast_weights import ChunkGrid, pack, unpack
+from lctk.models.sequence import SequenceInfo
 
 VARIANTS = ("MAC", "MAG", "MAL")
 NORM_EPS = 1e-5  # the memory's LayerNorm
