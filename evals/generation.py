@@ -119,16 +119,15 @@ def _prefill_rows_alone(model, prompts, max_length: int, chunk: int, device):
 
     if len({len(p) for p in prompts}) == 1 or not runs_on_a_static_cache(model):
         return None
-    caches, logits = [], []
-    for prompt in prompts:
-        cache = preallocated_cache(model, 1, max_length)
+    caches = [preallocated_cache(model, 1, max_length) for _ in prompts]  # buffers come at the first write
+    if not all(type(layer) is StaticLayer for layer in caches[0].layers):  # e.g. sliding-window layers
+        return None
+    logits = []
+    for prompt, cache in zip(prompts, caches, strict=True):
         ids = torch.as_tensor(prompt, dtype=torch.long, device=device)[None]
         for start in range(0, ids.shape[1], chunk):
             out = model(input_ids=ids[:, start : start + chunk], cache=cache, use_cache=True, logits_to_keep=1)
-        caches.append(cache)
         logits.append(out.logits[:, -1])
-    if not all(type(layer) is StaticLayer for cache in caches for layer in cache.layers):
-        return None
     joined, width = caches[0], max(len(p) for p in prompts)
     for index, layer in enumerate(joined.layers):
         layer.keys = torch.cat([cache.layers[index].keys for cache in caches])

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from lctk.errors import UserError
 from lctk.evals.api import EvalSettings
@@ -27,6 +27,13 @@ def llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def mistral() -> MistralForCausalLM:  # sliding-window layers: its rows cannot be joined, so one padded prefill
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16, eos_token_id=0)
+    return MistralForCausalLM(config).eval()
+
+
 def hybrid() -> HybridForCausalLM:
     torch.manual_seed(0)
     config = HybridConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
@@ -39,7 +46,7 @@ def prompts() -> list[np.ndarray]:
     return [rng.integers(1, VOCAB, size=n) for n in (5, 17, 30)]
 
 
-@pytest.mark.parametrize("make", [llama, hybrid], ids=["llama-static-cache", "lctk-hybrid-cache"])
+@pytest.mark.parametrize("make", [llama, mistral, hybrid], ids=["llama-static-cache", "mistral-sliding", "lctk-hybrid-cache"])
 def test_a_chunked_padded_batch_gives_each_prompts_own_continuation(make, bpe_tokenizer):
     model = make()
     budgets = [6, 3, 8]
