@@ -31,9 +31,10 @@ def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int | 
              one_line: list[bool] | None = None, prefill_chunk: int = PREFILL_CHUNK) -> Generation:
     """Greedy continuations of a batch of prompts, decoded without specials.
 
-    Prompts are left-padded to one width and prefilled `prefill_chunk` tokens at a time into a cache sized once
-    for width + the longest budget (lctk's HybridCache, transformers' StaticCache where the class runs on one;
-    lctk.models.cache.preallocated_cache). A row stops at the end-of-text token, at its own budget
+    Prompts are prefilled `prefill_chunk` tokens at a time into a cache sized once for the widest prompt + the
+    longest budget (lctk's HybridCache, transformers' StaticCache where the class runs on one;
+    lctk.models.cache.preallocated_cache): each row alone and then joined where that cache allows it
+    (_prefill_rows_alone), else left-padded together under a mask (_prefill_padded). A row stops at the end-of-text token, at its own budget
     (`max_new_tokens`, one per row or one for all), and, when marked in `one_line`, at the first newline after a
     letter or digit (its answer is one line: the rest is never scored; a leading ":" or blank line is not the answer
     yet), its output cut there. Finished rows leave the batch (_drop_rows), so one long answer does not hold every
