@@ -19,7 +19,7 @@ import torch
 
 from lctk.evals.memory import peak_memory
 
-MAX_ROWS = 64  # past this, decode at any length is bound by the cache reads, not the weights: more rows gain nothing
+MAX_ROWS = 64  # rows share one read of the weights per step; past some tens of rows the caches' reads dominate
 
 
 def default_budget(device: torch.device) -> int:
@@ -39,6 +39,7 @@ def run_batches(suite, ctx, todo: list, batch_size: int | str, budget: int | Non
     ("wall_seconds": the batch's wall time, waiting for its prompts included, over its rows)."""
     if not suite.batched:
         batch_size = 1
+
     def batch_key(pair):
         return suite.batch_key(ctx, pair[0])
 
