@@ -203,11 +203,16 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lctk.bench.gpu train")
+def _step_args(step: str, argv: list[str]) -> argparse.Namespace:
+    """The flags of a step that runs in its own process: where its JSON goes, and toy sizes."""
+    parser = argparse.ArgumentParser(prog=f"python -m lctk.bench.gpu {step}")
     parser.add_argument("--json", required=True)
     parser.add_argument("--dry-run", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def train_main(argv: list[str]) -> None:
+    args = _step_args("train", argv)
     import torch
 
     from lctk.bench.train import matching_llama, parameters
@@ -251,10 +256,7 @@ DECODE_CONTEXTS, DECODE_BATCHES, DECODE_STEPS = (4096, 16384), (1, 8), 20
 
 
 def decode_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lctk.bench.gpu decode")
-    parser.add_argument("--json", required=True)
-    parser.add_argument("--dry-run", action="store_true")
-    args = parser.parse_args(argv)
+    args = _step_args("decode", argv)
     import torch
 
     from lctk.bench import generate
