@@ -9,6 +9,7 @@ The budget (--memory-budget) defaults to 80% of the free GPU memory or half the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -55,14 +56,15 @@ def run_batches(suite, ctx, todo: list, batch_size: int | str, budget: int | Non
             batch = group[at : at + rows]
             started = time.perf_counter()
             ready = list(islice(prepared, len(batch)))
-            with peak_memory(ctx.device) as peak:
+            probing = batch_size == "auto" and at == 0  # only the one-row probe is measured: it sizes the rest
+            with peak_memory(ctx.device) if probing else contextlib.nullcontext({}) as peak:
                 records = suite.run(ctx, [job for job, _ in batch], ready)
             seconds = time.perf_counter() - started
             for record in records:
                 record["wall_seconds"] = round(seconds / len(batch), 4)
             yield batch, records
             at += len(batch)
-            if batch_size == "auto" and at == 1:
+            if probing:
                 rows = auto_rows(records[0], peak["bytes"], budget)
 
 
