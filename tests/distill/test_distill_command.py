@@ -149,6 +149,10 @@ def test_an_unsupported_teacher_architecture_is_one_line_and_exit_code_2(tmp_pat
         ({"stages": [{"replace": "half"}]}, "distill.stages.0.replace: expected N, '+N' or 'P%'"),
         ({"stages": [{"replace": 1, "layers": [0]}]}, "distill.stages.0.replace: give exactly one of replace or layers"),
         ({"student": {"settings": {"state_sizee": 8}}}, "distill.student.settings: mamba2.state_sizee: unknown setting"),
+        ({"loss": {"align_steps": 4}}, "distill.loss.align_steps: replaced by distill.align (steps: N"),
+        ({"align": {"loss": "l1"}}, "distill.align.loss: input should be 'mse' or 'cosine'"),
+        ({"align": {"steps": 0}, "stages": [{"replace": 1, "by": "kl-restore"}]},
+         "distill.stages.0.by: kl-restore ranks the aligned mixers; it needs the align stage (distill.align.steps > 0)"),
     ],
 )
 def test_bad_distill_settings_name_the_key(tmp_path, change, message):
