@@ -4,6 +4,8 @@ run killed inside the align stage resumes to the same mixers and the same studen
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -164,3 +166,36 @@ def test_a_run_killed_inside_the_align_stage_resumes_to_the_uninterrupted_result
         torch.testing.assert_close(killed_mixers[name], whole_mixers[name], rtol=0, atol=0, msg=name)
     for key in ("kl_rev", "kl_fwd", "top1", "pattern"):
         assert killed_rows[-1][key] == whole_rows[-1][key], key
+
+
+@pytest.mark.slow
+def test_kl_restore_stages_start_from_the_aligned_mixers_and_report_agreement(tmp_path):
+    from safetensors.torch import load_file
+    from tiny_teachers import save_teacher
+    from transformers import AutoModelForCausalLM
+
+    from lctk.distill.run import distill_recipe
+    from lctk.recipe import load_recipe
+
+    recipe_path = write_recipe(tmp_path, save_teacher(tmp_path / "teacher"),
+                               stages=[{"replace": 2, "by": "kl-restore", "steps": 0}])
+    values = yaml.safe_load(recipe_path.read_text())
+    values["distill"]["evidence"].update(passkey_samples=0, held_out_batches=1)
+    recipe_path.write_text(yaml.safe_dump(values))
+    distill_recipe(load_recipe(recipe_path, kind="distill"))
+    run_dir = tmp_path / "run"
+    record = json.loads((run_dir / "align" / "align.json").read_text())
+    assert sorted(record["layers"], key=int) == ["0", "1", "2", "3"] and record["steps"] == 8
+    assert sum(v["after"] for v in record["layers"].values()) < sum(v["before"] for v in record["layers"].values())
+    scores = json.loads((run_dir / "stage-1" / "importance.json").read_text())
+    ranked = sorted(scores["scores"], key=lambda layer: (scores["scores"][layer]["score"], int(layer)))
+    assert scores["by"] == "kl-restore" and scores["chosen"] == sorted(int(layer) for layer in ranked[:2])
+    for name in ("loo", "loo-layer"):
+        agreement = scores["agreement"][name]
+        assert -1 <= agreement["spearman"] <= 1 and agreement["kept_overlap"] in (0, 0.5, 1)
+        assert sorted(agreement["ranking"]) == [0, 1, 2, 3]
+    aligned = load_file(run_dir / "align" / "mixers.safetensors")
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "stage-1" / "model")
+    for layer in scores["chosen"]:  # no KD steps: the converted layers are exactly their aligned mixers
+        for name, tensor in student.model.layers[layer].mixer.state_dict().items():
+            assert torch.equal(tensor, aligned[f"mixers.{layer}.{name}"]), (layer, name)
