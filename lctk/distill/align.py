@@ -63,13 +63,13 @@ class AlignedMixers(nn.Module):
     def __init__(self, config, mixers: dict[int, nn.Module] | None = None):
         super().__init__()
         self.config = config
-        layers = [i for i, letter in enumerate(config.pattern) if letter not in convert.ATTENTION_LETTERS]
         if mixers is None:
             mixers = {}
-            for index in layers:
-                mixers[index] = MIXERS[config.pattern[index]](config, config.pattern[index])
-                mixers[index].layer_idx = index
-        self.mixers = nn.ModuleDict({str(index): mixers[index] for index in layers})
+            for index, letter in enumerate(config.pattern):
+                if letter not in convert.ATTENTION_LETTERS:
+                    mixers[index] = MIXERS[letter](config, letter)
+                    mixers[index].layer_idx = index
+        self.mixers = nn.ModuleDict({str(index): mixers[index] for index in sorted(mixers)})
 
     @classmethod
     def of(cls, student) -> AlignedMixers:
@@ -123,6 +123,16 @@ class AlignedMixers(nn.Module):
         """Student layers `layers` (already converted to this mixer) take their aligned weights."""
         for index in layers:
             student.model.layers[index].mixer.load_state_dict(self.mixers[str(index)].state_dict())
+
+
+def choose_targets(errors: dict[str, dict[int, float]], states: dict[str, int],
+                   max_state: int | None = None) -> dict[int, str]:
+    """{layer: mixer}: per layer, the mixer whose aligned output ends nearest the attention's (`errors`: mixer ->
+    layer -> distance after the align stage) among those whose state (`states`: mixer -> elements per layer) fits
+    `max_state`; ties go to the earlier mixer of the list."""
+    allowed = [name for name in errors if max_state is None or states[name] <= max_state]
+    layers = sorted({layer for found in errors.values() for layer in found})
+    return {layer: min(allowed, key=lambda name: (errors[name][layer], allowed.index(name))) for layer in layers}
 
 
 def align_loss_fn(teacher, kind: str = "mse"):

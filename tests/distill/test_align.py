@@ -12,7 +12,7 @@ import yaml
 from test_distill_command import write_recipe
 from tiny_teachers import tiny_llama
 
-from lctk.distill.align import AlignedMixers, align_loss_fn, layer_errors, output_distance
+from lctk.distill.align import AlignedMixers, align_loss_fn, choose_targets, layer_errors, output_distance
 from lctk.distill.convert import replace_layers, student_from_teacher
 
 
@@ -197,5 +197,47 @@ def test_kl_restore_stages_start_from_the_aligned_mixers_and_report_agreement(tm
     aligned = load_file(run_dir / "align" / "mixers.safetensors")
     student = AutoModelForCausalLM.from_pretrained(run_dir / "stage-1" / "model")
     for layer in scores["chosen"]:  # no KD steps: the converted layers are exactly their aligned mixers
+        for name, tensor in student.model.layers[layer].mixer.state_dict().items():
+            assert torch.equal(tensor, aligned[f"mixers.{layer}.{name}"]), (layer, name)
+
+
+def test_each_layer_takes_the_nearest_mixer_whose_state_fits():
+    errors = {"mamba2": {0: 0.5, 1: 0.1, 2: 0.3}, "gated_deltanet": {0: 0.2, 1: 0.4, 2: 0.3}}
+    assert choose_targets(errors, {"mamba2": 10, "gated_deltanet": 20}) == {0: "gated_deltanet", 1: "mamba2",
+                                                                           2: "mamba2"}  # a tie: the first listed
+    assert choose_targets(errors, {"mamba2": 10, "gated_deltanet": 20}, max_state=15) == dict.fromkeys((0, 1, 2),
+                                                                                                      "mamba2")
+
+
+@pytest.mark.slow
+def test_a_list_of_mixers_aligns_each_and_converts_every_layer_to_its_nearest(tmp_path):
+    from safetensors.torch import load_file
+    from tiny_teachers import save_teacher
+    from transformers import AutoModelForCausalLM
+
+    from lctk.distill.run import distill_recipe
+    from lctk.recipe import load_recipe
+
+    recipe_path = write_recipe(tmp_path, save_teacher(tmp_path / "teacher"),
+                               student={"mixer": ["mamba2", "gated_deltanet"]},
+                               stages=[{"replace": 3, "by": "kl-restore", "steps": 0}])
+    values = yaml.safe_load(recipe_path.read_text())
+    values["distill"]["evidence"].update(passkey_samples=0, held_out_batches=1)
+    recipe_path.write_text(yaml.safe_dump(values))
+    distill_recipe(load_recipe(recipe_path, kind="distill"))
+    align_dir = tmp_path / "run" / "align"
+    choice = json.loads((align_dir / "choice.json").read_text())
+    after = {name: json.loads((align_dir / name / "align.json").read_text())["layers"]
+             for name in ("mamba2", "gated_deltanet")}
+    for layer, picked in choice["layers"].items():
+        nearest = min(after, key=lambda name: after[name][layer]["after"])
+        assert picked["mixer"] == nearest and picked["distance"][nearest] == after[nearest][layer]["after"]
+    chosen = json.loads((tmp_path / "run" / "stage-1" / "importance.json").read_text())["chosen"]
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "stage-1" / "model")
+    letters = {"mamba2": "M", "gated_deltanet": "G"}
+    for layer in chosen:
+        mixer = choice["layers"][str(layer)]["mixer"]
+        assert student.config.pattern[layer] == letters[mixer]
+        aligned = load_file(align_dir / mixer / "mixers.safetensors")
         for name, tensor in student.model.layers[layer].mixer.state_dict().items():
             assert torch.equal(tensor, aligned[f"mixers.{layer}.{name}"]), (layer, name)
