@@ -2,7 +2,7 @@
 
 First the align stage (lctk.distill.align, `distill.align`): every attention layer's new mixer learns that layer's
 output from the teacher's input to it. Then each stage starts from the previous student (its recurrent layers keep
-their trained weights), picks the next attention layers by leave-one-out or MMR probes, converts them
+their trained weights), picks the next attention layers (lctk.distill.importance: loo, loo-layer, mmr, kl-restore), converts them
 (lctk.distill.convert; their mixers take the aligned weights) and distils with the shared Trainer and a KD loss
 (lctk.distill.losses). The teacher during training is the teacher's exact lctk copy (same
 logits, tested), so teacher and student take the same inputs and their hidden states line up index by index.
@@ -11,8 +11,10 @@ Run dir (run.output_dir, default runs/<run.name>):
     recipe.yaml                  the resolved recipe
     stage-0/evidence.json        the teacher's row of the table
     align/mixers.safetensors     the aligned mixer of every attention layer (align/align.json: each layer's output
-                                 distance to its attention layer before and after; align/metrics.jsonl)
-    stage-K/importance.json      the candidates' scores and the layers chosen (reused on resume)
+                                 distance to its attention layer before and after; align/metrics.jsonl); with a
+                                 list of student mixers, align/<mixer>/ each and align/choice.json (mixer per layer)
+    stage-K/importance.json      the candidates' scores and the layers chosen (reused on resume); for kl-restore
+                                 also its rank agreement with loo and loo-layer
     stage-K/distill/             the stage's Trainer run (metrics.jsonl; checkpoints, removed once the stage is saved)
     stage-K/model/               the student after stage K: an HF folder with the tokenizer
     stage-K/layout.json          its pattern, attention / replaced layers, parameter count
