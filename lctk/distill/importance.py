@@ -13,7 +13,21 @@ identity (h -> h, mixer and MLP both skipped) and the held-out divergence from t
 ranked once on the teacher, so every stage continues the same ranking. Use more held-out batches than for `loo`
 (distill.importance_batches): the scores of the least important layers are close together.
 
-Both rank ascending: the first layers of the ranking are replaced first. Ties are broken by layer index, and every
+KL-guided restoring (`kl-restore`, "KL-guided layer selection" for GDN/GLA hybrids of Qwen2.5 and Llama-3.2): start
+from the all-converted student (every attention layer left is run by its aligned mixer, lctk.distill.align; the layers
+already replaced keep their trained mixers), put back one attention layer at a time, and score each layer by the KL
+it removes: score_l = D(all converted) - D(all converted but l). Low = restoring the layer buys little: replaced
+first. Nothing is copied: forward hooks swap each attention's output for its aligned mixer's. Each probe is one
+student forward over the `distill.importance_batches` held-out batches (batch_size x seq_len tokens each), and the
+teacher runs once per batch for all of them: candidates + 1 student forwards in all, no training. Measured on
+SmolLM2-135M after 20 align steps (BENCHMARKS.md, issue 29) it chose worse layers than `loo` for 8 of 30: the
+all-converted student was 12 nats from the teacher, where restoring one layer is a noisy change; the paper restores
+a few layers into an all-linear student distilled end to end first.
+
+`rank_agreement` compares two rankings of the same layers: Spearman's rho and the share of the first `kept` (the
+layers a stage replaces) that both choose.
+
+All rank ascending: the first layers of the ranking are replaced first. Ties are broken by layer index, and every
 score is a deterministic function of the model, the held-out rows and the seed.
 """
 
@@ -81,6 +95,48 @@ def _divergences(student, teacher, batches: Sequence[dict], removed: Sequence[in
         count += float(target_mask(batch).sum())
     student.train(was_training)
     return {layer: total / max(count, 1.0) for layer, total in totals.items()}
+
+
+@contextlib.contextmanager
+def run_by(model, mixers: dict[int, Callable]) -> Iterator[None]:
+    """Within, the mixer of each layer in `mixers` hands its input to that callable and its output is what the
+    callable returns (an aligned mixer standing in for an attention layer)."""
+    handles = [model.model.layers[layer].mixer.register_forward_hook(
+        lambda module, args, out, run=run: run(args[0], args[1], None)) for layer, run in mixers.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def kl_restore(student, teacher, batches: Sequence[dict], candidates: Sequence[int], aligned,
+               kind: str = "reverse_kl") -> dict[int, dict[str, float]]:
+    """{layer: {"score": KL removed by restoring the layer's attention, "divergence": D with it restored}} for each
+    candidate attention layer of `student`, from the student with every candidate run by its `aligned` mixer
+    (an AlignedMixers); the all-converted divergence is under key "all_converted" of each entry."""
+    stand_ins = {layer: aligned.mixers[str(layer)] for layer in candidates}
+
+    def restored(model, layer):
+        return run_by(model, {other: mixer for other, mixer in stand_ins.items() if other != layer})
+
+    with run_by(student, stand_ins):
+        converted = _divergences(student, teacher, batches, [None], kind)[None]
+    found = _divergences(student, teacher, batches, candidates, kind, restored)
+    return {layer: {"score": converted - found[layer], "divergence": found[layer], "all_converted": converted}
+            for layer in candidates}
+
+
+def rank_agreement(first: Sequence[int], second: Sequence[int], kept: int) -> dict[str, float]:
+    """Spearman's rho of two rankings of the same layers and the share of the first `kept` of each that agree."""
+    if sorted(first) != sorted(second):
+        raise ValueError(f"rankings of different layers: {sorted(first)} vs {sorted(second)}")
+    count = len(first)
+    position = {layer: rank for rank, layer in enumerate(second)}
+    squared = sum((rank - position[layer]) ** 2 for rank, layer in enumerate(first))
+    rho = 1 - 6 * squared / (count * (count**2 - 1)) if count > 1 else 1.0
+    return {"spearman": rho, "kept_overlap": len(set(first[:kept]) & set(second[:kept])) / max(kept, 1)}
 
 
 def mmr_probes(teacher, batches: Sequence[dict], candidates: Sequence[int], probe: Callable[[int], object],

@@ -13,7 +13,7 @@ terms: `ce_weight` x next-token cross-entropy on the data, and `hidden_weight` x
     align_t = mean over replaced layers l of  ||h_l,t^student - h_l,t^teacher||^2 / ||h_l,t^teacher||^2
 
 with h_l the residual stream after block l (MOHAWK's hidden-state alignment, relative so that it is scale-free).
-A stage's first `align_steps` steps train on `align` alone (a warm-up of the new mixers), as a run of their own.
+The align stage before the KD stages (each new mixer against its attention layer's output) is lctk.distill.align.
 
 The vocabulary terms are computed chunk by chunk from the final hidden states of both models and their LM heads
 (lctk.train.losses.head_loss): the teacher's logits for a chunk of positions are made, without grad, next to the
@@ -94,10 +94,10 @@ def kd_loss_sum(student_hidden: Tensor, student_head: LMHead, teacher_hidden: Te
     return head_loss(student_hidden, student_head, chunk_loss)
 
 
-def distill_loss_fn(teacher, settings, replaced: Sequence[int], align_only: bool = False):
+def distill_loss_fn(teacher, settings, replaced: Sequence[int]):
     """A Trainer loss: (student, batch) -> SUM over counted positions of the per-position loss. `settings` is a
-    LossSection; `replaced` the layers whose hidden states are aligned."""
-    wants_hidden = bool(replaced) and (align_only or settings.hidden_weight > 0)
+    LossSection; `replaced` the layers whose hidden states are aligned (hidden_weight > 0)."""
+    wants_hidden = bool(replaced) and settings.hidden_weight > 0
 
     def loss_fn(student, batch: dict) -> Tensor:
         inputs = model_inputs(batch)
@@ -106,8 +106,6 @@ def distill_loss_fn(teacher, settings, replaced: Sequence[int], align_only: bool
         student_hidden, ours = final_hidden(student, inputs, wants_hidden)
         if wants_hidden:
             align = (token_alignment(ours.hidden_states, theirs.hidden_states, replaced) * target_mask(batch)).sum()
-            if align_only:
-                return align
         loss = kd_loss_sum(student_hidden, LMHead.of(student), teacher_hidden, LMHead.of(teacher), batch["labels"],
                            settings.divergence, settings.temperature, settings.forward_weight, settings.ce_weight)
         return loss + settings.hidden_weight * align if wants_hidden else loss

@@ -1,15 +1,21 @@
 """`lctk distill`: a validated DistillRecipe -> teacher, data -> stage by stage: rank, convert, distil, measure.
 
-Each stage starts from the previous student (its recurrent layers keep their trained weights), picks the next
-attention layers by leave-one-out or MMR probes, converts them (lctk.distill.convert) and distils with the shared
-Trainer and a KD loss (lctk.distill.losses). The teacher during training is the teacher's exact lctk copy (same
+First the align stage (lctk.distill.align, `distill.align`): every attention layer's new mixer learns that layer's
+output from the teacher's input to it. Then each stage starts from the previous student (its recurrent layers keep
+their trained weights), picks the next attention layers (lctk.distill.importance: loo, loo-layer, mmr, kl-restore), converts them
+(lctk.distill.convert; their mixers take the aligned weights) and distils with the shared Trainer and a KD loss
+(lctk.distill.losses). The teacher during training is the teacher's exact lctk copy (same
 logits, tested), so teacher and student take the same inputs and their hidden states line up index by index.
 
 Run dir (run.output_dir, default runs/<run.name>):
     recipe.yaml                  the resolved recipe
     stage-0/evidence.json        the teacher's row of the table
-    stage-K/importance.json      the candidates' scores and the layers chosen (reused on resume)
-    stage-K/align/, distill/     Trainer runs (metrics.jsonl; checkpoints, removed once the stage is saved)
+    align/mixers.safetensors     the aligned mixer of every attention layer (align/align.json: each layer's output
+                                 distance to its attention layer before and after; align/metrics.jsonl); with a
+                                 list of student mixers, align/<mixer>/ each and align/choice.json (mixer per layer)
+    stage-K/importance.json      the candidates' scores and the layers chosen (reused on resume); for kl-restore
+                                 also its rank agreement with loo and loo-layer
+    stage-K/distill/             the stage's Trainer run (metrics.jsonl; checkpoints, removed once the stage is saved)
     stage-K/model/               the student after stage K: an HF folder with the tokenizer
     stage-K/layout.json          its pattern, attention / replaced layers, parameter count
     stage-K/evidence.json        its row of the table
@@ -35,6 +41,7 @@ from typing import Any
 import torch
 
 from lctk.distill import convert, evidence, importance
+from lctk.distill.align import AlignedMixers, align_loss_fn, choose_targets, layer_errors
 from lctk.distill.losses import distill_loss_fn
 from lctk.distill.recipe import DistillRecipe, StageSection
 from lctk.distill.teacher import load_teacher
@@ -60,6 +67,8 @@ class DistillRun:
     scoring: list[dict]  # the importance batches, on the device
     resume: str | None
     say: Callable[[str], None]  # prints on the main process only
+    aligned: AlignedMixers | None = None  # the align stage's mixers, which converted layers start from
+    targets: dict[int, str] | None = None  # attention layer -> the mixer it is converted to
 
     @property
     def main(self) -> bool:
@@ -101,14 +110,16 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
     with accelerator.main_process_first():  # the main process converts a GGUF teacher and fills the data caches
         teacher_hf, tokenizer = load_teacher(spec.teacher)
         data = prepare_data(recipe.data, tokenizer, recipe.run.seed)
-    check_schedule(spec.stages, convert.hybrid_config_from(teacher_hf.config).pattern)
+    check_schedule(spec.stages, convert.hybrid_config_from(teacher_hf.config).pattern, aligned=_align_steps(recipe) > 0)
     if recipe.train.context_parallel > 1:
         raise UserError("train.context_parallel: distillation runs the teacher on whole rows; split rows are for "
                         "train and extend (set it to 1)")
     teacher = convert.student_from_teacher(teacher_hf).requires_grad_(False).to(accelerator.device)
     student = convert.student_from_teacher(teacher_hf)
-    convert.student_config(student.config, convert.attention_layers(student)[:1], spec.student.mixer,
-                           spec.student.settings)  # a bad setting fails here, not after stage 0
+    for mixer in spec.student.targets:  # a bad setting fails here, not after stage 0
+        convert.student_config(student.config, convert.attention_layers(student)[:1], mixer,
+                               spec.student.settings_of(mixer))
+    _check_targets(recipe, student)
     del teacher_hf
     seq_len = recipe.data.seq_len
     for model in (teacher, student):
@@ -128,7 +139,8 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
     run = DistillRun(recipe, accelerator, teacher, tokenizer, data, held_out=held_out[: spec.evidence.held_out_batches],
                      scoring=held_out[: spec.importance_batches], resume=resume, say=say)
     rows = [_stage_row(run, run_dir / "stage-0", 0, teacher)]
-    data_offset = 0
+    run.aligned = _align(run, student)
+    data_offset = _align_steps(recipe, accelerator.num_processes)
     for number, stage in enumerate(spec.stages, start=1):
         stage_dir = run_dir / f"stage-{number}"
         steps = stage.steps if stage.steps is not None else recipe.train.total_steps(seq_len, accelerator.num_processes)
@@ -137,21 +149,17 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
             student = _load_student(stage_dir / "model", accelerator)
             rows.append(finished)
             say(f"stage {number}: done before, loaded {stage_dir / 'model'}")
-            data_offset += spec.loss.align_steps + steps
+            data_offset += steps
             continue
         chosen = _choose_layers(run, number, stage, student, data_offset, stage_dir)
-        say(f"stage {number}: replacing layers {chosen} by {spec.student.mixer} ({spec.student.init} init)")
-        student = convert.replace_layers(student, chosen, spec.student.mixer, spec.student.init,
-                                         spec.student.settings, seed=recipe.run.seed + number)
+        mixers = ", ".join(f"{layer} by {run.targets[layer]}" for layer in chosen)
+        say(f"stage {number}: replacing layers {mixers} ({spec.student.init} init"
+            f"{', aligned' if run.aligned is not None else ''})")
+        student = _convert(run, student, chosen, seed=recipe.run.seed + number)
         replaced = convert.layout(student)["replaced_layers"]
         freeze = stage.freeze if stage.freeze is not None else spec.freeze
         _set_trainable(student, {"mixers": replaced, "new": chosen, "none": None}[freeze])
         train = recipe.train.model_copy(update={"lr": stage.lr} if stage.lr is not None else {})
-        if spec.loss.align_steps and replaced:
-            student = _fit(run, student, distill_loss_fn(teacher, spec.loss, replaced, align_only=True), train,
-                           range(data_offset, data_offset + spec.loss.align_steps), stage_dir / "align",
-                           f"{recipe.run.name}-stage-{number}-align")
-        data_offset += spec.loss.align_steps
         student = _fit(run, student, distill_loss_fn(teacher, spec.loss, replaced), train,
                        range(data_offset, data_offset + steps), stage_dir / "distill",
                        f"{recipe.run.name}-stage-{number}")
@@ -159,8 +167,7 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
         student.requires_grad_(True)
         rows.append(_stage_row(run, stage_dir, number, student))
         if main:
-            for part in ("align", "distill"):  # the saved model supersedes the stage's checkpoints
-                shutil.rmtree(stage_dir / part / "checkpoints", ignore_errors=True)
+            shutil.rmtree(stage_dir / "distill" / "checkpoints", ignore_errors=True)  # superseded by the saved model
             evidence.write_report(run_dir, rows, f"{recipe.run.name}: distillation of {spec.teacher}", _notes(recipe))
         accelerator.wait_for_everyone()
 
@@ -185,6 +192,104 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return rows
+
+
+def _align_steps(recipe: DistillRecipe, world_size: int = 1) -> int:
+    steps = recipe.distill.align.steps
+    return recipe.train.total_steps(recipe.data.seq_len, world_size) if steps is None else steps
+
+
+def _align(run: DistillRun, student) -> AlignedMixers | None:
+    """The align stage: every attention layer of `student` (the all-attention start) converted to each target mixer
+    and trained on the align loss, in <run>/align (<run>/align/<mixer> for a list of mixers, then choice.json: the
+    mixer each layer takes). A target a resumed run finished is loaded from its folder. Sets run.targets."""
+    recipe, say = run.recipe, run.say
+    spec = recipe.distill
+    layers = convert.attention_layers(student)
+    targets = spec.student.targets
+    run.targets = dict.fromkeys(layers, targets[0])
+    steps = _align_steps(recipe, run.accelerator.num_processes)
+    if not steps:
+        return None
+    base = recipe.run.dir / "align"
+    found = {name: _align_target(run, student, name, base / name if len(targets) > 1 else base, steps)
+             for name in targets}
+    if len(targets) == 1:
+        return found[targets[0]][0]
+    states = _target_states(recipe, student)
+    run.targets = choose_targets({name: errors for name, (_, errors) in found.items()}, states,
+                                 spec.student.max_state)
+    choice = {str(layer): {"mixer": name, "distance": {other: found[other][1][layer] for other in targets}}
+              for layer, name in run.targets.items()}
+    _save_json(base / "choice.json", {"loss": spec.align.loss, "max_state": spec.student.max_state,
+                                      "state_per_layer": states, "layers": choice}, run.accelerator)
+    say("align: mixer per layer " + ", ".join(f"{layer}: {name}" for layer, name in run.targets.items()))
+    return AlignedMixers(student.config, {layer: found[name][0].mixers[str(layer)] for layer, name in run.targets.items()})
+
+
+def _align_target(run: DistillRun, student, mixer: str, folder: Path, steps: int) -> tuple[AlignedMixers, dict]:
+    """Every attention layer converted to `mixer` and aligned for `steps` in `folder`; returns the mixers and each
+    layer's distance after the stage."""
+    from safetensors.torch import load_file, save_file
+
+    recipe, say = run.recipe, run.say
+    spec = recipe.distill
+    layers = convert.attention_layers(student)
+    converted = convert.replace_layers(student, layers, mixer, spec.student.init, spec.student.settings_of(mixer),
+                                       seed=recipe.run.seed)
+    aligned = AlignedMixers.of(converted).to(run.accelerator.device)
+    del converted
+    record = rundir.saved_record(folder / "align.json")
+    if record is not None:
+        aligned.load_state_dict(load_file(folder / "mixers.safetensors", device=str(run.accelerator.device)))
+        say(f"align: done before, loaded {folder / 'mixers.safetensors'}")
+        return aligned, {int(layer): values["after"] for layer, values in record["layers"].items()}
+    kind = spec.align.loss
+    say(f"align: {len(layers)} attention layers -> {mixer}, {steps} steps of {kind} against each attention "
+        "layer's output")
+    before = layer_errors(run.teacher, aligned, run.scoring, kind)
+    lr = {"lr": spec.align.lr} if spec.align.lr is not None else {}
+    train = recipe.train.model_copy(update={"activation_checkpointing": False, "recompute_segment": None, **lr})
+    aligned = _fit(run, aligned, align_loss_fn(run.teacher, kind), train, range(steps), folder,
+                   f"{recipe.run.name}-align-{mixer}")
+    after = layer_errors(run.teacher, aligned, run.scoring, kind)
+    if run.main:
+        save_file({k: v.contiguous() for k, v in aligned.state_dict().items()}, folder / "mixers.safetensors")
+        record = {"mixer": mixer, "loss": kind, "steps": steps,
+                  "layers": {str(i): {"before": before[i], "after": after[i]} for i in aligned.layers}}
+        (folder / "align.json").write_text(json.dumps(record, indent=2) + "\n")
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # superseded by mixers.safetensors
+        mean = {name: sum(values.values()) / len(values) for name, values in (("before", before), ("after", after))}
+        say(f"align: mean {kind} over the {len(layers)} layers {mean['before']:.4g} -> {mean['after']:.4g} "
+            f"(per layer in {folder / 'align.json'})")
+    run.accelerator.wait_for_everyone()
+    return aligned, after
+
+
+def _target_states(recipe: DistillRecipe, student) -> dict[str, int]:
+    """{mixer: inference state of one converted layer, in elements at the longest evidence.cache_lengths}."""
+    from lctk.models.mixers import MIXERS
+
+    spec = recipe.distill
+    length = max(spec.evidence.cache_lengths)
+    first = convert.attention_layers(student)[0]
+    states = {}
+    for name in spec.student.targets:
+        config = convert.student_config(student.config, [first], name, spec.student.settings_of(name))
+        letter = config.pattern[first]
+        states[name] = MIXERS[letter](config, letter).state_size(length)
+    return states
+
+
+def _convert(run: DistillRun, student, layers: list[int], seed: int):
+    """`student` with `layers` converted, each to its target mixer (run.targets) and from its aligned weights."""
+    spec = run.recipe.distill.student
+    for mixer in dict.fromkeys(run.targets[layer] for layer in layers):
+        group = [layer for layer in layers if run.targets[layer] == mixer]
+        student = convert.replace_layers(student, group, mixer, spec.init, spec.settings_of(mixer), seed=seed)
+    if run.aligned is not None:
+        run.aligned.load_into(student, layers)
+    return student
 
 
 def _end_to_end(run: DistillRun, student, data_offset: int, rows: list[dict]):
@@ -214,12 +319,28 @@ def _end_to_end(run: DistillRun, student, data_offset: int, rows: list[dict]):
     return student
 
 
-def check_schedule(stages: list[StageSection], pattern: str) -> None:
+def _check_targets(recipe: DistillRecipe, student) -> None:
+    """A list of mixers needs the align stage, and some mixer must fit student.max_state."""
+    spec = recipe.distill.student
+    if len(spec.targets) > 1 and not _align_steps(recipe):
+        raise UserError("distill.student.mixer: a list of mixers is chosen per layer by the align stage; "
+                        "set distill.align.steps > 0")
+    if spec.max_state is not None:
+        states = _target_states(recipe, student)
+        if min(states.values()) > spec.max_state:
+            raise UserError(f"distill.student.max_state: {spec.max_state} elements per layer; no mixer fits "
+                            f"(at {max(recipe.distill.evidence.cache_lengths)} tokens: {states})")
+
+
+def check_schedule(stages: list[StageSection], pattern: str, aligned: bool = True) -> None:
     """Every stage's layer count against the teacher's attention layers, before any work is done."""
     attention = [i for i, letter in enumerate(pattern) if letter in convert.ATTENTION_LETTERS]
     replaced: set[int] = set()
     for index, stage in enumerate(stages):
         where = f"distill.stages.{index}"
+        if stage.by == "kl-restore" and stage.layers is None and not aligned:
+            raise UserError(f"{where}.by: kl-restore ranks the aligned mixers; it needs the align stage "
+                            "(distill.align.steps > 0)")
         left = len(attention) - len(replaced)
         if stage.layers is not None:
             bad = sorted(set(stage.layers) - set(attention) | set(stage.layers) & replaced)
@@ -244,7 +365,7 @@ def _run_folder(recipe: DistillRecipe, resume: str | None, overwrite: bool) -> r
         raise UserError(f"--resume: distill runs resume with 'auto' (stage by stage), got {resume!r}")
     return rundir.RunFolder(recipe, "distill", resuming=resume is not None, overwrite=overwrite,
                             holds_run=lambda run_dir: any(run_dir.glob("stage-*")),
-                            folders=[f"stage-{number}" for number in range(len(recipe.distill.stages) + 2)],
+                            folders=["align", *(f"stage-{number}" for number in range(len(recipe.distill.stages) + 2))],
                             fixed_sections=SECTIONS_FIXED_ON_RESUME)
 
 
@@ -316,6 +437,8 @@ def _choose_layers(run: DistillRun, number: int, stage: StageSection, student, d
     elif stage.by == "loo-layer":  # ranked once on the teacher (the same for every stage), as Apriel-H1
         scores = importance.leave_one_out(teacher, teacher, held_out, candidates, divergence,
                                           importance.layer_removed)
+    elif stage.by == "kl-restore":
+        scores = importance.kl_restore(student, teacher, held_out, candidates, run.aligned, divergence)
     else:
         scores = importance.mmr_probes(
             teacher, held_out, candidates,
@@ -323,12 +446,31 @@ def _choose_layers(run: DistillRun, number: int, stage: StageSection, student, d
             divergence,
         )
     chosen = sorted(importance.ranking(scores)[:count])
+    record = {"by": stage.by, "count": count, "chosen": chosen,
+              "scores": {str(layer): value for layer, value in scores.items()}}
+    if stage.by == "kl-restore":
+        record["agreement"] = _agreement(run, student, candidates, importance.ranking(scores), count)
     if run.main:
         shown = ", ".join(f"{layer}: {scores[layer]['score']:.4f}" for layer in importance.ranking(scores))
         print(f"stage {number}: {stage.by} scores (lowest first) {shown}", flush=True)
-    _save_json(stage_dir / "importance.json", {"by": stage.by, "count": count, "chosen": chosen,
-                       "scores": {str(layer): value for layer, value in scores.items()}}, run.accelerator)
+        for name, agreement in record.get("agreement", {}).items():
+            print(f"stage {number}: {stage.by} against {name}: Spearman {agreement['spearman']:.3f}, "
+                  f"{agreement['kept_overlap']:.0%} of the {count} replaced layers shared", flush=True)
+    _save_json(stage_dir / "importance.json", record, run.accelerator)
     return chosen
+
+
+def _agreement(run: DistillRun, student, candidates: list[int], ranked: list[int], count: int) -> dict:
+    """How a ranking agrees with `loo` and `loo-layer` on the same candidates (forwards only; `mmr` would train a
+    probe per candidate, so it is compared from its own stage's importance.json with importance.rank_agreement)."""
+    teacher, held_out, divergence = run.teacher, run.scoring, run.recipe.distill.loss.divergence
+    others = {
+        "loo": importance.leave_one_out(student, teacher, held_out, candidates, divergence),
+        "loo-layer": importance.leave_one_out(teacher, teacher, held_out, candidates, divergence,
+                                              importance.layer_removed),
+    }
+    return {name: {**importance.rank_agreement(ranked, importance.ranking(scores), count),
+                   "ranking": importance.ranking(scores)} for name, scores in others.items()}
 
 
 def _probe(run: DistillRun, student, layer: int, stage: StageSection, data_offset: int, probe_dir: Path):
@@ -336,8 +478,7 @@ def _probe(run: DistillRun, student, layer: int, stage: StageSection, data_offse
     its Trainer folder is removed afterwards."""
     recipe = run.recipe
     spec = recipe.distill
-    probed = convert.replace_layers(student, [layer], spec.student.mixer, spec.student.init, spec.student.settings,
-                                    seed=recipe.run.seed)
+    probed = _convert(run, student, [layer], seed=recipe.run.seed)
     _set_trainable(probed, [layer])  # the probe: only the candidate's mixer, whatever distill.freeze says
     train = recipe.train.model_copy(update={"warmup_steps": 0, **({"lr": stage.lr} if stage.lr else {})})
     probed = _fit(run, probed, distill_loss_fn(run.teacher, spec.loss, []), train,
@@ -421,8 +562,10 @@ def _save_json(path: Path, record: dict, accelerator) -> None:
 
 def _notes(recipe: DistillRecipe) -> list[str]:
     spec = recipe.distill
+    steps = _align_steps(recipe)
+    aligned = f"aligned for {steps} steps ({spec.align.loss} against each attention layer's output)" if steps else "not aligned"
     return [
-        f"Student mixer {spec.student.mixer} ({spec.student.init} init); loss {spec.loss.divergence} at temperature "
+        f"Student mixer {spec.student.mixer} ({spec.student.init} init, {aligned}); loss {spec.loss.divergence} at temperature "
         f"{spec.loss.temperature:g}; {FREEZE_NOTES[spec.freeze]}"
         + (f"; then {spec.end_to_end.steps} end-to-end steps (every weight, CE weight {spec.end_to_end.ce_weight:g})."
            if spec.end_to_end.steps else "."),

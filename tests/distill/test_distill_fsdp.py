@@ -1,6 +1,6 @@
-"""`lctk distill` under FSDP2 on 2 CPU processes (recipes/accelerate/fsdp-cpu.yaml): every stage's student is sharded
-afresh, trains to the losses of one process with the same global batch, and is gathered back whole for the next
-stage and for its saved model."""
+"""`lctk distill` under FSDP2 on 2 CPU processes (recipes/accelerate/fsdp-cpu.yaml): the align stage's mixers and every
+stage's student are sharded afresh, train to the losses of one process with the same global batch, and are gathered
+back whole for the next stage and for its saved model."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ def stage_losses(run_dir: Path, stage: int) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
+def align_losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "align" / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_two_fsdp_processes_distil_like_one(tmp_path):
     from tiny_teachers import save_teacher
 
@@ -42,7 +46,9 @@ def test_two_fsdp_processes_distil_like_one(tmp_path):
                 "--main_process_port", "29527")
     two = distill(recipe, *launcher, extra=("--set", "train.batch_size=2", "--set", f"run.output_dir={tmp_path / 'two'}"))
     assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("FSDP2 over 2 processes: this process holds 50.0%") == 2  # one per stage
+    assert two.stdout.count("FSDP2 over 2 processes: this process holds 50.0%") == 3  # the align stage, then each stage
+    # the align stage: one backward through the sharded mixers there, gradients taken layer by layer on one process
+    assert align_losses(tmp_path / "two") == pytest.approx(align_losses(tmp_path / "run"), rel=1e-5)
     for stage in (1, 2):
         assert stage_losses(tmp_path / "two", stage) == pytest.approx(stage_losses(tmp_path / "run", stage), rel=1e-5)
     layouts = [json.loads((tmp_path / name / "stage-2" / "layout.json").read_text()) for name in ("run", "two")]

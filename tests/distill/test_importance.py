@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny_teachers import tiny_llama
 
@@ -64,3 +65,37 @@ def test_whole_layer_leave_one_out_makes_the_block_the_identity():
     scores = leave_one_out(teacher, teacher, _held_out(1), [0, 1, 2, 3], remove=layer_removed)
     assert all(score["score"] > 0 for score in scores.values()) and sorted(ranking(scores)) == [0, 1, 2, 3]
     assert scores != leave_one_out(teacher, teacher, _held_out(1), [0, 1, 2, 3])  # not the attention-only variant
+
+
+def test_kl_restore_scores_the_kl_each_restored_attention_removes():
+    from types import SimpleNamespace
+
+    from lctk.distill.importance import kl_restore, rank_agreement
+
+    teacher = student_from_teacher(tiny_llama(seed=7)).requires_grad_(False)
+    student = student_from_teacher(tiny_llama(seed=7)).requires_grad_(False)
+    exact = {str(layer): teacher.model.layers[layer].mixer for layer in range(4)}  # stand-ins equal to attention
+    silent = lambda x, seq, state: torch.zeros_like(x)  # noqa: E731  (a stand-in that lost the layer)
+    # only layer 3's stand-in is wrong: restoring it removes all the KL, restoring any other removes none
+    scores = kl_restore(student, teacher, _held_out(4), [0, 1, 2, 3], SimpleNamespace(mixers={**exact, "3": silent}))
+    assert scores[3]["divergence"] < 1e-6 and scores[3]["score"] == pytest.approx(scores[3]["all_converted"])
+    assert scores[3]["score"] > 1e-3 and all(abs(scores[layer]["score"]) < 1e-6 for layer in (0, 1, 2))
+    assert ranking(scores)[-1] == 3
+    # two wrong stand-ins: each restored layer leaves the other's damage, as leave-one-out of the teacher measures it
+    scores = kl_restore(student, teacher, _held_out(4), [0, 1, 2, 3],
+                        SimpleNamespace(mixers={**exact, "1": silent, "3": silent}))
+    alone = leave_one_out(teacher, teacher, _held_out(4), [1, 3])
+    assert scores[1]["divergence"] == pytest.approx(alone[3]["divergence"], rel=1e-5)
+    assert scores[3]["divergence"] == pytest.approx(alone[1]["divergence"], rel=1e-5)
+    assert sorted(ranking(scores)[:2]) == [0, 2]
+    assert rank_agreement(ranking(scores), ranking(scores), 2) == {"spearman": 1.0, "kept_overlap": 1.0}
+
+
+def test_rank_agreement_is_spearman_and_the_shared_share_of_the_kept_layers():
+    from lctk.distill.importance import rank_agreement
+
+    assert rank_agreement([0, 1, 2, 3], [1, 0, 2, 3], 1) == {"spearman": pytest.approx(0.8), "kept_overlap": 0.0}
+    assert rank_agreement([0, 1, 2, 3], [1, 0, 2, 3], 2)["kept_overlap"] == 1.0
+    assert rank_agreement([0, 1, 2, 3], [3, 2, 1, 0], 2) == {"spearman": pytest.approx(-1.0), "kept_overlap": 0.0}
+    with pytest.raises(ValueError, match="rankings of different layers"):
+        rank_agreement([0, 1], [0, 2], 1)
