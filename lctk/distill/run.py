@@ -83,7 +83,9 @@ def distill_recipe(recipe: DistillRecipe, resume: str | None = None, overwrite: 
 def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: contextlib.ExitStack) -> list[dict]:
     from accelerate.utils import set_seed
 
-    from lctk.data.pipeline import prepare_data
+    from lctk.data.generated import Teacher, generate_sources
+    from lctk.data.pipeline import cache_folder, prepare_data
+    from lctk.evals.fingerprints import weights_fingerprint
     from lctk.parallel import make_accelerator
     from lctk.train.tracking import log_results
 
@@ -98,9 +100,12 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
     set_seed(recipe.run.seed)
     spec = recipe.distill
 
-    with accelerator.main_process_first():  # the main process converts a GGUF teacher and fills the data caches
+    with accelerator.main_process_first():  # the main process converts a GGUF teacher
         teacher_hf, tokenizer = load_teacher(spec.teacher)
-        data = prepare_data(recipe.data, tokenizer, recipe.run.seed)
+    generator = Teacher(teacher_hf, weights_fingerprint(teacher_hf))  # for `generate:` sources, each process a share
+    generate_sources(recipe.data, tokenizer, generator, cache_folder(recipe.data), accelerator.device)
+    with accelerator.main_process_first():  # the main process fills the data caches
+        data = prepare_data(recipe.data, tokenizer, recipe.run.seed, generator)
     check_schedule(spec.stages, convert.hybrid_config_from(teacher_hf.config).pattern)
     if recipe.train.context_parallel > 1:
         raise UserError("train.context_parallel: distillation runs the teacher on whole rows; split rows are for "
