@@ -221,7 +221,7 @@ class GeneratedSource:
             move_store_into_place(temporary, self.folder)
         shutil.rmtree(self.work)
         generated = manifest["tokens"] - manifest["documents"] * self.settings.prompt_tokens
-        print(f"generated store: {generated / 1e6:.2f}M new tokens ({manifest['tokens'] / 1e6:.2f}M with prompts) "
+        print(f"generated store: {generated:,} new tokens ({manifest['tokens']:,} with prompts) "
               f"in {manifest['documents']} documents from the teacher for {self.key} -> {self.folder}", flush=True)
 
 
