@@ -33,12 +33,14 @@ setting of the `generate:` section; changing any of them builds another store, a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,11 +69,16 @@ GENERATE_FORMAT = 1
 
 @dataclass
 class Teacher:
-    """The model that generates, and what identifies its weights (lctk.evals.fingerprints.weights_fingerprint, which
-    the caller computes: lctk.data does not import the evals)."""
+    """The model that generates, and the function that identifies its weights (the caller passes
+    lctk.evals.fingerprints.weights_fingerprint: lctk.data does not import the evals), called only when a
+    `generate:` source needs it."""
 
     model: Any
-    fingerprint: str
+    identify: Callable[[Any], str]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return self.identify(self.model)
 
 
 class GeneratedSource:

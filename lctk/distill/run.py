@@ -102,7 +102,7 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
 
     with accelerator.main_process_first():  # the main process converts a GGUF teacher
         teacher_hf, tokenizer = load_teacher(spec.teacher)
-    generator = Teacher(teacher_hf, weights_fingerprint(teacher_hf))  # for `generate:` sources, each process a share
+    generator = Teacher(teacher_hf, weights_fingerprint)  # for `generate:` sources: every process makes its share
     generate_sources(recipe.data, tokenizer, generator, cache_folder(recipe.data), accelerator.device)
     with accelerator.main_process_first():  # the main process fills the data caches
         data = prepare_data(recipe.data, tokenizer, recipe.run.seed, generator)

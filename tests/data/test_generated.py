@@ -54,7 +54,7 @@ def _data(prompt_text, cache, **settings):
 
 
 def _source(data, tokenizer, teacher):
-    generator = Teacher(teacher, weights_fingerprint(teacher))
+    generator = Teacher(teacher, weights_fingerprint)
     return GeneratedSource(data.sources[0], "data.sources.0", data, tokenizer, generator, Path(data.cache_dir))
 
 
@@ -80,7 +80,7 @@ def test_greedy_generation_is_the_teachers_own_continuation(prompt_text, tmp_pat
         assert document[PROMPT:] == expected
     assert not source.work.exists()  # the finished batches are packed and removed
 
-    rows = prepare_data(data, tokenizer, seed=0, teacher=Teacher(teacher, weights_fingerprint(teacher)))
+    rows = prepare_data(data, tokenizer, seed=0, teacher=Teacher(teacher, weights_fingerprint))
     as_text = DataSection(seq_len=48, held_out=0.2, cache_dir=str(tmp_path), sources=[{"text": str(prompt_text)}])
     expected_rows = prepare_data(as_text, tokenizer, seed=0).held_out
     assert rows.held_out and len(rows.held_out) == len(expected_rows)  # the prompt text's held-out rows
