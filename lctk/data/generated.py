@@ -8,7 +8,7 @@ from a text source, stored in a token store (lctk.data.store) so that the studen
 
 Prompts: the prompt text (builtin, or a local file / folder read as a `text:` source) goes through its own token
 store, cut into pieces of data.seq_len and split into training and held-out pieces as a text source would be. Each
-prompt is the first `prompt_tokens` tokens of a training piece (pieces in a seeded order, shorter ones skipped,
+prompt is the first `prompt_tokens` tokens of a training piece (pieces in a seeded order, those not longer skipped,
 cycling when more prompts are needed than there are pieces); the held-out pieces are the source's held-out rows, so
 the distillation's evidence measures the student on corpus text it was never prompted with, not on generations.
 A document of the store is a prompt followed by its continuation, up to (not including) the first end-of-text token
@@ -94,7 +94,7 @@ class GeneratedSource:
         prompt_store = token_store(prompt_source, f"{key}.generate.prompts", tokenizer, cache_dir)
         train, self.held_out = split_held_out(Pieces.cut(prompt_store, data.seq_len, tokenizer.eos_token_id),
                                               data.held_out)
-        eligible = np.flatnonzero(train.lengths >= settings.prompt_tokens)
+        eligible = np.flatnonzero(train.lengths > settings.prompt_tokens)  # longer: a prompt never ends a document
         if not len(eligible):
             raise UserError(f"{key}.generate.prompt_tokens: no piece of {settings.prompts} has "
                             f"{settings.prompt_tokens} tokens")
