@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lctk.data.generated import GeneratedSource, Teacher
+from lctk.data.generated import GeneratedSource, Teacher, generate_sources
 from lctk.data.pipeline import prepare_data
 from lctk.data.tokenizer import build_tokenizer
 from lctk.errors import UserError
@@ -128,6 +128,16 @@ def test_a_killed_build_keeps_its_batches_and_shares_pack_like_one_process(promp
     monkeypatch.setattr(GeneratedSource, "_generate", lambda self, chunk: calls.append(chunk) or original(self, chunk))
     store = _source(_data(prompt_text, tmp_path / "two", temperature=1.0), tokenizer, teacher).build()
     assert calls == [1, 0, 2] and _documents(store) == whole
+
+
+def test_generate_sources_makes_the_store_that_prepare_data_then_reads(prompt_text, tmp_path, tokenizer, teacher,
+                                                                       monkeypatch):
+    data = _data(prompt_text, tmp_path)
+    generator = Teacher(teacher, weights_fingerprint)
+    generate_sources(data, tokenizer, generator, tmp_path)  # what lctk distill runs in every process
+    monkeypatch.setattr(GeneratedSource, "_generate", lambda self, chunk: pytest.fail("generated twice"))
+    rows = prepare_data(data, tokenizer, seed=0, teacher=generator)
+    assert rows.summary[0].startswith(f"teacher generations prompted by {prompt_text}: ")
 
 
 def test_a_damaged_batch_file_is_made_again(prompt_text, tmp_path, tokenizer, teacher):
