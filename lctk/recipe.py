@@ -152,14 +152,45 @@ class TrainSection(Section):
         return max(1, -(-self.tokens // per_step))
 
 
+class GenerateSection(Section):
+    """A `generate:` source (distill recipes only): continuations sampled from the teacher, prompted by the first
+    `prompt_tokens` tokens of text pieces of `prompts` (builtin or a local text source), until `tokens` new tokens
+    have been asked for (rows that end at end-of-text give fewer). See lctk.data.generated."""
+
+    prompts: str = Field("builtin", description="builtin, or a local txt/jsonl/parquet/csv file or folder")
+    field: str = "text"  # the column holding the prompt text (jsonl, parquet)
+    tokens: int = Field(gt=0, description="new tokens to generate in all (the number of prompts x max_new_tokens)")
+    prompt_tokens: int = Field(32, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: Float = Field(1.0, ge=0, description="0: greedy")
+    top_p: Float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: no top-k cut")
+    batch_size: int = Field(32, gt=0, description="rows generated together per process")
+    seed: int = Field(0, ge=0, lt=2**32, description="prompt order and sampling (independent of run.seed)")
+
+    _tokens_count = field_validator("tokens", mode="before")(_count)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_text(cls, prompts: str) -> str:
+        if prompts != "builtin" and not Path(prompts).expanduser().exists():
+            raise ValueError(f"{prompts!r} is neither builtin nor an existing file or folder")
+        return prompts
+
+    def prompt_source(self) -> Source:
+        return Source(text=self.prompts, field=self.field)
+
+
 class Source(Section):
     """One data source: exactly one of `text` (builtin, a local txt/jsonl/parquet/csv file, a folder of them or a
-    `datasets.save_to_disk` folder), `hub` (a dataset name, streamed by `datasets.load_dataset`) or `task` (a
-    synthetic task, see lctk.data.tasks). Text sources are tokenised once into a token store (lctk.data.store)."""
+    `datasets.save_to_disk` folder), `hub` (a dataset name, streamed by `datasets.load_dataset`), `task` (a
+    synthetic task, see lctk.data.tasks) or `generate` (the teacher's own continuations, distill recipes only).
+    Text and generated sources are stored once in a token store (lctk.data.store, lctk.data.generated)."""
 
     text: str | None = None
     hub: str | None = None
     task: str | None = None
+    generate: GenerateSection | None = None
     weight: Float = Field(1.0, gt=0)
     field: str = "text"  # the column holding the text (jsonl, parquet, hub)
     config: str | None = None  # hub dataset configuration
@@ -173,9 +204,9 @@ class Source(Section):
 
     @model_validator(mode="after")
     def _one_kind(self) -> Source:
-        given = [k for k in ("text", "hub", "task") if getattr(self, k) is not None]
+        given = [k for k in ("text", "hub", "task", "generate") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("a source needs exactly one of text, hub or task")
+            raise ValueError("a source needs exactly one of text, hub, task or generate")
         if self.task is None and self.options:
             raise ValueError("options: only a task source takes options")
         if self.task is not None:
@@ -184,7 +215,7 @@ class Source(Section):
 
     @property
     def label(self) -> str:
-        return self.text or self.hub or self.task
+        return self.text or self.hub or self.task or f"teacher generations prompted by {self.generate.prompts}"
 
 
 class DataSection(Section):
@@ -202,6 +233,9 @@ class DataSection(Section):
                     raise ValueError(
                         f"sources.{index}.options.{key}: {length} tokens do not fit data.seq_len {self.seq_len}"
                     )
+            if source.generate is not None and source.generate.prompt_tokens >= self.seq_len:
+                raise ValueError(f"sources.{index}.generate.prompt_tokens: {source.generate.prompt_tokens} tokens "
+                                 f"leave nothing to generate in rows of data.seq_len {self.seq_len}")
         return self
 
 
@@ -323,6 +357,14 @@ class Recipe(Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _generate_needs_a_teacher(self) -> Recipe:
+        for index, source in enumerate(self.data.sources):
+            if source.generate is not None and self.kind != "distill":
+                raise ValueError(f"data.sources.{index}.generate: only a distill recipe has a teacher to generate "
+                                 f"from (this is a {self.kind} recipe)")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -89,7 +89,7 @@ def test_tokens_budget_accepts_suffixes_and_gives_steps(tmp_path):
         ("model.pattern=MXA", "model.pattern:"),
         ("data.sources.1.task=pasky", "data.sources.1.task: unknown task 'pasky' (did you mean 'passkey'?)"),
         ("data.sources.1.options={min_lenght: 3}", "data.sources.1.options.min_lenght: unknown key"),
-        ("data.sources.0.hub=x/y", "data.sources.0: a source needs exactly one of text, hub or task"),
+        ("data.sources.0.hub=x/y", "data.sources.0: a source needs exactly one of text, hub, task or generate"),
         ("train.tokens=5", "train.steps: give exactly one of train.steps or train.tokens"),
         ("tokenizer=bpe:12", "tokenizer: expected bpe:<vocab size>"),
         ("eval.lengths=[2y]", "eval.lengths: expected a length"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lctk.data.generated import generated_store
 from lctk.data.packing import Mixture, Pieces, Row, RowSource, TaskRows, TextRows, split_held_out
 from lctk.data.store import token_store
 from lctk.data.tasks import Task
@@ -35,7 +36,7 @@ def load_tokenizer(spec: str, data):
     def training_text() -> list[str]:
         documents, chars = [], 0
         for index, source in enumerate(data.sources):
-            if source.task is None:
+            if source.task is None and source.generate is None:
                 for document in TextSource(source, f"data.sources.{index}").documents():
                     documents.append(document)
                     chars += len(document)
@@ -48,9 +49,10 @@ def load_tokenizer(spec: str, data):
     return build_tokenizer(spec, training_text, cache_folder(data))
 
 
-def prepare_data(data, tokenizer, seed: int) -> TrainingData:
+def prepare_data(data, tokenizer, seed: int, teacher=None) -> TrainingData:
     """Rows mixing every source of `data` by weight, and held-out rows of its text sources (each text source is read
-    from its token store, built on first use)."""
+    from its token store, built on first use; a `generate:` source from the store of `teacher`'s generations, made
+    on first use, with held-out rows of its prompt text: lctk.data.generated)."""
     sources, weights, summary, held_out = [], [], [], []
     eos = tokenizer.eos_token_id
     for index, source in enumerate(data.sources):
@@ -60,8 +62,12 @@ def prepare_data(data, tokenizer, seed: int) -> TrainingData:
             sources.append(TaskRows(task, data.seq_len, seed, salt=index, pad_id=eos))
             summary.append(f"{source.task} (synthetic, {task.min_length}-{task.max_length} tokens), weight {source.weight:g}")
         else:
-            store = token_store(source, key, tokenizer, cache_folder(data))
-            train, held = split_held_out(Pieces.cut(store, data.seq_len, eos), data.held_out)
+            if source.generate is not None:
+                store, held = generated_store(source, key, data, tokenizer, teacher, cache_folder(data))
+                train = Pieces.cut(store, data.seq_len, eos)
+            else:
+                store = token_store(source, key, tokenizer, cache_folder(data))
+                train, held = split_held_out(Pieces.cut(store, data.seq_len, eos), data.held_out)
             if train.tokens < data.seq_len:
                 raise UserError(f"{key}: {source.label} has fewer than data.seq_len = {data.seq_len} tokens")
             sources.append(TextRows(train, data.seq_len, seed + index))

@@ -215,14 +215,14 @@ def _build(text: TextSource, max_tokens: int | None, tokenizer, folder: Path, id
         stores.mkdir(parents=True, exist_ok=True)
         remove_dead_leftovers(stores, f".{folder.name}")  # builds of this store that were killed
         if max_tokens is not None:
-            check_space(stores, max_tokens * _dtype(tokenizer).itemsize, f"the token store of {text.key} in {stores}")
+            check_space(stores, max_tokens * id_dtype(tokenizer).itemsize, f"the token store of {text.key} in {stores}")
         with scratch_folder(temporary):  # removed on any failure: a full disk, a bad source, Ctrl-C
             started = time.perf_counter()
             manifest = _write_shards(text, max_tokens, tokenizer, temporary)
             manifest |= {"format": FORMAT_VERSION, "identity": identity,
                          "built_s": round(time.perf_counter() - started, 1)}
             (temporary / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            _move_into_place(temporary, folder)
+            move_store_into_place(temporary, folder)
     except Exception as error:
         fault = os_error_of(error)  # a full disk or an unwritable cache folder
         if fault is None:
@@ -235,7 +235,7 @@ def _build(text: TextSource, max_tokens: int | None, tokenizer, folder: Path, id
           f"{folder}", flush=True)
 
 
-def _move_into_place(temporary: Path, folder: Path) -> None:
+def move_store_into_place(temporary: Path, folder: Path) -> None:
     if folder.exists():
         try:
             open_store(folder)
@@ -246,12 +246,12 @@ def _move_into_place(temporary: Path, folder: Path) -> None:
     move_into_place(temporary, folder)
 
 
-def _dtype(tokenizer) -> np.dtype:
+def id_dtype(tokenizer) -> np.dtype:
     return np.dtype(np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32)
 
 
 def _write_shards(text: TextSource, max_tokens: int | None, tokenizer, folder: Path) -> dict:
-    writer = ShardWriter(folder, _dtype(tokenizer))
+    writer = ShardWriter(folder, id_dtype(tokenizer))
     expected = text.expected_documents()
     started = time.perf_counter()
     with _progress_bar(text.key) as progress:

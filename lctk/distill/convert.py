@@ -59,6 +59,26 @@ softmax has one); distillation fits both.
 LaCT (`lact`): its sliding-window attention shares one qkv projection with the fast weights; qkv <- [Q; K; V]
 (kv heads repeated) and o_proj <- O, so that at initialisation the window part is the teacher's attention
 restricted to the window (the fast-weight part starts fresh).
+Sliding-window attention (`sliding_window`, `S`): the same attention layer with its keys limited to the last `window`
+tokens (lctk.models.mixers.attention), so everything maps and nothing starts fresh: q/k/v/o_proj and their biases are
+copied as they are (GQA kept), RoPE is the model's (rope_parameters, shared by every layer). With a window at least
+the sequence length the student is the teacher exactly; a shorter one changes only what each query can see, and its
+KV cache holds window - 1 tokens whatever the context. `student.settings: {window: N}` sets it; the default is
+lctk's own `attention.window` default (DEFAULT_WINDOW = 512, the `S` of the BASED recipe), chosen over the 4,096 of
+Mistral-7B / Gemma 2 because distillation rows are short (256-4,096 tokens): a window at or above the recipe's
+seq_len trains nothing that differs from the teacher, so keep the window below data.seq_len. A model has one
+window (the `attention` section), so a teacher that already has sliding layers (Mistral) keeps its own, and a
+different `window` is an error. `init: random` copies nothing here either.
+
+What maps and what starts fresh, by target:
+    M  Mamba-2          maps V, K, Q, O (x, B, C, out_proj); fresh: z gate, dt, dt_bias, D, gated norm (conv and A
+                        set attention-like by `mil`); q/k/v/o biases and RoPE dropped
+    B  BASED            maps V, O (and Q, K when feature_dim = head_dim); fresh: the rest
+    L  LaCT             maps Q, K, V into qkv and O; fresh: the fast weights and their learning rates
+    G  Gated DeltaNet   maps Q, K, V, O; fresh: b_proj, a_proj/A_log/dt_bias, g_proj + norm, conv (`mil`: identity
+                        conv, A = 0.1)
+    K  KDA              as G, with the low-rank f_proj in place of a_proj
+    S  sliding window   maps everything (Q, K, V, O, biases, RoPE); fresh: nothing, only the window is new
 """
 
 from __future__ import annotations
@@ -75,9 +95,10 @@ from lctk.models import HybridConfig, HybridForCausalLM
 from lctk.models.mixers import MIXERS, section_of
 
 ATTENTION_LETTERS = "AS"
-STUDENT_MIXERS = {"mamba2": "M", "based": "B", "lact": "L", "gated_deltanet": "G", "kda": "K"}
+STUDENT_MIXERS = {"mamba2": "M", "based": "B", "lact": "L", "gated_deltanet": "G", "kda": "K", "sliding_window": "S"}
 INITS = ("mil", "mil-plain", "random")
 INITIAL_DECAY_RATE = 0.1  # A for `init: mil`
+DEFAULT_WINDOW = 512  # `S` students: lctk's attention.window default (see the module doc)
 
 
 def hybrid_config_from(teacher_config, attention: dict | None = None) -> HybridConfig:
@@ -161,6 +182,11 @@ def mixer_section(config: HybridConfig, letter: str, overrides: dict | None = No
         settings = {"num_heads": heads}
     elif letter in "GK":
         settings = {"num_heads": heads, "head_dim": head_dim, "expand_v": 1.0}
+    elif letter == "S":  # the attention section is shared with the remaining `A` layers: only the window is new
+        unknown = sorted(set(overrides or {}) - {"window"})
+        if unknown:
+            raise UserError(f"distill.student.settings: {unknown[0]!r} is not a sliding_window setting (only window)")
+        settings = {**config.attention, "window": DEFAULT_WINDOW}
     return {**settings, **(overrides or {})}
 
 
@@ -203,6 +229,9 @@ def replace_layers(
                 init_lact_from_attention(target, attention)
             elif letter in "GK":
                 init_delta_from_attention(target, attention, attention_like=init == "mil")
+            elif letter == "S":
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    _copy_linear(getattr(target, name), getattr(attention, name))
     new.generation_config = copy.deepcopy(student.generation_config)
     return new.train(student.training)
 
@@ -219,6 +248,9 @@ def student_config(old: HybridConfig, layers: list[int], mixer: str, settings: d
     section = section_of(letter)
     if getattr(old, section) is None or letter not in old.pattern:
         values[section] = mixer_section(old, letter, settings)
+    elif letter == "S" and (settings or {}).get("window", old.attention["window"]) != old.attention["window"]:
+        raise UserError(f"distill.student.settings.window: {settings['window']} differs from the sliding window "
+                        f"{old.attention['window']} the model already has (one window per model)")
     for name in ("model_type", "transformers_version", "architectures", "num_hidden_layers"):
         values.pop(name, None)
     try:

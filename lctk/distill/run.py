@@ -92,7 +92,9 @@ def distill_recipe(recipe: DistillRecipe, resume: str | None = None, overwrite: 
 def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: contextlib.ExitStack) -> list[dict]:
     from accelerate.utils import set_seed
 
-    from lctk.data.pipeline import prepare_data
+    from lctk.data.generated import Teacher, generate_sources
+    from lctk.data.pipeline import cache_folder, prepare_data
+    from lctk.evals.fingerprints import weights_fingerprint
     from lctk.parallel import make_accelerator
     from lctk.train.tracking import log_results
 
@@ -107,9 +109,8 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
     set_seed(recipe.run.seed)
     spec = recipe.distill
 
-    with accelerator.main_process_first():  # the main process converts a GGUF teacher and fills the data caches
+    with accelerator.main_process_first():  # the main process converts a GGUF teacher
         teacher_hf, tokenizer = load_teacher(spec.teacher)
-        data = prepare_data(recipe.data, tokenizer, recipe.run.seed)
     check_schedule(spec.stages, convert.hybrid_config_from(teacher_hf.config).pattern, aligned=_align_steps(recipe) > 0)
     if recipe.train.context_parallel > 1:
         raise UserError("train.context_parallel: distillation runs the teacher on whole rows; split rows are for "
@@ -120,6 +121,11 @@ def _distill(recipe: DistillRecipe, resume: str | None, overwrite: bool, held: c
         convert.student_config(student.config, convert.attention_layers(student)[:1], mixer,
                                spec.student.settings_of(mixer))
     _check_targets(recipe, student)
+    # data after every check: generate: sources write for minutes
+    generator = Teacher(teacher_hf, weights_fingerprint)  # for `generate:` sources: every process makes its share
+    generate_sources(recipe.data, tokenizer, generator, cache_folder(recipe.data), accelerator.device)
+    with accelerator.main_process_first():  # the main process fills the data caches
+        data = prepare_data(recipe.data, tokenizer, recipe.run.seed, generator)
     del teacher_hf
     seq_len = recipe.data.seq_len
     for model in (teacher, student):
