@@ -6,8 +6,8 @@ layer as lctk defines it. Refused, with one line naming the letter or setting:
   norm-before-gate per head) but takes q/k/v/z and b/a interleaved per key-head group and runs on vLLM's CPU backend
   only in bf16, where greedy tokens cannot be checked against lctk's fp32 generate; it is not mapped yet.
 - `K`: vLLM's KDA has no CPU path. `B`, `C`, `T`, `L`: no vLLM layer (a MambaBase subclass each would be needed).
-- Mamba-2's length-generalisation settings (dt_scale, b_scale, state_norm_cap, state_window) and xb_heads (x and B
-  shared across heads): vLLM's MambaMixer2 has neither.
+- Mamba-2's length-generalisation settings (dt_scale, b_scale, state_norm_cap, state_window): vLLM's MambaMixer2 has
+  none of them. (xb_heads, x and B shared across heads, is served: the plugin repeats the shared weights at load.)
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ WHY_NOT = {
     "K": "vLLM's KDA has no CPU path and is not mapped",
 }
 # Mamba-2 settings vLLM's MambaMixer2 does not have, with the value that means "off"
-MAMBA2_OFF = {"xb_heads": None, "dt_scale": 1.0, "b_scale": 1.0, "state_norm_cap": None, "state_window": None}
+MAMBA2_OFF = {"dt_scale": 1.0, "b_scale": 1.0, "state_norm_cap": None, "state_window": None}
 
 
 def servable_problem(config: Any) -> str | None:

@@ -10,7 +10,9 @@ the final norm and the LM head (tied to the embedding when tie_word_embeddings).
   by vLLM's hybrid cache manager). lctk's Mamba-2 is the same layer: in_proj splits into z, xBC, dt in that order,
   a depthwise conv with bias and silu over xBC, dt = softplus(dt + dt_bias) without limits, A = -exp(A_log),
   y + D x, then RMSNorm(y * silu(z)) per group (norm_before_gate=False) and out_proj. Only the weight names and the
-  conv weight's shape differ ([conv_dim, K] in lctk, [conv_dim, 1, K] in vLLM).
+  conv weight's shape differ ([conv_dim, K] in lctk, [conv_dim, 1, K] in vLLM). With mamba2.xb_heads (distilled
+  students: x and B shared across heads) the shared rows are repeated at load (`widen_shared_xb`), which gives the
+  same numbers with vLLM's unshared layer.
 Anything else is refused before any weight is read (`lctk.serving.check`), and so is a checkpoint with a missing or
 an unexpected tensor (one line naming it).
 
@@ -220,6 +222,8 @@ class LctkHybridForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPre
                 raise ValueError(f"lctk serving: unexpected tensor {name} in the checkpoint (no such weight in a "
                                  f"`{self.config.pattern}` model)")
             param = params[target]
+            if name.endswith((".in_proj.weight", ".conv_weight", ".conv_bias")):
+                tensor = widen_shared_xb(tensor, self.config, in_proj=name.endswith(".in_proj.weight"))
             if name.endswith(".conv_weight"):
                 tensor = tensor.unsqueeze(1)  # [conv_dim, K] -> conv1d's [conv_dim, 1, K]
             loader = getattr(param, "weight_loader", default_weight_loader)
@@ -230,6 +234,25 @@ class LctkHybridForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPre
             raise ValueError(f"lctk serving: the checkpoint has no tensor {missing[0]}"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         return set(params)
+
+
+def widen_shared_xb(tensor: torch.Tensor, config, in_proj: bool) -> torch.Tensor:
+    """Mamba-2 with mamba2.xb_heads (the shape distillation from attention gives: x and B shared across heads as
+    grouped-query attention shares V and K) as a layer where every head has its own x and every group its own B: the
+    rows of in_proj (and of the depthwise conv, whose channels are independent) that make the shared x heads and B
+    groups are repeated the way lctk repeats their outputs (head h reads shared head h // (H / xb_heads)). The layer
+    computes the same numbers; in_proj and the conv state grow to the unshared sizes."""
+    s = config.mamba2
+    shared = s["xb_heads"]
+    if not shared:
+        return tensor
+    d_inner = s["expand"] * config.hidden_size
+    heads, head_dim, state, groups = d_inner // s["head_dim"], s["head_dim"], s["state_size"], s["n_groups"]
+    z, x, b, c, dt = tensor.split([d_inner if in_proj else 0, shared * head_dim, shared * state, groups * state,
+                                   heads if in_proj else 0])
+    x = x.unflatten(0, (shared, head_dim)).repeat_interleave(heads // shared, 0).flatten(0, 1)
+    b = b.unflatten(0, (shared, state)).repeat_interleave(groups // shared, 0).flatten(0, 1)
+    return torch.cat([z, x, b, c, dt])
 
 
 def vllm_name(name: str) -> tuple[str, str | int | None]:

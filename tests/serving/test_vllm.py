@@ -43,6 +43,8 @@ def serve(folder: Path) -> subprocess.CompletedProcess:
         ("MAMS", {}),  # tied embeddings, grouped KV heads (4 / 2), window 8
         ("SMMA", {"mlp": False, "tie_word_embeddings": False, "mamba2": {**SMALL, "n_groups": 2},
                   "attention": {"window": 8, "qkv_bias": True, "o_bias": True}}),
+        # a distilled student's Mamba-2: x and B shared by groups of heads (xb_heads), C per query head (n_groups)
+        ("AMSM", {"mamba2": {**SMALL, "n_groups": 4, "xb_heads": 2}}),
     ],
 )
 def test_greedy_tokens_equal_lctk_generate(tmp_path, pattern, settings):
