@@ -3,7 +3,7 @@ students with 8 and 15 of its 30 attention layers converted to Mamba-2, served t
 measure: a student holds less cache per sequence, so the same memory runs more sequences at once).
 
     python -m lctk.bench serve                      # needs make serve-setup and make setup-smollm2
-    python -m lctk.bench.serve --requests 16 --prompt 512 --output 32 --kv-mib 48
+    python -m lctk.bench.serve --requests 12 --prompt 256 --output 96 --kv-mib 24
 
 The students are lctk.distill.convert's conversions (MIL init, layers evenly spaced), untrained: distillation
 changes only their weights, not their speed. Each model runs in the serving venv (lctk.serving.throughput): N
@@ -76,10 +76,10 @@ def main(argv: list[str]) -> dict | None:
     from lctk.serving.command import serving_venv
 
     parser = argparse.ArgumentParser(prog="python -m lctk.bench.serve")
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--output", type=int, default=32)
-    parser.add_argument("--kv-mib", type=int, default=48, help="vLLM's cache budget in MiB, the same for every model")
+    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--output", type=int, default=96)
+    parser.add_argument("--kv-mib", type=int, default=24, help="vLLM's cache budget in MiB, the same for every model")
     args = parser.parse_args(argv)
     python = serving_venv() / "bin" / "python"
     if not python.is_file():

@@ -16,9 +16,9 @@ the final norm and the LM head (tied to the embedding when tie_word_embeddings).
 Anything else is refused before any weight is read (`lctk.serving.check`), and so is a checkpoint with a missing or
 an unexpected tensor (one line naming it).
 
-Numbers: in fp32 the plugin's greedy tokens equal lctk's generate (tests/serving); the ops differ in summation order
-(vLLM's chunked scan and paged attention kernels against lctk's torch references), so logits agree to ~1e-5, not
-bit for bit.
+Numbers: in fp32 the plugin's greedy tokens equal lctk's generate with chunked prefill and prefix caching on
+(tests/serving); vLLM's kernels (chunked scan, paged attention) sum in other orders than lctk's torch references, so
+the logits are close, not bit-identical.
 """
 
 from __future__ import annotations
