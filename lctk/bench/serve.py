@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -68,7 +69,10 @@ def make_models(folder: Path) -> dict[int, Path]:
 def measure(python: Path, model: Path, args: argparse.Namespace) -> dict:
     command = [str(python), "-m", "lctk.serving.throughput", str(model), "--requests", str(args.requests),
                "--prompt", str(args.prompt), "--output", str(args.output), "--kv-bytes", str(args.kv_mib << 20)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # the serving venv's own lctk: a PYTHONPATH or working folder holding a checkout's stale lctk.egg-info (no entry
+    # point in it) would hide the plugin's entry point from vLLM
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=model.parent)
     if done.returncode:
         raise RuntimeError(f"vLLM failed on {model}:\n{done.stderr[-3000:]}")
     row = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
