@@ -172,9 +172,7 @@ class LctkHybridForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPre
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
         config = vllm_config.model_config.hf_config
         refuse_unservable(config)  # called while vLLM sizes its caches, before the model is built
-        s = config.mamba2 or {}
-        if not s:  # no `M` layer: vLLM still asks for a state shape; one of the smallest size, never allocated
-            s = {"expand": 1, "head_dim": config.hidden_size, "n_groups": 1, "state_size": 1, "conv_kernel": 2}
+        s = config.mamba2
         d_inner = s["expand"] * config.hidden_size
         return MambaStateShapeCalculator.mamba2_state_shape(
             tp_world_size=vllm_config.parallel_config.tensor_parallel_size, intermediate_size=d_inner,

@@ -61,6 +61,7 @@ def test_servable_patterns_and_settings():
     assert problem("MA", mamba2={"dt_scale": 2.0}) == (
         "mamba2.dt_scale = 2.0: vLLM's Mamba-2 layer has no such setting (serve with it off)")
     assert problem("MA", mamba2={"state_window": 64}).startswith("mamba2.state_window = 64")
+    assert problem("AS").startswith("pattern 'AS' has no `M` layer")
     assert servable_problem({"model_type": "llama"}).startswith("not an lctk model")
 
 
