@@ -28,6 +28,10 @@ transfer), and every stage starts its converted layers from those aligned mixers
 train.steps and train.lr; `steps: 0` turns it off. It replaces `loss.align_steps` (a hidden-state warm-up at the start
 of each stage), which older recipes get a one-line error for.
 
+Targets (`student.mixer`): mamba2, based, lact, gated_deltanet, kda, sliding_window (lctk.distill.convert says what
+each takes from the attention weights). Training text may be the teacher's own samples: a `generate:` data source
+(lctk.data.generated), valid only in a distill recipe.
+
 `student.mixer` as a list (e.g. [mamba2, gated_deltanet]) aligns every target on every attention layer and gives
 each layer the target whose aligned mixer ends nearest its attention layer's output, among those whose inference
 state fits `student.max_state` (a small supernet choice, as Jet-Nemotron's per-layer search but scored by the align
