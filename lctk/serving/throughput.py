@@ -16,6 +16,12 @@ import random
 import time
 
 
+def prompts_of(requests: int, prompt: int, vocab: int) -> list[list[int]]:
+    """The random prompts every run gets, vLLM here and lctk in python -m lctk.bench serve."""
+    rng = random.Random(0)
+    return [[rng.randrange(1, vocab) for _ in range(prompt)] for _ in range(requests)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -32,9 +38,7 @@ def main() -> None:
               max_model_len=args.prompt + args.output, max_num_seqs=args.requests, enforce_eager=True,
               enable_prefix_caching=False, seed=0)
     vocab = llm.llm_engine.model_config.get_vocab_size()
-    rng = random.Random(0)
-    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1, vocab) for _ in range(args.prompt)])
-               for _ in range(args.requests)]
+    prompts = [TokensPrompt(prompt_token_ids=row) for row in prompts_of(args.requests, args.prompt, vocab)]
     params = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True, detokenize=False)
     start = time.perf_counter()
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False), use_tqdm=False)
