@@ -19,7 +19,7 @@ lctk's own generate on the same requests (the same random prompts, exactly T gre
 process: lctk.evals.generation.generate, the path `lctk eval` decodes with (chunked prefill into a cache allocated
 once; the teacher on transformers' StaticCache, the students on lctk's HybridCache), in batches of as many requests
 as the same budget holds by the bytes above (lctk's caches are allocated exactly, not paged), one batch after
-another. Its columns: the batch, output tokens/s, and vLLM's tokens/s over it.
+another, after one warm-up request. Its columns: the batch, output tokens/s, and vLLM's tokens/s over it.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def measure_lctk(model, prompts: list[list[int]], output: int, batch: int) -> di
     from lctk.evals.generation import generate
 
     no_stop = types.SimpleNamespace(eos_token_id=None, pad_token_id=0, decode=lambda ids, **_: "")  # as vLLM's ignore_eos
+    generate(model, no_stop, [np.asarray(prompts[0])], 2)  # warm-up, as vLLM's run has
     tokens, seconds = 0, 0.0
     for start in range(0, len(prompts), batch):
         rows = [np.asarray(row) for row in prompts[start:start + batch]]
