@@ -15,7 +15,8 @@ Steps, each in its own process under a deadline so one hang or crash costs only 
                  tokens/s and peak memory of an align step (all 30 layers' mixers), of a KD step at each stage's
                  layer count (8 and 15 of 30 Mamba-2) and of a plain training step of the same student (next-token
                  CE, the same weights train, no teacher: the KD/plain ratio is what the teacher costs), and the
-                 recipe's training time from them. The teacher has SmolLM2-135M's exact shape and RANDOM weights:
+                 recipe's training time from them (its align and stage steps only: not the data, layer ranking,
+                 evidence or eval). Weights are fp32 under autocast, as in `lctk distill`. The teacher has SmolLM2-135M's exact shape and RANDOM weights:
                  its GGUF (~270 MB) cannot be carried to the device (64 MiB), and no step's cost depends on the
                  weights' values. It uses PyYAML and lctk.distill's torch-only modules, not the recipe loader
                  (the GPU image has no pydantic, accelerate or datasets). Layers are replaced evenly from layer 0,
