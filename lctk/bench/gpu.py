@@ -339,7 +339,9 @@ def distill_main(argv: list[str]) -> None:
               "rows": rows, "T": length, "recipe": {k: plan[k] for k in ("tokens_per_step", "tokens", "align_steps",
                                                                           "stage_steps")},
               "results": []}
-    report["recipe"]["tokens_per_parameter"] = round(plan["tokens"] / parameters, 4)
+    with torch.device("meta"):  # the budget is per parameter of the real teacher, in the dry run too
+        real = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).parameters())
+    report["recipe"]["tokens_per_parameter"] = round(plan["tokens"] / real, 4)
     print(f"teacher {parameters / 1e6:.1f}M parameters (random weights), rows of {rows} x {length} on "
           f"{report['device']}, bf16 autocast", flush=True)
 

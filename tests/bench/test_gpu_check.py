@@ -46,6 +46,7 @@ def test_the_dry_run_runs_every_step_and_writes_one_json(tmp_path):
     expected = plan["tokens_per_step"] * (plan["align_steps"] / rates["align", 4] + plan["stage_steps"][0] / rates["kd", 1]
                                           + plan["stage_steps"][1] / rates["kd", 2])
     assert plan["training_s"] == pytest.approx(expected, rel=1e-2)
+    assert plan["tokens_per_parameter"] == pytest.approx(plan["tokens"] / 134_515_008, abs=1e-4)  # SmolLM2-135M
     assert steps["memory"]["figures"]
     assert all(figures["peak"] >= 0 for figures in steps["packed"]["figures"].values())
     decode = steps["decode"]["figures"]
