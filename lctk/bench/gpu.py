@@ -11,6 +11,16 @@ Steps, each in its own process under a deadline so one hang or crash costs only 
                  chunk_gated_delta_rule and chunk_kda, forward and forward+backward at T = 2K, 8K, 32K
   train          training tokens/s and MFU of the hybrid-150m shape (recipes/hybrid-150m.yaml) at 4K and 16K tokens
                  per row, bf16 autocast, against a transformers Llama of the same width and parameter count
+  distill        the step costs of recipes/distill-smollm2-gpu.yaml at its rows (batch_size x seq_len), bf16 autocast:
+                 tokens/s and peak memory of an align step (all 30 layers' mixers), of a KD step at each stage's
+                 layer count (8 and 15 of 30 Mamba-2) and of a plain training step of the same student (next-token
+                 CE, the same weights train, no teacher: the KD/plain ratio is what the teacher costs), and the
+                 recipe's training time from them (its align and stage steps only: not the data, layer ranking,
+                 evidence or eval). Weights are fp32 under autocast, as in `lctk distill`. The teacher has SmolLM2-135M's exact shape and RANDOM weights:
+                 its GGUF (~270 MB) cannot be carried to the device (64 MiB), and no step's cost depends on the
+                 weights' values. It uses PyYAML and lctk.distill's torch-only modules, not the recipe loader
+                 (the GPU image has no pydantic, accelerate or datasets). Layers are replaced evenly from layer 0,
+                 so every step's backward runs through the whole student, as with any choice of an early layer.
   memory         `python -m lctk.bench memory` on the card (peak memory of a training step against T), when present
   packed         `python -m lctk.bench memory --packed`: a training step on rows of packed documents (MA and MM at
                  16K and 64K tokens), attention through flex_attention's document BlockMask
@@ -67,6 +77,8 @@ def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict[str, str]
     delta = [python, "-m", "lctk.kernels.delta.bench", "--json", str(out / "delta-bench.json")] + (
         ["--smoke"] if dry_run else [])
     train = [python, "-m", "lctk.bench.gpu", "train", "--json", str(out / "train.json")] + (["--dry-run"] if dry_run else [])
+    distill = [python, "-m", "lctk.bench.gpu", "distill", "--json", str(out / "distill.json")] + (
+        ["--dry-run"] if dry_run else [])
     memory = [python, "-m", "lctk.bench.memory", "--json", str(out / "memory.json")] + (["--dry-run"] if dry_run else [])
     packed = [python, "-m", "lctk.bench.memory", "--packed", "--json", str(out / "packed.json")] + (
         ["--dry-run"] if dry_run else [])
@@ -77,6 +89,7 @@ def steps(out: Path, dry_run: bool) -> list[tuple[str, list[str], dict[str, str]
         ("ssd-bench", ssd, interpret, 0.1),
         ("delta-bench", delta, interpret, 0.1),
         ("train", train, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.15),
+        ("distill", distill, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.1),
         ("memory", memory, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.15),
         ("packed", packed, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.1),  # flex_attention compiles on its first call
         ("decode", decode, {"LCTK_TRITON_AUTOTUNE": "0"}, 0.2),  # so does the decode step; rows are written as they end
@@ -172,8 +185,21 @@ def train_throughput(model, length: int, device, steps: int, warmup: int) -> dic
     import torch
 
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+    step_s, peak = timed_training(lambda: model(input_ids=ids, labels=ids, use_cache=False).loss, model.parameters(),
+                                  device, steps, warmup)
+    model.to("cpu")
+    return {"T": length, "step_s": round(step_s, 4), "tokens_per_s": round(length / step_s, 1),
+            "model_tflops": round(flops_per_token(model, length) * length / step_s / 1e12, 2),
+            "peak_gib": round(peak, 2) if peak is not None else None}
+
+
+def timed_training(loss_of, parameters, device, steps: int, warmup: int) -> tuple[float, float | None]:
+    """(median seconds, peak GiB on a GPU) of training steps: loss_of() under bf16 autocast, backward, AdamW on
+    `parameters`; the first `warmup` steps are not counted."""
+    import torch
+
+    optimizer = torch.optim.AdamW(list(parameters), lr=1e-4, fused=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = []
@@ -181,19 +207,15 @@ def train_throughput(model, length: int, device, steps: int, warmup: int) -> dic
         _sync(device)
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = loss_of()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         seconds.append(time.perf_counter() - started)
-    step_s = sorted(seconds[warmup:])[len(seconds[warmup:]) // 2]  # the median step
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    model.to("cpu")
     del optimizer
-    return {"T": length, "step_s": round(step_s, 4), "tokens_per_s": round(length / step_s, 1),
-            "model_tflops": round(flops_per_token(model, length) * length / step_s / 1e12, 2),
-            "peak_gib": round(peak, 2) if peak is not None else None}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return sorted(seconds[warmup:])[len(seconds[warmup:]) // 2], peak
 
 
 def _sync(device) -> None:
@@ -248,6 +270,126 @@ def train_main(argv: list[str]) -> None:
         report["results"].append(row)
         print(json.dumps(row), flush=True)
         _write(Path(args.json), report)
+
+
+# ---------------------------------------------------------------- the `distill` step
+
+DISTILL_RECIPE = REPO / "recipes" / "distill-smollm2-gpu.yaml"
+# SmolLM2-135M-Instruct's shape (the config.json lctk.distill.teacher writes from its GGUF), the recipe's teacher
+SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "tie_word_embeddings": True}
+TOY_TEACHER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "tie_word_embeddings": True}
+
+
+def distill_plan(recipe: dict, layers: int) -> dict:
+    """What the step needs from the recipe (read with PyYAML): the row shape, the student and loss settings, each
+    stage's layer count (scaled to `layers` for the toy teacher) and steps, and the token budget."""
+    from types import SimpleNamespace
+
+    train, spec = recipe["train"], recipe["distill"]
+    counts = [stage["replace"] for stage in spec["stages"]]
+    if not all(isinstance(count, int) for count in counts):
+        raise ValueError(f"{DISTILL_RECIPE.name}: the distill step reads stages as replace: N, got {counts}")
+    scale = layers / SMOLLM2_135M["num_hidden_layers"]
+    stage_steps = [stage.get("steps", train["steps"]) for stage in spec["stages"]]
+    align_steps = spec["align"].get("steps", train["steps"])
+    tokens_per_step = train["batch_size"] * train.get("grad_accum", 1) * recipe["data"]["seq_len"]
+    return {"seq_len": recipe["data"]["seq_len"], "batch_size": train["batch_size"],
+            "mixer": spec["student"]["mixer"], "init": spec["student"].get("init", "mil"),
+            "settings": spec["student"].get("settings", {}), "align_loss": spec["align"].get("loss", "mse"),
+            "loss": SimpleNamespace(**{"forward_weight": 0.5, **spec["loss"]}),
+            "replaced": [max(1, round(count * scale)) for count in counts], "stage_steps": stage_steps,
+            "align_steps": align_steps, "tokens_per_step": tokens_per_step,
+            "tokens": tokens_per_step * (align_steps + sum(stage_steps))}
+
+
+def spread(count: int, total: int) -> list[int]:
+    """`count` layers of `total`, evenly spaced from layer 0."""
+    return sorted({index * total // count for index in range(count)})
+
+
+def distill_main(argv: list[str]) -> None:
+    args = _step_args("distill", argv)
+    import torch
+    import yaml
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lctk.distill import convert
+    from lctk.distill.align import AlignedMixers
+    from lctk.distill.losses import distill_loss_fn, model_inputs
+    from lctk.train.losses import LMHead, cross_entropy_sum, final_hidden
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = TOY_TEACHER if args.dry_run else SMOLLM2_135M
+    plan = distill_plan(yaml.safe_load(DISTILL_RECIPE.read_text()), shape["num_hidden_layers"])
+    rows, length = (2, 64) if args.dry_run else (plan["batch_size"], plan["seq_len"])
+    steps, warmup = (1, 1) if args.dry_run else (TIMED_STEPS, WARMUP_STEPS)
+    teacher_hf = LlamaForCausalLM(LlamaConfig(**shape))
+    parameters = sum(p.numel() for p in teacher_hf.parameters())
+    teacher = convert.student_from_teacher(teacher_hf).requires_grad_(False).to(device)
+    base = convert.student_from_teacher(teacher_hf)
+    del teacher_hf
+    ids = torch.randint(0, shape["vocab_size"], (rows, length), device=device)
+    batch = {"input_ids": ids, "labels": ids,
+             "position_ids": torch.arange(length, device=device).expand(rows, length)}
+    tokens = rows * length
+    report = {"device": _device_name(), "teacher": {"weights": "random", "parameters": parameters, **shape},
+              "rows": rows, "T": length, "recipe": {k: plan[k] for k in ("tokens_per_step", "tokens", "align_steps",
+                                                                          "stage_steps")},
+              "results": []}
+    with torch.device("meta"):  # the budget is per parameter of the real teacher, in the dry run too
+        real = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).parameters())
+    report["recipe"]["tokens_per_parameter"] = round(plan["tokens"] / real, 4)
+    print(f"teacher {parameters / 1e6:.1f}M parameters (random weights), rows of {rows} x {length} on "
+          f"{report['device']}, bf16 autocast", flush=True)
+
+    def measure(what: str, loss_of, trainable, replaced: int | None = None) -> dict:
+        try:
+            step_s, peak = timed_training(loss_of, trainable, device, steps, warmup)
+            row = {"step": what, "replaced": replaced, "step_s": round(step_s, 4),
+                   "tokens_per_s": round(tokens / step_s, 1), "peak_gib": round(peak, 2) if peak is not None else None}
+        except torch.OutOfMemoryError:
+            row = {"step": what, "replaced": replaced, "error": "out of memory"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        report["results"].append(row)
+        print(json.dumps(row), flush=True)
+        _write(Path(args.json), report)
+        return row
+
+    every = convert.attention_layers(base)
+    aligned = AlignedMixers.of(convert.replace_layers(base, every, plan["mixer"], plan["init"], plan["settings"]))
+    aligned.to(device).train()
+    align = measure("align", lambda model=aligned: model(teacher, batch, plan["align_loss"]) / tokens,
+                    aligned.parameters(), len(every))
+    del aligned  # each model leaves the card before the next is built
+    kd_speed = {}
+    for count in plan["replaced"]:
+        layers = spread(count, len(every))
+        student = convert.replace_layers(base, layers, plan["mixer"], plan["init"], plan["settings"]).to(device)
+        student.train().requires_grad_(False)
+        trainable = [p for layer in layers for p in student.model.layers[layer].mixer.parameters()]
+        for p in trainable:
+            p.requires_grad_(True)
+        kd_loss = distill_loss_fn(teacher, plan["loss"], layers)
+        kd = measure("kd", lambda model=student, loss=kd_loss: loss(model, batch) / tokens, trainable, count)
+
+        def plain_loss(model=student):
+            hidden, _ = final_hidden(model, model_inputs(batch))
+            return cross_entropy_sum(hidden, LMHead.of(model), batch["labels"]) / tokens
+
+        plain = measure("plain", plain_loss, trainable, count)
+        if "tokens_per_s" in kd and "tokens_per_s" in plain:
+            kd["kd_over_plain"] = round(kd["tokens_per_s"] / plain["tokens_per_s"], 3)
+            kd_speed[count] = kd["tokens_per_s"]
+        del student, trainable, kd_loss, plain_loss
+    if "tokens_per_s" in align and len(kd_speed) == len(plan["replaced"]):  # the stages' training, from the rates above
+        seconds = plan["tokens_per_step"] * (plan["align_steps"] / align["tokens_per_s"] + sum(
+            steps / kd_speed[count] for count, steps in zip(plan["replaced"], plan["stage_steps"])))
+        report["recipe"]["training_s"] = round(seconds, 1)
+    _write(Path(args.json), report)
 
 
 # ---------------------------------------------------------------- the `decode` step
@@ -314,6 +456,8 @@ def decode_check(model) -> dict:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["train"]:
         train_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["distill"]:
+        distill_main(sys.argv[2:])
     elif sys.argv[1:2] == ["decode"]:
         decode_main(sys.argv[2:])
     else:

@@ -24,8 +24,17 @@ SmolLM2-135M after 20 align steps (BENCHMARKS.md, issue 29) it chose worse layer
 all-converted student was 12 nats from the teacher, where restoring one layer is a noisy change; the paper restores
 a few layers into an all-linear student distilled end to end first.
 
+MMR from the aligned mixers (`mmr_aligned`, for the agreement report only): Apriel-H1's MMR probe with the align stage
+standing in for the probe's training: layer l alone is run by its aligned mixer (the others keep what they have) and
+the held-out divergence to the teacher is the score; it equals `mmr` with zero probe steps after the align stage
+(tested). Cost: one probe pass, as `loo`: one student forward per candidate over the `distill.importance_batches`
+held-out batches, the teacher once per batch; `mmr` itself trains `probe_steps` KD steps per candidate on top (100
+in Apriel-H1: 100 x candidates training steps, far more than every other rule together).
+
 `rank_agreement` compares two rankings of the same layers: Spearman's rho and the share of the first `kept` (the
-layers a stage replaces) that both choose.
+layers a stage replaces) that both choose. A distill run reports, for each stage ranked by a rule, the agreement of
+its ranking with `mmr_aligned` (one extra probe pass; needs the align stage), and for `kl-restore` also with `loo` and
+`loo-layer` (two more passes): stage-K/importance.json, `agreement`.
 
 All rank ascending: the first layers of the ranking are replaced first. Ties are broken by layer index, and every
 score is a deterministic function of the model, the held-out rows and the seed.
@@ -126,6 +135,17 @@ def kl_restore(student, teacher, batches: Sequence[dict], candidates: Sequence[i
     found = _divergences(student, teacher, batches, candidates, kind, restored)
     return {layer: {"score": converted - found[layer], "divergence": found[layer], "all_converted": converted}
             for layer in candidates}
+
+
+@torch.no_grad()
+def mmr_aligned(student, teacher, batches: Sequence[dict], candidates: Sequence[int], aligned,
+                kind: str = "reverse_kl") -> dict[int, dict[str, float]]:
+    """{layer: {"score": D with only that layer's attention run by its `aligned` mixer}} for each candidate of
+    `student` (an AlignedMixers, or anything with .mixers[str(layer)]): MMR probes at zero steps, by forward hooks."""
+    stand_ins = {layer: aligned.mixers[str(layer)] for layer in candidates}
+    found = _divergences(student, teacher, batches, candidates, kind,
+                         lambda model, layer: run_by(model, {layer: stand_ins[layer]}))
+    return {layer: {"score": found[layer]} for layer in candidates}
 
 
 def rank_agreement(first: Sequence[int], second: Sequence[int], kept: int) -> dict[str, float]:

@@ -13,8 +13,8 @@ Run dir (run.output_dir, default runs/<run.name>):
     align/mixers.safetensors     the aligned mixer of every attention layer (align/align.json: each layer's output
                                  distance to its attention layer before and after; align/metrics.jsonl); with a
                                  list of student mixers, align/<mixer>/ each and align/choice.json (mixer per layer)
-    stage-K/importance.json      the candidates' scores and the layers chosen (reused on resume); for kl-restore
-                                 also its rank agreement with loo and loo-layer
+    stage-K/importance.json      the candidates' scores and the layers chosen (reused on resume), and the rank
+                                 agreement with mmr from the aligned mixers (+ loo and loo-layer for kl-restore)
     stage-K/distill/             the stage's Trainer run (metrics.jsonl; checkpoints, removed once the stage is saved)
     stage-K/model/               the student after stage K: an HF folder with the tokenizer
     stage-K/layout.json          its pattern, attention / replaced layers, parameter count
@@ -454,8 +454,7 @@ def _choose_layers(run: DistillRun, number: int, stage: StageSection, student, d
     chosen = sorted(importance.ranking(scores)[:count])
     record = {"by": stage.by, "count": count, "chosen": chosen,
               "scores": {str(layer): value for layer, value in scores.items()}}
-    if stage.by == "kl-restore":
-        record["agreement"] = _agreement(run, student, candidates, importance.ranking(scores), count)
+    record["agreement"] = _agreement(run, student, candidates, importance.ranking(scores), count, stage.by)
     if run.main:
         shown = ", ".join(f"{layer}: {scores[layer]['score']:.4f}" for layer in importance.ranking(scores))
         print(f"stage {number}: {stage.by} scores (lowest first) {shown}", flush=True)
@@ -466,15 +465,17 @@ def _choose_layers(run: DistillRun, number: int, stage: StageSection, student, d
     return chosen
 
 
-def _agreement(run: DistillRun, student, candidates: list[int], ranked: list[int], count: int) -> dict:
-    """How a ranking agrees with `loo` and `loo-layer` on the same candidates (forwards only; `mmr` would train a
-    probe per candidate, so it is compared from its own stage's importance.json with importance.rank_agreement)."""
+def _agreement(run: DistillRun, student, candidates: list[int], ranked: list[int], count: int, by: str) -> dict:
+    """How a ranking agrees with `mmr` from the aligned mixers (one probe pass; not without the align stage) and, for
+    kl-restore, with `loo` and `loo-layer` (two more), on the same candidates: forwards only, no probe trains."""
     teacher, held_out, divergence = run.teacher, run.scoring, run.recipe.distill.loss.divergence
-    others = {
-        "loo": importance.leave_one_out(student, teacher, held_out, candidates, divergence),
-        "loo-layer": importance.leave_one_out(teacher, teacher, held_out, candidates, divergence,
-                                              importance.layer_removed),
-    }
+    others = {}
+    if by == "kl-restore":
+        others["loo"] = importance.leave_one_out(student, teacher, held_out, candidates, divergence)
+        others["loo-layer"] = importance.leave_one_out(teacher, teacher, held_out, candidates, divergence,
+                                                       importance.layer_removed)
+    if run.aligned is not None:
+        others["mmr-aligned"] = importance.mmr_aligned(student, teacher, held_out, candidates, run.aligned, divergence)
     return {name: {**importance.rank_agreement(ranked, importance.ranking(scores), count),
                    "ranking": importance.ranking(scores)} for name, scores in others.items()}
 

@@ -22,7 +22,8 @@ def test_the_dry_run_runs_every_step_and_writes_one_json(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["kernel-tests", "ssd-bench", "delta-bench", "train", "memory", "packed", "decode"]
+    assert list(steps) == ["kernel-tests", "ssd-bench", "delta-bench", "train", "distill", "memory", "packed",
+                          "decode"]
     assert {name: step["status"] for name, step in steps.items()} == dict.fromkeys(steps, "ok"), \
         {name: step["output_tail"][-500:] for name, step in steps.items()}
     # the Triton kernels (interpreted here) against the torch reference
@@ -35,6 +36,17 @@ def test_the_dry_run_runs_every_step_and_writes_one_json(tmp_path):
         assert row["hybrid"]["tokens_per_s"] > 0 and row["llama"]["tokens_per_s"] > 0
         assert row["hybrid_over_llama"] == pytest.approx(row["hybrid"]["tokens_per_s"] / row["llama"]["tokens_per_s"],
                                                          rel=1e-2)
+    distill = steps["distill"]["figures"]  # the toy teacher: 1 and 2 of 4 layers for the recipe's 8 and 15 of 30
+    assert [(r["step"], r["replaced"]) for r in distill["results"]] == [("align", 4), ("kd", 1), ("plain", 1),
+                                                                        ("kd", 2), ("plain", 2)]
+    for kd, plain in zip(distill["results"][1::2], distill["results"][2::2]):
+        assert kd["kd_over_plain"] == pytest.approx(kd["tokens_per_s"] / plain["tokens_per_s"], rel=1e-2)
+    rates = {(r["step"], r["replaced"]): r["tokens_per_s"] for r in distill["results"]}
+    plan = distill["recipe"]  # the recipe's training time from the measured rates
+    expected = plan["tokens_per_step"] * (plan["align_steps"] / rates["align", 4] + plan["stage_steps"][0] / rates["kd", 1]
+                                          + plan["stage_steps"][1] / rates["kd", 2])
+    assert plan["training_s"] == pytest.approx(expected, rel=1e-2)
+    assert plan["tokens_per_parameter"] == pytest.approx(plan["tokens"] / 134_515_008, abs=1e-4)  # SmolLM2-135M
     assert steps["memory"]["figures"]
     assert all(figures["peak"] >= 0 for figures in steps["packed"]["figures"].values())
     decode = steps["decode"]["figures"]

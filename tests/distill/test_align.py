@@ -190,8 +190,8 @@ def test_kl_restore_stages_start_from_the_aligned_mixers_and_report_agreement(tm
     scores = json.loads((run_dir / "stage-1" / "importance.json").read_text())
     ranked = sorted(scores["scores"], key=lambda layer: (scores["scores"][layer]["score"], int(layer)))
     assert scores["by"] == "kl-restore" and scores["chosen"] == sorted(int(layer) for layer in ranked[:2])
-    for name in ("loo", "loo-layer"):
-        agreement = scores["agreement"][name]
+    assert list(scores["agreement"]) == ["loo", "loo-layer", "mmr-aligned"]
+    for agreement in scores["agreement"].values():
         assert -1 <= agreement["spearman"] <= 1 and agreement["kept_overlap"] in (0, 0.5, 1)
         assert sorted(agreement["ranking"]) == [0, 1, 2, 3]
     aligned = load_file(run_dir / "align" / "mixers.safetensors")

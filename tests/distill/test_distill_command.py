@@ -79,6 +79,9 @@ def test_each_stage_leaves_a_student_that_reloads_and_generates(finished_run):
     first, second = (json.loads((run_dir / f"stage-{n}" / "importance.json").read_text()) for n in (1, 2))
     assert first["by"] == "loo" and len(first["scores"]) == 4 and len(first["chosen"]) == 1
     assert second["by"] == "mmr" and len(second["scores"]) == 3 and first["chosen"][0] not in second["chosen"]
+    for record in (first, second):  # each stage's ranking against mmr from the aligned mixers (one probe pass)
+        assert list(record["agreement"]) == ["mmr-aligned"]
+        assert sorted(record["agreement"]["mmr-aligned"]["ranking"]) == sorted(map(int, record["scores"]))
     # freeze: mixers (the default): stage 2 trains stage 1's mixer too; the end-to-end stage trains the MLPs
     weights = [AutoModelForCausalLM.from_pretrained(run_dir / f"stage-{n}" / "model").model.layers for n in (1, 2, 3)]
     layer = first["chosen"][0]

@@ -99,3 +99,49 @@ def test_rank_agreement_is_spearman_and_the_shared_share_of_the_kept_layers():
     assert rank_agreement([0, 1, 2, 3], [3, 2, 1, 0], 2) == {"spearman": pytest.approx(-1.0), "kept_overlap": 0.0}
     with pytest.raises(ValueError, match="rankings of different layers"):
         rank_agreement([0, 1], [0, 2], 1)
+
+
+def test_mmr_from_the_aligned_mixers_equals_mmr_at_zero_probe_steps():
+    from lctk.distill.align import AlignedMixers
+    from lctk.distill.convert import replace_layers
+    from lctk.distill.importance import mmr_aligned
+
+    teacher = student_from_teacher(tiny_llama(seed=7)).requires_grad_(False)
+    student = student_from_teacher(tiny_llama(seed=7))
+    aligned = AlignedMixers.of(replace_layers(teacher, [0, 1, 2, 3], "mamba2", "mil"))
+
+    def converted(layer):  # what `by: mmr` probes with probe_steps 0 after the align stage
+        probed = replace_layers(student, [layer], "mamba2", "mil")
+        aligned.load_into(probed, [layer])
+        return probed
+
+    hooked = mmr_aligned(student, teacher, _held_out(5), [0, 1, 2, 3], aligned)
+    probed = mmr_probes(teacher, _held_out(5), [0, 1, 2, 3], converted)
+    for layer in range(4):
+        assert hooked[layer]["score"] == pytest.approx(probed[layer]["score"], rel=1e-5)
+    assert all(score["score"] > 0 for score in hooked.values()) and ranking(hooked) == ranking(probed)
+
+
+def test_every_ranked_stage_reports_its_agreement_with_mmr_from_the_aligned_mixers():
+    from types import SimpleNamespace
+
+    from lctk.distill.run import _agreement
+
+    teacher = student_from_teacher(tiny_llama(seed=7)).requires_grad_(False)
+    student = student_from_teacher(tiny_llama(seed=7)).requires_grad_(False)
+    exact = {str(layer): teacher.model.layers[layer].mixer for layer in range(4)}
+    silent = lambda x, seq, state: torch.zeros_like(x)  # noqa: E731
+    loss = SimpleNamespace(divergence="reverse_kl")
+    run = SimpleNamespace(teacher=teacher, scoring=_held_out(4), recipe=SimpleNamespace(distill=SimpleNamespace(loss=loss)),
+                          aligned=SimpleNamespace(mixers={**exact, "1": silent, "3": silent}))
+    # layers 0 and 2 run by exact stand-ins score 0 (first, by index); 1 and 3 each lose their attention alone
+    alone = leave_one_out(teacher, teacher, _held_out(4), [1, 3])
+    expected = [0, 2, *sorted((1, 3), key=lambda layer: alone[layer]["divergence"])]
+    # against [3, 2, 1, 0], replacing 2: by hand, rank differences (3, 0, 0, 3) or (2, 0, 1, 3); {3, 2} & {0, 2}
+    rho = {(0, 2, 1, 3): 1 - 6 * 18 / 60, (0, 2, 3, 1): 1 - 6 * 14 / 60}[tuple(expected)]
+    found = _agreement(run, student, [0, 1, 2, 3], [3, 2, 1, 0], 2, "loo")
+    assert found == {"mmr-aligned": {"spearman": pytest.approx(rho), "kept_overlap": 0.5, "ranking": expected}}
+    found = _agreement(run, student, [0, 1, 2, 3], [3, 2, 1, 0], 2, "kl-restore")
+    assert list(found) == ["loo", "loo-layer", "mmr-aligned"] and found["mmr-aligned"]["ranking"] == expected
+    assert _agreement(SimpleNamespace(**{**vars(run), "aligned": None}), student, [0, 1, 2, 3], [3, 2, 1, 0], 2,
+                      "loo") == {}  # no align stage: nothing to compare without training probes
