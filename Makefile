@@ -73,7 +73,8 @@ gpu-wheels:
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 # The one-call GPU check (lctk/bench/gpu.py): kernel tests, SSD vs flash attention and fla, training tokens/s and
-# MFU against Llama, the memory benchmark; one JSON in $(OUT) (default runs/gpu-check). Under 10 minutes.
+# MFU against Llama, the memory benchmark, packed documents, decode, distillation steps of the GPU distill recipe;
+# one JSON in $(OUT) (default runs/gpu-check). Under 10 minutes.
 GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),runs/gpu-check)
 gpu-check:
 	python3 -m pip install -q --no-deps --no-build-isolation -e .
