@@ -150,13 +150,13 @@ class LctkGatedDeltaNet(QwenGatedDeltaNetAttention):
 
     def __init__(self, config, vllm_config: VllmConfig, prefix: str):
         s = config.gated_deltanet
-        self.lctk_value_dim = round(s["expand_v"] * s["head_dim"])
         layer_config = SimpleNamespace(
             hidden_size=config.hidden_size, hidden_act="silu", rms_norm_eps=config.rms_norm_eps,
             output_gate_type="silu", linear_num_key_heads=s["num_heads"], linear_key_head_dim=s["head_dim"],
             linear_num_value_heads=s["num_heads"] * value_heads_per_head(config), linear_value_head_dim=s["head_dim"],
             linear_conv_kernel_dim=s["conv_kernel"])
         super().__init__(layer_config, vllm_config, prefix=prefix, gqa_interleaved_layout=False)
+        self.lctk_value_dim = round(s["expand_v"] * s["head_dim"])
         self.norm = RMSNormGated(self.lctk_value_dim, eps=config.rms_norm_eps, norm_before_gate=True,
                                  activation="silu", device=self.norm.weight.device)
 
@@ -281,8 +281,9 @@ class LctkHybridForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsMambaPre
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """lctk's tensors onto vLLM's parameters (q/k/v and gate/up into fused ones, renamed Mamba-2 tensors);
-        a tensor with no parameter, or a parameter (or shard of one) no tensor fills, is one ValueError."""
+        """lctk's tensors onto vLLM's parameters (q/k/v, gate/up and G's q/k/v/g and b/a into fused ones, renamed
+        Mamba-2 and G tensors, per layer letter: NAME_PARTS); a tensor with no parameter, or a parameter (or shard
+        of one) no tensor fills, is one ValueError."""
         params = dict(self.named_parameters())
         pattern = self.config.pattern
         expected = {source for name in params for source in lctk_names(name, pattern)}
