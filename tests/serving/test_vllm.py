@@ -22,9 +22,13 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 MAIN_PYTHON = os.environ.get("LCTK_MAIN_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
 SMALL = {"state_size": 16, "head_dim": 16, "chunk_size": 8}  # mamba2; attention head_dim is 32 (vLLM-CPU's smallest)
-# vLLM's CPU GDN prefills heads of 64 or 128; 4 KV heads keep a cache block at 128 tokens beside a 2 x 64 x 64 state
-GDN = {"num_key_value_heads": 4, "gated_deltanet": {"num_heads": 1, "head_dim": 64}}
-BF16_ERROR_FACTOR = 2  # vLLM's bf16 log-probs may be this much further from lctk's fp32 ones than lctk's bf16 ones are
+# vLLM's CPU GDN prefills heads of 64 or 128; 4 KV heads keep a cache block at 128 tokens beside a 2 x 64 x 64 state.
+# Weights 5x the default scale spread the logits (log-prob sd 1.1 rather than 0.23), so that a wrong mapping shows
+# well above bf16 rounding (see the G test).
+GDN = {"initializer_range": 0.1, "num_key_value_heads": 4, "gated_deltanet": {"num_heads": 1, "head_dim": 64}}
+# vLLM's bf16 log-probs may be this much further from lctk's fp32 ones than lctk's own bf16 ones are: measured 0.88x
+# and 1.00x on the G test's models; normalising each vLLM value head instead of lctk's whole head gives 3.2x
+BF16_ERROR_FACTOR = 2
 
 
 def make_model(folder: Path, pattern: str, **settings) -> Path:
@@ -73,9 +77,10 @@ def test_greedy_tokens_equal_lctk_generate(tmp_path, pattern, settings):
 def test_gated_deltanet_is_as_close_to_lctk_fp32_as_lctk_bf16(tmp_path, pattern, settings):
     """vLLM's CPU GDN runs only in bf16. Its teacher-forced log-probabilities (every prompt position, whole vocab)
     are held to lctk's fp32 forward within BF16_ERROR_FACTOR times lctk's own bf16 forward's largest error on the same
-    positions (measured: 0.0086 against 0.0092 for MGAG, 0.0106 against 0.0114 for GSGA), and its greedy tokens
-    (chunked prefill, prefix caching) follow lctk's fp32 generate at least as long as lctk's bf16 generate does (on
-    these models lctk's bf16 keeps all 10 tokens of every prompt, so all of them)."""
+    positions (measured: 0.122 against 0.138 for MGAG, 0.1379 against 0.1379 for GSGA; with b and a swapped at load,
+    4.65), and each prompt's greedy tokens (chunked prefill, prefix caching) are lctk's bf16 or fp32 generate's, all
+    10: where those two part at a near tie (MGAG's first prompt at token 3, its last at token 0; GSGA's first at
+    token 8), vLLM takes one side or the other."""
     folder = make_model(tmp_path / pattern, pattern, **settings)
     done = serve(folder, "bfloat16")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -85,7 +90,7 @@ def test_gated_deltanet_is_as_close_to_lctk_fp32_as_lctk_bf16(tmp_path, pattern,
     lctk_error, vllm_error = largest_difference(bf16, fp32), largest_difference(served["logprobs"], fp32)
     assert 0 < vllm_error <= BF16_ERROR_FACTOR * lctk_error, (vllm_error, lctk_error)
     for tokens, lctk_bf16, lctk_fp32 in zip(served["tokens"], reference["tokens_bf16"], reference["tokens"]):
-        assert common_prefix(tokens, lctk_fp32) >= common_prefix(lctk_bf16, lctk_fp32), (tokens, lctk_fp32)
+        assert tokens in (lctk_bf16, lctk_fp32)
     assert served["cached"][-1] > 0
 
 
@@ -93,10 +98,6 @@ def largest_difference(logprobs, reference) -> float:
     """Largest |a - b| over [prompt][position][vocab] lists."""
     return max(abs(a - b) for prompt, ref_prompt in zip(logprobs, reference, strict=True)
                for row, ref_row in zip(prompt, ref_prompt, strict=True) for a, b in zip(row, ref_row, strict=True))
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    return next((index for index, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def test_a_converted_smollm2_student_gives_lctk_generate_tokens(tmp_path):
