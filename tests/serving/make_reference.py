@@ -1,6 +1,8 @@
 """Run in lctk's own environment (transformers >= 5.24, which lctk's forward needs; vLLM's environment has < 5.20):
 save an lctk model to a folder with `reference.json`, the prompts and the greedy tokens of lctk's own `generate` for
-each. tests/serving/test_vllm.py runs it through that environment's python.
+each. tests/serving/test_vllm.py runs it through that environment's python. A model with `G` (which vLLM runs only in
+bf16 on a CPU) also gets the bf16 model's greedy tokens and, for the first prompts, the log-softmax at every prompt
+position of the fp32 and of the bf16 model (`logprobs`).
 
     python tests/serving/make_reference.py OUT PATTERN '{"mamba2": {"n_groups": 2}, ...}'   # a tiny random model
     python tests/serving/make_reference.py OUT smollm2 '{"layers": [5, 6, 7, 9, 22]}'       # a converted student
@@ -44,14 +46,30 @@ def smollm2_student(settings: str):
     return model, [ids[:length] for length in PROMPT_LENGTHS]
 
 
+def greedy(model, prompts: list[list[int]]) -> list[list[int]]:
+    return [model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt):]
+            .tolist() for prompt in prompts]
+
+
+@torch.no_grad()
+def log_softmax(model, prompts: list[list[int]]) -> list[list[list[float]]]:
+    """[prompt][position 1..][vocab]: log p(. | prompt[:position]), teacher-forced (vLLM's prompt_logprobs)."""
+    return [model(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1).tolist() for prompt in prompts]
+
+
 def main(out: str, pattern: str, settings: str) -> None:
     model, prompts = smollm2_student(settings) if pattern == "smollm2" else tiny_model(pattern, settings)
     model.save_pretrained(out)
     prompts.append(prompts[-1][:150] + prompts[0])  # shares the longest prompt's first block (prefix caching)
-    tokens = [model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt):]
-              .tolist() for prompt in prompts]
+    reference = {"prompts": prompts, "tokens": greedy(model, prompts)}
+    if "G" in pattern:
+        scored = prompts[: len(PROMPT_LENGTHS)]
+        reference["logprobs"] = {"float32": log_softmax(model, scored)}
+        model = model.to(torch.bfloat16)
+        reference["logprobs"]["bfloat16"] = log_softmax(model, scored)
+        reference["tokens_bf16"] = greedy(model, prompts)
     with open(f"{out}/reference.json", "w") as file:
-        json.dump({"prompts": prompts, "tokens": tokens}, file)
+        json.dump(reference, file)
 
 
 if __name__ == "__main__":

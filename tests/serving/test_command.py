@@ -56,12 +56,16 @@ def test_servable_patterns_and_settings():
         return servable_problem(lctk.HybridConfig(pattern=pattern, hidden_size=64, num_attention_heads=2, **settings))
 
     assert problem("MASM") is None
+    assert problem("GSGA") is None  # Gated DeltaNet is the recurrent layer vLLM's hybrid needs
+    assert problem("MG", gated_deltanet={"head_dim": 32, "expand_v": 1.5}) == (
+        "gated_deltanet.expand_v = 1.5: vLLM's Gated DeltaNet takes value heads of d_k channels, so expand_v must be "
+        "a whole number")
     assert problem("MAKS").startswith("layer 2 is `K` (Kimi Delta Attention), which lctk's vLLM plugin cannot serve")
     assert problem("B").startswith("layer 0 is `B` (BASED linear attention)")
     assert problem("MA", mamba2={"dt_scale": 2.0}) == (
         "mamba2.dt_scale = 2.0: vLLM's Mamba-2 layer has no such setting (serve with it off)")
     assert problem("MA", mamba2={"state_window": 64}).startswith("mamba2.state_window = 64")
-    assert problem("AS").startswith("pattern 'AS' has no `M` layer")
+    assert problem("AS").startswith("pattern 'AS' has no `M` or `G` layer")
     assert servable_problem({"model_type": "llama"}).startswith("not an lctk model")
 
 
@@ -75,13 +79,13 @@ def test_serve_execs_the_serving_venvs_vllm_with_the_options(tmp_path, monkeypat
 
 @pytest.mark.parametrize("case", ["unservable", "missing model", "no venv"])
 def test_serve_problems_are_one_line(tmp_path, monkeypatch, capsys, case):
-    model = save_model(tmp_path / "m", "MG" if case == "unservable" else "MA")
+    model = save_model(tmp_path / "m", "MK" if case == "unservable" else "MA")
     venv = tmp_path / "none" if case == "no venv" else fake_venv(tmp_path / "venv")
     code, err, argv = lctk_serve(monkeypatch, capsys, tmp_path / "absent" if case == "missing model" else model,
                                  venv=venv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and argv is None, err
     expected = {
-        "unservable": f"error: MODEL: {model}: layer 1 is `G` (Gated DeltaNet), which lctk's vLLM plugin cannot",
+        "unservable": f"error: MODEL: {model}: layer 1 is `K` (Kimi Delta Attention), which lctk's vLLM plugin cannot",
         "missing model": "error: MODEL: model folder not found",
         "no venv": f"error: no vLLM serving environment ({venv}/bin/vllm not found): run `make serve-setup`",
     }[case]
