@@ -77,6 +77,15 @@ def test_serve_execs_the_serving_venvs_vllm_with_the_options(tmp_path, monkeypat
     assert argv == [str(venv / "bin" / "vllm"), "serve", str(model), "--port", "8123", "--max-num-seqs", "4"]
 
 
+@pytest.mark.parametrize("given, added", [([], ["--dtype", "bfloat16"]), (["--dtype=float16"], [])])
+def test_gated_deltanet_models_get_bf16_on_a_cpu_unless_a_dtype_is_given(tmp_path, monkeypatch, capsys, given, added):
+    model = save_model(tmp_path / "m", "MG", gated_deltanet={"head_dim": 16})
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    code, err, argv = lctk_serve(monkeypatch, capsys, model, "--port", "8123", *given, venv=fake_venv(tmp_path / "v"))
+    assert code == 0, err
+    assert argv[3:] == ["--port", "8123", *given, *added]
+
+
 @pytest.mark.parametrize("case", ["unservable", "missing model", "no venv"])
 def test_serve_problems_are_one_line(tmp_path, monkeypatch, capsys, case):
     model = save_model(tmp_path / "m", "MK" if case == "unservable" else "MA")
