@@ -7,7 +7,7 @@ vLLM's `G` computes lctk's definition (fla's layer: silu conv without bias over 
 with eps rms_norm_eps, expand_v). Where its numbers differ:
 - its CPU kernels run only in bfloat16 (an fp32 model stops at an assert there): q, k, v and beta in bf16, the gate g
   and the recurrent state in fp32; lctk runs the layer in the model's dtype with fp32 norms, gates and state. A `G`
-  model is served with dtype bfloat16 on a CPU (the plugin says so in one line otherwise); the tests bound vLLM's
+  model is served with dtype bfloat16 on a CPU (`lctk serve` passes it; the plugin says so in one line otherwise); the tests bound vLLM's
   log-probabilities by lctk's own bf16 error instead of asking for fp32 lctk's greedy tokens.
 - the L2 norm's epsilon: vLLM's CPU prefill op is called with its default 1e-5, lctk (and fla) use 1e-6.
 - vLLM's CPU prefill kernel takes only d_v = d_k in 64 or 128: the plugin runs lctk's d_v = expand_v * d_k as
