@@ -14,7 +14,14 @@ import torch
 from lctk.evals.model_facts import cache_of, iter_tensors, model_device
 from lctk.models.cache import preallocated_cache, runs_on_a_static_cache
 
-PREFILL_CHUNK = 2048  # tokens per prefill call: bounds activations and attention scores to chunk x context
+PREFILL_CHUNK = 2048  # tokens per prefill call, at least: bounds activations and attention scores to chunk x context
+# chunk x cache length allowed per call (8K x 8K): a preallocated cache's attention reads its whole buffer under a mask
+# at every chunk, so short chunks into a long cache redo the masked work (an 8K prompt in 2K chunks took 2x one call)
+PREFILL_SCORES = 8192 * 8192
+
+
+def prefill_chunk_for(max_length: int) -> int:
+    return max(PREFILL_CHUNK, PREFILL_SCORES // max_length)
 
 
 @dataclass
@@ -28,14 +35,14 @@ class Generation:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int | list[int],
-             one_line: list[bool] | None = None, prefill_chunk: int = PREFILL_CHUNK) -> Generation:
+             one_line: list[bool] | None = None, prefill_chunk: int | None = None) -> Generation:
     """Greedy continuations of a batch of prompts, decoded without specials.
 
-    Prompts are prefilled `prefill_chunk` tokens at a time into a cache sized once for the widest prompt + the
-    longest budget (lctk's HybridCache, transformers' StaticCache where the class runs on one;
-    lctk.models.cache.preallocated_cache): each row alone and then joined where that cache allows it
-    (_prefill_rows_alone), else left-padded together under a mask (_prefill_padded). A row stops at the end-of-text token, at its own budget
-    (`max_new_tokens`, one per row or one for all), and, when marked in `one_line`, at the first newline after a
+    Prompts are prefilled `prefill_chunk` tokens at a time (default: prefill_chunk_for the cache's length) into a
+    cache sized once for the widest prompt + the longest budget (lctk's HybridCache, transformers' StaticCache where
+    the class runs on one; lctk.models.cache.preallocated_cache): each row alone and then joined where that cache
+    allows it (_prefill_rows_alone), else left-padded together under a mask (_prefill_padded). A row stops at the
+    end-of-text token, at its own budget (`max_new_tokens`, one per row or one for all), and, when marked in `one_line`, at the first newline after a
     letter or digit (its answer is one line: the rest is never scored; a leading ":" or blank line is not the answer
     yet), its output cut there. Finished rows leave the batch (_drop_rows), so one long answer does not hold every
     row's decode."""
@@ -44,6 +51,7 @@ def generate(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int | 
     budgets = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
     cut = list(one_line or [False] * rows)
     width = max(len(p) for p in prompts)
+    prefill_chunk = prefill_chunk or prefill_chunk_for(width + max(budgets))
     started = time.perf_counter()
     alone = _prefill_rows_alone(model, prompts, width + max(budgets), prefill_chunk, device)
     if alone is not None:
