@@ -11,7 +11,8 @@ Steps, each in its own process under a deadline so one hang or crash costs only 
                  chunk_gated_delta_rule and chunk_kda, forward and forward+backward at T = 2K, 8K, 32K
   train          training tokens/s and MFU of the hybrid-150m shape (recipes/hybrid-150m.yaml) at 4K and 16K tokens
                  per row, bf16 autocast, against a transformers Llama of the same width and parameter count
-  distill        the step costs of recipes/distill-smollm2-gpu.yaml at its rows (batch_size x seq_len), bf16 autocast:
+  distill        the step costs of recipes/distill-smollm2-gpu.yaml (or --recipe's: `python -m lctk.bench.gpu distill
+                 --recipe recipes/distill-smollm2.yaml --json F` on a CPU) at its rows (batch_size x seq_len), bf16 autocast:
                  tokens/s and peak memory of an align step (all 30 layers' mixers), of a KD step at each stage's
                  layer count (8 and 15 of 30 Mamba-2) and of a plain training step of the same student (next-token
                  CE, the same weights train, no teacher: the KD/plain ratio is what the teacher costs), and the
@@ -225,11 +226,14 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step_args(step: str, argv: list[str]) -> argparse.Namespace:
-    """The flags of a step that runs in its own process: where its JSON goes, and toy sizes."""
+def _step_args(step: str, argv: list[str], recipe: Path | None = None) -> argparse.Namespace:
+    """The flags of a step that runs in its own process: where its JSON goes, toy sizes, and (`recipe`: its default)
+    the recipe it measures."""
     parser = argparse.ArgumentParser(prog=f"python -m lctk.bench.gpu {step}")
     parser.add_argument("--json", required=True)
     parser.add_argument("--dry-run", action="store_true")
+    if recipe is not None:
+        parser.add_argument("--recipe", type=Path, default=recipe, help="a distill recipe (its rows, student, stages)")
     return parser.parse_args(argv)
 
 
@@ -282,6 +286,11 @@ TOY_TEACHER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers":
                "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "tie_word_embeddings": True}
 
 
+# distill.loss keys a recipe may leave out (lctk.distill.recipe.LossSection's defaults: pydantic is not on the card)
+LOSS_DEFAULTS = {"divergence": "reverse_kl", "forward_weight": 0.5, "temperature": 1.0, "ce_weight": 0.0,
+                 "hidden_weight": 0.0}
+
+
 def distill_plan(recipe: dict, layers: int) -> dict:
     """What the step needs from the recipe (read with PyYAML): the row shape, the student and loss settings, each
     stage's layer count (scaled to `layers` for the toy teacher) and steps, and the token budget."""
@@ -290,7 +299,7 @@ def distill_plan(recipe: dict, layers: int) -> dict:
     train, spec = recipe["train"], recipe["distill"]
     counts = [stage["replace"] for stage in spec["stages"]]
     if not all(isinstance(count, int) for count in counts):
-        raise ValueError(f"{DISTILL_RECIPE.name}: the distill step reads stages as replace: N, got {counts}")
+        raise ValueError(f"the distill step reads stages as replace: N, got {counts}")
     scale = layers / SMOLLM2_135M["num_hidden_layers"]
     stage_steps = [stage.get("steps", train["steps"]) for stage in spec["stages"]]
     align_steps = spec["align"].get("steps", train["steps"])
@@ -298,7 +307,7 @@ def distill_plan(recipe: dict, layers: int) -> dict:
     return {"seq_len": recipe["data"]["seq_len"], "batch_size": train["batch_size"],
             "mixer": spec["student"]["mixer"], "init": spec["student"].get("init", "mil"),
             "settings": spec["student"].get("settings", {}), "align_loss": spec["align"].get("loss", "mse"),
-            "loss": SimpleNamespace(**{"forward_weight": 0.5, **spec["loss"]}),
+            "loss": SimpleNamespace(**{**LOSS_DEFAULTS, **spec.get("loss", {})}),
             "replaced": [max(1, round(count * scale)) for count in counts], "stage_steps": stage_steps,
             "align_steps": align_steps, "tokens_per_step": tokens_per_step,
             "tokens": tokens_per_step * (align_steps + sum(stage_steps))}
@@ -310,7 +319,7 @@ def spread(count: int, total: int) -> list[int]:
 
 
 def distill_main(argv: list[str]) -> None:
-    args = _step_args("distill", argv)
+    args = _step_args("distill", argv, DISTILL_RECIPE)
     import torch
     import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -323,7 +332,7 @@ def distill_main(argv: list[str]) -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = TOY_TEACHER if args.dry_run else SMOLLM2_135M
-    plan = distill_plan(yaml.safe_load(DISTILL_RECIPE.read_text()), shape["num_hidden_layers"])
+    plan = distill_plan(yaml.safe_load(args.recipe.read_text()), shape["num_hidden_layers"])
     rows, length = (2, 64) if args.dry_run else (plan["batch_size"], plan["seq_len"])
     steps, warmup = (1, 1) if args.dry_run else (TIMED_STEPS, WARMUP_STEPS)
     teacher_hf = LlamaForCausalLM(LlamaConfig(**shape))

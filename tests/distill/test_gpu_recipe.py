@@ -63,16 +63,21 @@ def test_the_budget_is_at_least_0_05_tokens_per_parameter_and_the_header_states_
     assert float(stated[2]) == pytest.approx(tokens / parameters, abs=5e-4)
 
 
-def test_the_gpu_check_reads_the_recipe_as_the_loader_does():
-    recipe = load_recipe(RECIPE)
-    plan = gpu.distill_plan(yaml.safe_load(RECIPE.read_text()), gpu.SMOLLM2_135M["num_hidden_layers"])
+@pytest.mark.parametrize("path", [RECIPE, RECIPE.with_name("distill-smollm2.yaml")], ids=["gpu", "cpu"])
+def test_the_gpu_check_reads_the_recipe_as_the_loader_does(path):
+    """Also for the CPU recipe (`python -m lctk.bench.gpu distill --recipe ...`), which leaves loss keys and
+    grad_accum to their defaults."""
+    recipe = load_recipe(path)
+    plan = gpu.distill_plan(yaml.safe_load(path.read_text()), gpu.SMOLLM2_135M["num_hidden_layers"])
     spec = recipe.distill
     assert plan["replaced"] == [8, 15] and plan["mixer"] == spec.student.mixer and plan["init"] == spec.student.init
     assert plan["align_loss"] == spec.align.loss and plan["settings"] == spec.student.settings
     assert {name: getattr(plan["loss"], name) for name in LossSection.model_fields} == spec.loss.model_dump()
     assert (plan["seq_len"], plan["batch_size"]) == (recipe.data.seq_len, recipe.train.batch_size)
-    assert plan["tokens"] == plan["tokens_per_step"] * (spec.align.steps + sum(s.steps for s in spec.stages))
-    assert gpu.distill_plan(yaml.safe_load(RECIPE.read_text()), 4)["replaced"] == [1, 2]  # the dry run's toy teacher
+    assert plan["tokens_per_step"] == recipe.data.seq_len * recipe.train.batch_size * recipe.train.grad_accum
+    stage_steps = [recipe.train.steps if s.steps is None else s.steps for s in spec.stages]
+    assert plan["tokens"] == plan["tokens_per_step"] * (spec.align.steps + sum(stage_steps))
+    assert gpu.distill_plan(yaml.safe_load(path.read_text()), 4)["replaced"] == [1, 2]  # the dry run's toy teacher
     assert gpu.spread(8, 30) == [0, 3, 7, 11, 15, 18, 22, 26] and gpu.spread(4, 4) == [0, 1, 2, 3]
 
 
