@@ -14,6 +14,7 @@ tied embeddings; random weights: speed does not depend on their values):
   student-8 / student-15        the teacher with 8 / 15 of its 30 attention layers converted to Mamba-2 by
                                 lctk.distill.convert (MIL init, layers evenly spaced), untrained: the speed of a
                                 distilled student, whose weights are the only thing distillation changes
+  student-8-G / student-15-G    the same with Gated DeltaNet layers (`student.mixer: gated_deltanet`)
 
 Each row (model, dtype, batch B, context C): prefill tok/s of one forward over C tokens per row (for the contexts and
 batches of --prefill-contexts / --prefill-batches: a 32K prefill takes minutes per model here), then decode tok/s of
@@ -65,7 +66,8 @@ SHAPE = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head
              vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5)
 LAYERS = 30
 PATTERNS = {"A30": "A" * 30, "AM15": "AM" * 15, "MMMA": "MMMA" * 7 + "MM", "M30": "M" * 30}
-MODELS = ("llama-dynamic", "llama-static", *PATTERNS, "teacher", "student-8", "student-15")
+STUDENTS = ("student-8", "student-15", "student-8-G", "student-15-G")
+MODELS = ("llama-dynamic", "llama-static", *PATTERNS, "teacher", *STUDENTS)
 CONTEXTS = (2048, 8192, 32768)
 BATCHES = (1, 8)
 DTYPES = ("fp32", "bf16")
@@ -75,8 +77,8 @@ DRY_RUN = dict(shape=dict(hidden_size=64, num_attention_heads=4, num_key_value_h
                           intermediate_size=128, vocab_size=256, tie_word_embeddings=True, rms_norm_eps=1e-5),
                layers=4, contexts=(64, 128), steps=2, probe_bytes=2**20, budget_gb=0.05)
 RATIOS = [("A30", "llama-static"), ("A30", "llama-dynamic"), ("AM15", "A30"), ("MMMA", "A30"), ("M30", "A30"),
-          ("student-8", "teacher"), ("student-15", "teacher"), *[(f"{name}+compile", f"{name}/eager") for name in
-                                                                  (*PATTERNS, "student-8", "student-15")]]
+          *[(name, "teacher") for name in STUDENTS], *[(f"{name}+compile", f"{name}/eager") for name in
+                                                       (*PATTERNS, *STUDENTS)]]
 
 
 @dataclass
@@ -122,7 +124,7 @@ def build(name: str, setup: Setup, dtype):
         config = HybridConfig(pattern=pattern_of(name, setup.layers), max_position_embeddings=positions,
                               **setup.shape)
         return HybridForCausalLM(config).to(dtype).eval(), "lctk"
-    if name.startswith("llama") or (setup.dry_run and name in ("teacher", "student-8", "student-15")):
+    if name.startswith("llama") or (setup.dry_run and name in ("teacher", *STUDENTS)):
         llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=setup.layers, max_position_embeddings=positions,
                                              attn_implementation="sdpa", **setup.shape))
     else:
@@ -134,7 +136,8 @@ def build(name: str, setup: Setup, dtype):
 
         replaced = int(name.split("-")[1]) * setup.layers // LAYERS
         layers = [round(i * setup.layers / replaced) for i in range(replaced)]  # evenly spaced
-        return replace_layers(student_from_teacher(llama), layers).to(dtype).eval(), "lctk"
+        mixer = "gated_deltanet" if name.endswith("-G") else "mamba2"
+        return replace_layers(student_from_teacher(llama), layers, mixer).to(dtype).eval(), "lctk"
     return llama.to(dtype).eval(), "dynamic" if name == "llama-dynamic" else "static"
 
 
@@ -161,11 +164,14 @@ def layer_costs(model, context: int) -> dict[str, float]:
             seen = context if letter == "A" else min(context, config.attention["window"])
             costs["cache"] += attention_kv * seen
             costs["attention_flops"] += 4 * seen * heads * head_dim
-        elif letter == "M":
+        elif letter in "MG":  # an fp32 state matrix per head, read and written once; the conv window in the dtype
             mixer = model.model.layers[index].mixer
-            ssm = mixer.num_heads * mixer.d_state * mixer.head_dim
-            costs["state"] += 2 * (4 * ssm + kv_size * (mixer.conv_kernel - 1) * mixer.conv_dim)
-            costs["state_flops"] += 6 * ssm
+            if letter == "M":  # decay, x B^T added, C read out: 3 multiply-adds per state element
+                ssm, conv, flops = mixer.num_heads * mixer.d_state * mixer.head_dim, mixer.conv_dim, 6
+            else:  # decay, S^T k, the rank-one delta write, q read out: 4 multiply-adds per element
+                ssm, conv, flops = mixer.num_heads * mixer.key_dim * mixer.value_dim, sum(mixer.conv_split), 8
+            costs["state"] += 2 * (4 * ssm + kv_size * (mixer.conv_kernel - 1) * conv)
+            costs["state_flops"] += flops * ssm
         else:
             raise ValueError(f"layer letter {letter!r}: no cost model in this benchmark")
     return costs

@@ -9,7 +9,7 @@ from lctk.bench import generate
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     path = tmp_path_factory.mktemp("generate") / "figures.json"
-    return generate.main(["--dry-run", "--models", "llama-static,A30,M30,teacher,student-8", "--dtypes", "fp32",
+    return generate.main(["--dry-run", "--models", "llama-static,A30,M30,teacher,student-8,student-8-G", "--dtypes", "fp32",
                           "--json", str(path)])
 
 
@@ -18,7 +18,7 @@ def rows(results, model):
 
 
 def test_every_row_is_measured_against_its_roofline(results):
-    assert len(results["rows"]) == 5 * 2 * 2  # models x batches x contexts
+    assert len(results["rows"]) == 6 * 2 * 2  # models x batches x contexts
     for row in results["rows"]:
         assert row["step_s"] > 0 and row["decode_tok_s"] == pytest.approx(row["batch"] / row["step_s"])
         assert row["bytes"] > 0 and row["flops"] > 0
@@ -42,11 +42,15 @@ def test_the_cost_model_counts_caches_and_states(results):
     per_token = 2 * 4 * 2 * 16 * 4
     assert ours[(8, 128)]["bytes"] - ours[(8, 64)]["bytes"] == 8 * 64 * per_token
     assert mamba[(1, 128)]["bytes"] == mamba[(1, 64)]["bytes"]  # recurrent states do not grow
+    delta = rows(results, "student-8-G")  # 1 of the toy teacher's 4 layers is Gated DeltaNet: 3 caches grow
+    assert delta[(1, 128)]["bytes"] - delta[(1, 64)]["bytes"] == 64 * per_token * 3 // 4
+    layer = 2 * (4 * 4 * 16 * 16 + 4 * 3 * (2 * 4 * 16 + 4 * 16))  # 4 heads of 16 x 16 fp32, conv window of q, k, v
+    assert delta[(1, 64)]["parts"]["states"]["bytes"] == layer
 
 
 def test_ratios_and_the_budget_are_reported(results):
     pairs = {line["pair"] for line in results["ratios"]}
-    assert {"A30/llama-static", "M30/A30", "student-8/teacher"} <= pairs
+    assert {"A30/llama-static", "M30/A30", "student-8/teacher", "student-8-G/teacher"} <= pairs
     for row in results["budget"]:  # the largest batch whose weights and caches fit
         assert row["batch"] == int((row["budget_gb"] * 2**30 - row["weights"]) // row["bytes_per_row"]) >= 1
         assert row["decode_tok_s"] == pytest.approx(row["batch"] / row["step_s"])
