@@ -332,7 +332,12 @@ def distill_main(argv: list[str]) -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = TOY_TEACHER if args.dry_run else SMOLLM2_135M
-    plan = distill_plan(yaml.safe_load(args.recipe.read_text()), shape["num_hidden_layers"])
+    try:
+        plan = distill_plan(yaml.safe_load(args.recipe.read_text()), shape["num_hidden_layers"])
+    except KeyError as error:  # one line, not a traceback
+        raise SystemExit(f"--recipe {args.recipe}: no {error.args[0]!r} key") from None
+    except (OSError, yaml.YAMLError, ValueError, TypeError) as error:
+        raise SystemExit(f"--recipe {args.recipe}: {' '.join(str(error).split())}") from None  # YAML's are multi-line
     rows, length = (2, 64) if args.dry_run else (plan["batch_size"], plan["seq_len"])
     steps, warmup = (1, 1) if args.dry_run else (TIMED_STEPS, WARMUP_STEPS)
     teacher_hf = LlamaForCausalLM(LlamaConfig(**shape))

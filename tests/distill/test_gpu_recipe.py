@@ -87,3 +87,16 @@ def test_the_random_teacher_has_the_converted_smollm2_s_shape():
         pytest.skip("no converted SmolLM2 teacher here (make setup-smollm2, then any distill run with it)")
     config = json.loads(folders[0].read_text())
     assert {key: config[key] for key in gpu.SMOLLM2_135M} == gpu.SMOLLM2_135M
+
+
+@pytest.mark.parametrize("text, problem", [(None, "No such file"), ("distill: {}\n", "no 'train' key"),
+                                           ("train: [\n", "expected")])
+def test_a_bad_recipe_for_the_distill_step_is_one_line_and_writes_nothing(tmp_path, text, problem):
+    recipe = tmp_path / "distill.yaml"
+    if text is not None:
+        recipe.write_text(text)
+    out = tmp_path / "step.json"
+    with pytest.raises(SystemExit, match=rf"^--recipe {re.escape(str(recipe))}: .*{problem}") as stop:
+        gpu.distill_main(["--json", str(out), "--dry-run", "--recipe", str(recipe)])
+    assert "\n" not in str(stop.value.code)
+    assert not out.exists()
